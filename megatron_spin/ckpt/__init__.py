@@ -1,0 +1,1 @@
+"""Checkpoints: Megatron distributed checkpoints (model weights, later optimizer and run state)."""

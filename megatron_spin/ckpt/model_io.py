@@ -1,0 +1,57 @@
+"""Load and save the weights of built Megatron model chunks through dist_checkpointing.
+
+Works at any TP/PP/VPP layout: Megatron maps each rank's shards onto the layout-free keys
+of the checkpoint.  ``_extra_state`` entries (TE's FP8 bookkeeping) that a checkpoint lacks
+— a converted HF model has none — are skipped; every weight must be present.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch.distributed.checkpoint import FileSystemReader
+
+
+def sharded_model_state(chunks: list) -> dict:
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _drop_missing_extra_state(sharded: dict, present: set[str]) -> None:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    for key in list(sharded):
+        value = sharded[key]
+        if isinstance(value, dict):
+            _drop_missing_extra_state(value, present)
+        elif isinstance(value, ShardedObject) and key.endswith("_extra_state") and value.unique_key not in present:
+            del sharded[key]
+
+
+def load_model_weights(chunks: list, ckpt_dir: str | os.PathLike) -> None:
+    """Fill ``chunks`` (this rank's model chunks) from a Megatron dist checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "metadata.json").exists():
+        raise FileNotFoundError(f"{ckpt_dir}: not a complete Megatron dist checkpoint (no metadata.json)")
+    present = set(FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata)
+    sharded = sharded_model_state(chunks)
+    _drop_missing_extra_state(sharded, present)
+    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    per_chunk = [state] if len(chunks) == 1 else [state[f"model{i}"] for i in range(len(chunks))]
+    for chunk, sd in zip(chunks, per_chunk):
+        missing, unexpected = chunk.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"{ckpt_dir}: missing weights {missing}, unexpected {unexpected}")
+
+
+def save_model_weights(chunks: list, ckpt_dir: str | os.PathLike) -> None:
+    """Collective: every rank calls it; writes the layout-free dist checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(sharded_model_state(chunks), str(ckpt_dir))

@@ -1,0 +1,15 @@
+"""HF ↔ Megatron weight conversion: one table per architecture, shared by every transport."""
+
+from megatron_spin.convert.llama import LLAMA
+from megatron_spin.convert.qwen2 import QWEN2
+from megatron_spin.convert.table import ConverterTable, Param, canonical_name
+from megatron_spin.models.arch import ModelArch
+
+_TABLES = {"llama": LLAMA, "qwen2": QWEN2}
+
+
+def converter_for(arch: ModelArch) -> ConverterTable:
+    return _TABLES[arch.family]
+
+
+__all__ = ["ConverterTable", "Param", "canonical_name", "converter_for"]

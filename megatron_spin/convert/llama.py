@@ -1,0 +1,48 @@
+"""Llama family (LlamaForCausalLM, Mistral-style without sliding window): the converter table."""
+
+from megatron_spin.convert.table import COLUMN, REPLICATED, ROW, ConverterTable, Rule
+from megatron_spin.convert.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY
+
+_L = "decoder.layers.{layer}."
+_H = "model.layers.{layer}."
+
+
+def llama_rules(qkv_bias: bool = False) -> list[Rule]:
+    rules = [
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), IDENTITY, COLUMN),
+        Rule(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",), IDENTITY, REPLICATED),
+        Rule(
+            _L + "self_attention.linear_qkv.weight",
+            tuple(_H + f"self_attn.{p}_proj.weight" for p in "qkv"),
+            FUSED_QKV,
+            COLUMN,
+        ),
+    ]
+    if qkv_bias:
+        rules.append(
+            Rule(
+                _L + "self_attention.linear_qkv.bias",
+                tuple(_H + f"self_attn.{p}_proj.bias" for p in "qkv"),
+                FUSED_QKV,
+                COLUMN,
+            )
+        )
+    rules += [
+        Rule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), IDENTITY, ROW),
+        Rule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), IDENTITY, REPLICATED),
+        Rule(
+            _L + "mlp.linear_fc1.weight",
+            (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
+            FUSED_GATE_UP,
+            COLUMN,
+        ),
+        Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), IDENTITY, ROW),
+        Rule("decoder.final_layernorm.weight", ("model.norm.weight",), IDENTITY, REPLICATED),
+        # Tied models have no separate output layer on either side.
+        Rule("output_layer.weight", ("lm_head.weight",), IDENTITY, COLUMN,
+             when=lambda arch: not arch.tie_word_embeddings),
+    ]
+    return rules
+
+
+LLAMA = ConverterTable("llama", llama_rules(qkv_bias=False))

@@ -1,0 +1,136 @@
+"""Build Megatron-core GPT models from an HF architecture, for any TP × PP × virtual-PP layout.
+
+    arch = arch_from_hf_dir(hf_dir)
+    chunks = build_model(arch, pctx)          # list: one GPTModel per virtual pipeline stage
+
+The layer spec is the TransformerEngine spec where TE and CUDA exist and the local
+(pure-PyTorch) spec otherwise; ``platform`` decides, nothing else does.  Validation of the
+layout and precision happens before any parameter is allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_spin import platform
+from megatron_spin.models.arch import ModelArch
+from megatron_spin.models.precision import Precision, PrecisionError
+from megatron_spin.parallel.groups import ParallelContext
+from megatron_spin.parallel.layout import ParallelLayout, validate_layout
+
+
+def check_precision(precision: Precision, plat: platform.Platform) -> None:
+    if precision.fp8 is not None and not plat.has_te:
+        raise PrecisionError(
+            "fp8 was requested but TransformerEngine with CUDA is not available on this machine "
+            f"(device={plat.device}); remove the fp8 settings or run on a GPU with "
+            "`pip install .[gpu]`"
+        )
+
+
+def build_transformer_config(
+    arch: ModelArch,
+    layout: ParallelLayout,
+    precision: Precision = Precision(),
+    *,
+    recompute: bool = False,
+):
+    """The TransformerConfig equal to the HF model's computation (dropout off: RL fine-tuning)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    plat = platform.current()
+    validate_layout(arch, layout)
+    check_precision(precision, plat)
+    fused = plat.is_cuda  # fused kernels exist only on GPU builds
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.initializer_range,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if (layout.vpp or 1) > 1 else None,
+        use_cpu_initialization=True,  # identical full weights at every TP size
+        bias_activation_fusion=fused and plat.has_te,
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        apply_rope_fusion=fused and plat.has_te,
+        persist_layer_norm=fused,
+        gradient_accumulation_fusion=False,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+        **precision.transformer_config_kwargs(),
+    )
+    if layout.pp > 1 and not plat.is_cuda:
+        # On gloo, batched isend/irecv interleaves wrongly with interleaved PP (DESIGN.md).
+        kwargs["batch_p2p_comm"] = False
+    return TransformerConfig(**kwargs)
+
+
+def build_layer_spec(plat: Optional[platform.Platform] = None):
+    plat = plat or platform.current()
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if plat.has_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(
+    arch: ModelArch,
+    pctx: ParallelContext,
+    precision: Precision = Precision(),
+    *,
+    recompute: bool = False,
+    init_weights: bool = True,
+    on_meta: bool = False,
+) -> list:
+    """One GPTModel per virtual pipeline stage on this rank, on the platform's device.
+
+    ``init_weights=False`` skips random initialisation (weights come from a checkpoint).
+    ``on_meta=True`` builds shapes only (no memory): used to read Megatron's checkpoint layout.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    plat = platform.prepare_megatron()
+    config = build_transformer_config(arch, pctx.layout, precision, recompute=recompute)
+    config.perform_initialization = init_weights
+    spec = build_layer_spec(plat)
+    chunks = []
+    vpp = pctx.layout.chunks_per_rank
+    device = plat.torch_device(torch.cuda.current_device() if plat.is_cuda else 0)
+    for vp_stage in range(vpp):
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=arch.vocab_size,
+                max_sequence_length=arch.max_position_embeddings,
+                pre_process=pctx.chunk_is_first(vp_stage),
+                post_process=pctx.chunk_is_last(vp_stage),
+                share_embeddings_and_output_weights=arch.tie_word_embeddings,
+                position_embedding_type="rope",
+                rotary_base=arch.rope_theta,
+                rope_scaling=arch.rope_scaling_factor is not None,
+                rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+                vp_stage=vp_stage if vpp > 1 else None,
+            )
+        chunks.append(model if on_meta else model.to(device))
+    return chunks

@@ -1,0 +1,58 @@
+"""Forward passes over a TP × PP (× virtual PP) model with Megatron's pipeline schedules.
+
+``forward_logits`` is the reference-style forward used by parity checks: it returns the full
+vocabulary logits on the last pipeline stage (gathering the TP vocab shards, which training
+code must never do — log-probs there are computed vocab-parallel).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    b, s = input_ids.shape
+    return torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+
+
+def forward_logits(chunks: list, pctx, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """Logits ``[b, s, vocab]`` (fp32) on the last PP stage; ``None`` on other stages.
+
+    Right-padded or unpadded batches only: attention is causal without a padding mask, so
+    padding after a sequence's last token cannot change that sequence's logits.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    b, s = input_ids.shape
+    captured: list[torch.Tensor] = []
+    # One sequence per micro-batch: the interleaved schedule needs several micro-batches.
+    micro = list(input_ids.split(1, dim=0))
+
+    def forward_step(data_iterator, model):
+        ids = next(data_iterator)
+        output = model(ids, _position_ids(ids), attention_mask=None)
+
+        def collect(output_tensor):
+            # output_tensor: [b, s, vocab/TP] on the last stage
+            captured.append(gather_from_tensor_model_parallel_region(output_tensor).float())
+            return output_tensor.sum() * 0.0, {}
+
+        return output, collect
+
+    data = [iter(micro) for _ in chunks]
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data if len(chunks) > 1 else data[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(micro),
+            seq_length=s,
+            micro_batch_size=1,
+            forward_only=True,
+        )
+    return torch.cat(captured, dim=0) if captured else None

@@ -1,0 +1,95 @@
+"""Initialise megatron's model-parallel state and hand the groups around as one object.
+
+Only this module (and the platform patches) read or write ``megatron.core.parallel_state``
+globals; model, loss and algorithm code receive a :class:`ParallelContext`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_spin import platform
+from megatron_spin.parallel.layout import ParallelLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelContext:
+    layout: ParallelLayout
+    rank: int
+    world_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    dp_size: int
+    tp_group: Any
+    pp_group: Any
+    dp_group: Any
+    embedding_group: Any
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    def chunk_is_first(self, vp_stage: int) -> bool:
+        return self.is_first_stage and vp_stage == 0
+
+    def chunk_is_last(self, vp_stage: int) -> bool:
+        return self.is_last_stage and vp_stage == self.layout.chunks_per_rank - 1
+
+
+def init_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelContext:
+    """Set up TP/PP/DP groups on an initialised default process group.
+
+    Also seeds megatron's model-parallel RNG tracker (needed for weight init and dropout).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    platform.prepare_megatron()
+    if not dist.is_initialized():
+        raise RuntimeError("init_parallel needs torch.distributed initialised (use parallel.launch)")
+    world = dist.get_world_size()
+    layout.data_parallel_size(world)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if (layout.vpp or 1) > 1 else None,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return ParallelContext(
+        layout=layout,
+        rank=dist.get_rank(),
+        world_size=world,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        embedding_group=ps.get_embedding_group(check_initialized=False),
+    )
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+
+
+def set_virtual_stage(vp_stage: int | None) -> None:
+    """Megatron's PP schedules consult a global 'current virtual stage'; keep it in one place."""
+    from megatron.core import parallel_state as ps
+
+    ps.set_virtual_pipeline_model_parallel_rank(vp_stage)
+

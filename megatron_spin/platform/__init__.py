@@ -1,0 +1,60 @@
+"""The one place that knows CPU from CUDA and TransformerEngine from the local layer spec.
+
+Everything else asks ``current()`` for a :class:`Platform` and uses its fields
+(``device``, ``backend``, ``use_te``) instead of probing torch itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """What this process can run on.
+
+    device: torch device type tensors live on ("cuda" or "cpu").
+    backend: torch.distributed backend for collectives ("nccl" or "gloo").
+    has_te: TransformerEngine importable *and* CUDA present (TE needs both).
+    """
+
+    device: str
+    backend: str
+    has_te: bool
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device == "cuda"
+
+    def torch_device(self, local_rank: int = 0) -> torch.device:
+        return torch.device("cuda", local_rank) if self.is_cuda else torch.device("cpu")
+
+
+def _te_importable() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def current() -> Platform:
+    """Detect the platform once per process."""
+    if torch.cuda.is_available():
+        return Platform(device="cuda", backend="nccl", has_te=_te_importable())
+    return Platform(device="cpu", backend="gloo", has_te=False)
+
+
+def prepare_megatron() -> Platform:
+    """Make megatron-core usable on this platform and return it.
+
+    With CUDA nothing is patched.  Without it the targeted CPU patches in
+    :mod:`megatron_spin.platform.cpu_patches` are applied (idempotent).
+    """
+    plat = current()
+    if not plat.is_cuda:
+        from megatron_spin.platform import cpu_patches
+
+        cpu_patches.apply()
+    return plat

@@ -1,0 +1,186 @@
+"""Targeted patches that let megatron-core 0.16 run on a CPU-only torch build with gloo.
+
+Megatron-core assumes CUDA in a handful of ways (DESIGN.md, "Facts about the platform"):
+  1. it calls ``torch.cuda.current_device()`` / ``torch.cuda.synchronize()`` (RoPE, p2p,
+     schedules, tensor-parallel buffers, the checkpoint writer);
+  2. it creates tensors with a literal ``device="cuda"`` (causal mask, schedules, optimizer);
+  3. its model-parallel RNG tracker stores CUDA generator states;
+  4. optimizers and grad clipping check ``tensor.type()`` strings for ``torch.cuda.*Tensor``.
+
+Rather than editing call sites, each megatron module that references the global ``torch`` is
+given a *view* of torch (``_CpuTorchView``) whose ``cuda`` namespace answers with CPU
+semantics and whose tensor factories map ``device="cuda"`` to the CPU.  torch itself is left
+untouched, so transformers, Ray and user code see an ordinary CPU build.  The RNG tracker is
+pointed at the CPU generator.  Nothing here is applied when CUDA is present.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
+import torch
+
+# Megatron modules on the paths megatron_spin uses (model build, forward/backward, TP/PP
+# communication, optimizers, dist checkpointing).  Importing them here makes the patch
+# independent of import order elsewhere.
+_MEGATRON_MODULES = (
+    "megatron.core.utils",
+    "megatron.core.parallel_state",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.transformer_block",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.module",
+    "megatron.core.fusions.fused_softmax",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.language_model_embedding",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer_param_scheduler",
+    "megatron.core.dist_checkpointing.serialization",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+)
+
+_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint",
+    "zeros_like", "ones_like", "empty_like", "full_like",
+)
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+def _cpu_device(device: Any) -> Any:
+    return "cpu" if _is_cuda(device) else device
+
+
+class _CudaOnCpu(types.SimpleNamespace):
+    """What megatron asks of ``torch.cuda``, answered for a CPU process."""
+
+    def __getattr__(self, name: str) -> Any:  # everything else: the real (CPU-build) torch.cuda
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device() -> str:
+        return "cpu"
+
+    @staticmethod
+    def synchronize(*_args, **_kwargs) -> None:
+        return None
+
+    @staticmethod
+    def get_rng_state(*_args, **_kwargs) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(state: torch.Tensor, *_args, **_kwargs) -> None:
+        torch.set_rng_state(state)
+
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def device_count() -> int:
+        return 1
+
+    @staticmethod
+    def set_device(*_args, **_kwargs) -> None:
+        return None
+
+    @staticmethod
+    def empty_cache() -> None:
+        return None
+
+    @staticmethod
+    def memory_allocated(*_args, **_kwargs) -> int:
+        return 0
+
+    @staticmethod
+    def max_memory_allocated(*_args, **_kwargs) -> int:
+        return 0
+
+
+class _CpuTorchView(types.ModuleType):
+    """``torch`` as megatron modules see it on a CPU-only build (see module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CudaOnCpu()
+        for name in _FACTORIES:
+            setattr(self, name, self._redirect(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(torch, name)
+        setattr(self, name, value)  # cache: megatron looks torch attributes up on hot paths
+        return value
+
+    @staticmethod
+    def _redirect(factory):
+        def call(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_device(kwargs["device"])
+            return factory(*args, **kwargs)
+
+        call.__name__ = factory.__name__
+        call.__doc__ = factory.__doc__
+        return call
+
+
+def _patch_rng(random_mod: types.ModuleType) -> None:
+    # The tracker keeps per-name generator states and forks them around dropout/init; on CPU
+    # the only generator is the default CPU one, so both state hooks target it.
+    random_mod._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    random_mod._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+_APPLIED = False
+
+
+def apply() -> None:
+    """Apply every CPU patch once per process.  Idempotent."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    view = _CpuTorchView()
+    for name in _MEGATRON_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:  # optional module absent in this build: nothing to patch
+            continue
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = view
+    _patch_rng(sys.modules["megatron.core.tensor_parallel.random"])
+    _APPLIED = True
