@@ -49,10 +49,10 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelContext:
 
     Also seeds megatron's model-parallel RNG tracker (needed for weight init and dropout).
     """
+    platform.prepare_megatron()
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    platform.prepare_megatron()
     if not dist.is_initialized():
         raise RuntimeError("init_parallel needs torch.distributed initialised (use parallel.launch)")
     world = dist.get_world_size()

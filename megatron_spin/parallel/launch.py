@@ -69,7 +69,7 @@ def _rank_main(fn, rank, world_size, port, args, queue, threads, deadline) -> No
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
     )
     try:
-        plat = platform.current()
+        plat = platform.prepare_megatron()
         if plat.is_cuda:
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(plat.backend, rank=rank, world_size=world_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import warnings
 
 import torch
 
@@ -54,6 +55,11 @@ def prepare_megatron() -> Platform:
     """
     plat = current()
     if not plat.is_cuda:
+        # Megatron warns at import time about every fused kernel it cannot find; on a CPU
+        # build that is expected and says nothing the user can act on.
+        for pattern in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
+                        ".*Transformer Engine is not installed.*", ".*full scope is deprecated.*"):
+            warnings.filterwarnings("ignore", message=pattern)
         from megatron_spin.platform import cpu_patches
 
         cpu_patches.apply()

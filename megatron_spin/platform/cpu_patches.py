@@ -5,17 +5,22 @@ Megatron-core assumes CUDA in a handful of ways (DESIGN.md, "Facts about the pla
      schedules, tensor-parallel buffers, the checkpoint writer);
   2. it creates tensors with a literal ``device="cuda"`` (causal mask, schedules, optimizer);
   3. its model-parallel RNG tracker stores CUDA generator states;
-  4. optimizers and grad clipping check ``tensor.type()`` strings for ``torch.cuda.*Tensor``.
+  4. optimizers and grad clipping check ``tensor.type()`` strings for ``torch.cuda.*Tensor``
+     (not patched yet: the optimizer arrives with the training step);
+  5. tied embeddings under PP move the output weight with ``tensor.cuda()``.
 
 Rather than editing call sites, each megatron module that references the global ``torch`` is
 given a *view* of torch (``_CpuTorchView``) whose ``cuda`` namespace answers with CPU
 semantics and whose tensor factories map ``device="cuda"`` to the CPU.  torch itself is left
 untouched, so transformers, Ray and user code see an ordinary CPU build.  The RNG tracker is
-pointed at the CPU generator.  Nothing here is applied when CUDA is present.
+pointed at the CPU generator, and the one method that calls ``tensor.cuda()`` runs with an
+identity ``.cuda()``.  Nothing here is applied when CUDA is present.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import sys
 import types
@@ -166,6 +171,32 @@ def _patch_rng(random_mod: types.ModuleType) -> None:
     random_mod._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    """Inside: ``tensor.cuda()`` returns the tensor (it would raise on a CPU-only build)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _patch_tied_embedding_setup(language_module: types.ModuleType) -> None:
+    # With tied embeddings and PP > 1 the last stage's output weight is synced from the first
+    # stage by ``weight.data = weight.data.cuda(); all_reduce(...)``.  Only that method moves
+    # tensors with ``.cuda()``, so only that method gets an identity ``.cuda()``.
+    cls = language_module.LanguageModule
+    original = cls.setup_embeddings_and_output_layer
+
+    @functools.wraps(original)
+    def setup(self, *args, **kwargs):
+        with _tensor_cuda_is_identity():
+            return original(self, *args, **kwargs)
+
+    cls.setup_embeddings_and_output_layer = setup
+
+
 _APPLIED = False
 
 
@@ -183,4 +214,5 @@ def apply() -> None:
         if getattr(mod, "torch", None) is torch:
             mod.torch = view
     _patch_rng(sys.modules["megatron.core.tensor_parallel.random"])
+    _patch_tied_embedding_setup(sys.modules["megatron.core.models.common.language_module.language_module"])
     _APPLIED = True

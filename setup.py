@@ -1,0 +1,39 @@
+"""megatron_spin: Online DPO / SPIN on Megatron-core with an SGLang rollout fleet.
+
+Pins what must not drift (torch, megatron-core); GPU-only pieces are extras.
+Install the CPU stack with ``bash tools/setup_venv.sh`` (see README), which installs the
+local CPU torch wheel first so that nothing here pulls a CUDA build.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_spin",
+    version="0.1.0",
+    description="Online DPO / SPIN trainer on Megatron-core with SGLang rollouts",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_spin", "megatron_spin.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch==2.13.0",
+        "megatron-core==0.16.1",
+        "psutil>=5.9",  # undeclared by megatron-core, needed by its checkpoint writer
+        "numpy>=1.26",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "gguf>=0.10",  # reads the embedded model's GGUF
+        "accelerate>=1.0",
+        "hydra-core>=1.3,<1.4",
+        "ray[default]>=2.40",
+        "wandb>=0.18",
+    ],
+    extras_require={
+        # GPU-only: TransformerEngine (FP8 kernels, TE layer spec).  Unverified here (no GPU).
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # The rollout fleet on GPUs.  pip resolves a CUDA torch for it: install on GPU nodes.
+        "sglang": ["sglang>=0.5"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+)

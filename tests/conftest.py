@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random HF models of each supported family, written to disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Bounded launches: every multi-process test passes this to parallel.launch.
+LAUNCH_TIMEOUT = float(os.environ.get("MEGATRON_SPIN_TEST_LAUNCH_TIMEOUT", "300"))
+
+
+def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: int = 2, seed: int = 0) -> Path:
+    """A random HF model with GQA (4 heads, 2 KV heads) saved as safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+        tie_word_embeddings=tied, rms_norm_eps=1e-5,
+    )
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1000000.0, **common))
+    else:
+        raise ValueError(family)
+    # HF initialises norms to 1 and biases to 0: perturb them so a dropped or swapped
+    # norm/bias cannot pass a parity test by accident.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    return out
