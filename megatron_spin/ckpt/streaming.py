@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -141,7 +142,8 @@ class _LazySavePlanner(DefaultSavePlanner):
             raise RuntimeError(f"{chunk.key}@{chunk.offsets}: produced {tuple(tensor.shape)}, planned {chunk.sizes}")
         self._done += 1
         if self._progress:
-            self._progress(self._done, len(self._chunks), chunk.key)
+            where = f"layer {chunk.offsets[0]}" if chunk.key.startswith("decoder.layers.") else ""
+            self._progress(self._done, len(self._chunks), f"{chunk.key} {where}".strip())
         return tensor
 
 
@@ -174,7 +176,9 @@ def write_megatron_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = FileSystemWriter(out, single_file_per_rank=True, thread_count=1, sync_files=True)
-    dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, dtype_of, progress), no_dist=True)
+    with warnings.catch_warnings():  # no_dist is deliberate: one writer process
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, dtype_of, progress), no_dist=True)
     torch.save({}, out / "common.pt")
     (out / SPIN_METADATA).write_text(json.dumps({"arch": arch_to_dict(arch), **(extra_metadata or {})}, indent=2))
     (out / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))  # last: marks a complete checkpoint
@@ -268,6 +272,8 @@ def iter_megatron_checkpoint(arch: ModelArch, pctx, ckpt_dir: str | os.PathLike)
             dest = torch.empty((1,) * prepend + shape, dtype=md.properties.dtype)
             requests[key] = ((layer,) + (0,) * len(shape) if prepend else (0,) * len(shape), dest)
             order.append((param, key, shape))
-        dcp_load({}, storage_reader=reader, planner=_ChunkLoadPlanner(requests), no_dist=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp_load({}, storage_reader=reader, planner=_ChunkLoadPlanner(requests), no_dist=True)
         for param, key, shape in order:
             yield param, requests[key][1].reshape(shape)

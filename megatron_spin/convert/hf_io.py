@@ -64,6 +64,9 @@ class HFReader:
             raise HFCheckpointError(
                 f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are read)"
             )
+        missing = sorted({f for f in self._file_of.values() if not (self.dir / f).exists()})
+        if missing:
+            raise HFCheckpointError(f"{self.dir}: files listed in {INDEX_NAME} are missing: {missing}")
         self._handles: dict[str, object] = {}
 
     def names(self) -> list[str]:
@@ -105,9 +108,13 @@ class HFShardedWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
+        self._names: set[str] = set()
         self._total = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise HFCheckpointError(f"{self.dir}: tensor {name!r} added twice")
+        self._names.add(name)
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
@@ -125,6 +132,14 @@ class HFShardedWriter:
         if self._pending:
             self._flush()
         n = len(self._shards)
+        if n == 0:
+            raise HFCheckpointError(f"{self.dir}: no tensors were written")
+        # A reused directory may hold an older export: a stale index would win over a new
+        # single file, and stale shards would be read through it.
+        finals = {SINGLE_NAME} if n == 1 else {f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)}
+        for stale in [self.dir / INDEX_NAME, self.dir / SINGLE_NAME, *self.dir.glob("model-*-of-*.safetensors")]:
+            if stale.name not in finals:
+                stale.unlink(missing_ok=True)
         if n == 1:
             os.replace(self.dir / "shard-00000.tmp", self.dir / SINGLE_NAME)
             return

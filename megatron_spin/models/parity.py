@@ -49,33 +49,63 @@ def hf_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor) -> torch.Tenso
         return model(input_ids=input_ids).logits.float()
 
 
-def _megatron_rank(rank, world_size, megatron_dir, layout, input_ids):
+def _megatron_rank(rank, world_size, jobs):
+    """Forward each (checkpoint, layout) job in turn; layouts smaller than the world run with DP."""
     from megatron_spin.ckpt.model_io import load_model_weights
     from megatron_spin.ckpt.streaming import read_arch
     from megatron_spin.models.builder import build_model
     from megatron_spin.models.forward import forward_logits
-    from megatron_spin.parallel.groups import init_parallel
+    from megatron_spin.parallel.groups import destroy_parallel, init_parallel
 
-    arch = read_arch(megatron_dir)
-    pctx = init_parallel(layout)
-    chunks = build_model(arch, pctx, init_weights=False)
-    load_model_weights(chunks, megatron_dir)
-    logits = forward_logits(chunks, pctx, input_ids)
-    # One copy of the result is enough: TP rank 0 of the last stage.
-    return logits if (logits is not None and pctx.tp_rank == 0) else None
+    out = []
+    for megatron_dir, layout, input_ids in jobs:
+        arch = read_arch(megatron_dir)
+        pctx = init_parallel(layout)
+        chunks = build_model(arch, pctx, init_weights=False)
+        load_model_weights(chunks, megatron_dir)
+        logits = forward_logits(chunks, pctx, input_ids)
+        # One copy of each result is enough: TP rank 0 of the last stage of DP replica 0.
+        out.append(logits if (logits is not None and pctx.tp_rank == 0 and pctx.dp_rank == 0) else None)
+        destroy_parallel()
+    return out
+
+
+def megatron_logits_many(
+    jobs: list[tuple[str | os.PathLike, ParallelLayout, torch.Tensor]],
+    world_size: Optional[int] = None,
+    timeout: float = 600,
+) -> list[torch.Tensor]:
+    """Megatron logits for several (checkpoint, layout, tokens) jobs in one launch.
+
+    ``world_size`` defaults to the largest TP·PP among the jobs; a smaller layout runs with
+    data parallelism over the remaining ranks (each DP replica computes the same batch).
+    Sharing one launch amortises process start-up, which dominates for tiny models.
+    """
+    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.parallel.layout import validate_layout
+
+    world_size = world_size or max(layout.model_parallel_size for _, layout, _ in jobs)
+    for megatron_dir, layout, _ in jobs:
+        validate_layout(read_arch(megatron_dir), layout, world_size=world_size)
+    jobs = [(str(d), layout, ids) for d, layout, ids in jobs]
+    per_rank = launch(_megatron_rank, world_size, (jobs,), timeout=timeout)
+    return [next(r[i] for r in per_rank if r[i] is not None) for i in range(len(jobs))]
 
 
 def megatron_logits(
     megatron_dir: str | os.PathLike, layout: ParallelLayout, input_ids: torch.Tensor, timeout: float = 600
 ) -> torch.Tensor:
-    from megatron_spin.ckpt.streaming import read_arch
-    from megatron_spin.parallel.layout import validate_layout
-
-    validate_layout(read_arch(megatron_dir), layout)
-    results = launch(_megatron_rank, layout.model_parallel_size,
-                     (str(megatron_dir), layout, input_ids), timeout=timeout)
-    (logits,) = [r for r in results if r is not None]
+    (logits,) = megatron_logits_many([(megatron_dir, layout, input_ids)], timeout=timeout)
     return logits
+
+
+def compare(layout: ParallelLayout, ref: torch.Tensor, got: torch.Tensor, input_ids: torch.Tensor) -> ParityResult:
+    return ParityResult(
+        layout=layout,
+        max_abs_logit_diff=(ref - got).abs().max().item(),
+        max_logprob_diff=(token_logprobs(ref, input_ids) - token_logprobs(got, input_ids)).abs().max().item(),
+        tokens=input_ids.numel(),
+    )
 
 
 def check_parity(
@@ -91,9 +121,4 @@ def check_parity(
         input_ids = sample_batch(read_arch(megatron_dir).vocab_size)
     ref = hf_logits(hf_dir, input_ids)
     got = megatron_logits(megatron_dir, layout, input_ids, timeout=timeout)
-    return ParityResult(
-        layout=layout,
-        max_abs_logit_diff=(ref - got).abs().max().item(),
-        max_logprob_diff=(token_logprobs(ref, input_ids) - token_logprobs(got, input_ids)).abs().max().item(),
-        tokens=input_ids.numel(),
-    )
+    return compare(layout, ref, got, input_ids)

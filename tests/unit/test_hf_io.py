@@ -243,3 +243,36 @@ def test_copy_side_files(tmp_path):
     assert sorted(copied) == ["config.json", "tokenizer.json"]
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "tokenizer.json"]
     assert (dst / "config.json").read_text() == '{"a": 1}'
+
+
+def test_writer_rejects_a_name_added_twice(tmp_path):
+    w = HFShardedWriter(tmp_path / "out")
+    w.add("a", torch.zeros(2))
+    with pytest.raises(HFCheckpointError, match="'a' added twice"):
+        w.add("a", torch.ones(2))
+
+
+def test_writer_removes_a_stale_export_in_a_reused_directory(tmp_path):
+    out = tmp_path / "out"
+    big = HFShardedWriter(out, max_shard_bytes=8)
+    big.add("a", torch.zeros(4))
+    big.add("b", torch.zeros(4))
+    big.close()
+    assert (out / INDEX_NAME).exists()
+    small = HFShardedWriter(out)
+    small.add("c", torch.ones(4))
+    small.close()
+    assert not (out / INDEX_NAME).exists() and not list(out.glob("model-*-of-*.safetensors"))
+    reader = HFReader(out)
+    assert reader.names() == ["c"] and torch.equal(reader.get("c"), torch.ones(4))
+
+
+def test_reader_names_shards_missing_from_the_index(tmp_path):
+    out = tmp_path / "out"
+    w = HFShardedWriter(out, max_shard_bytes=8)
+    w.add("a", torch.zeros(4))
+    w.add("b", torch.zeros(4))
+    w.close()
+    (out / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(HFCheckpointError, match="model-00002-of-00002.safetensors"):
+        HFReader(out)
