@@ -36,3 +36,11 @@ def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: i
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct materialised once per test session."""
+    from megatron_spin.models import embedded
+
+    return embedded.materialize_embedded_model(tmp_path_factory.mktemp("embedded") / "smollm2")

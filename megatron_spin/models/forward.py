@@ -32,12 +32,12 @@ def forward_logits(chunks: list, pctx, input_ids: torch.Tensor) -> Optional[torc
     micro = list(input_ids.split(1, dim=0))
 
     def forward_step(data_iterator, model):
-        ids = next(data_iterator)
+        ids = next(data_iterator).to(next(model.parameters()).device)
         output = model(ids, _position_ids(ids), attention_mask=None)
 
         def collect(output_tensor):
             # output_tensor: [b, s, vocab/TP] on the last stage
-            captured.append(gather_from_tensor_model_parallel_region(output_tensor).float())
+            captured.append(gather_from_tensor_model_parallel_region(output_tensor).float().cpu())
             return output_tensor.sum() * 0.0, {}
 
         return output, collect

@@ -54,7 +54,13 @@ def prepare_megatron() -> Platform:
     :mod:`megatron_spin.platform.cpu_patches` are applied (idempotent).
     """
     plat = current()
+    # Deprecation notices from torch's DCP / ShardedTensor APIs that megatron-core 0.16 uses
+    # internally: nothing a megatron_spin user can change.
+    for pattern in (".*Please use DTensor instead.*", ".*`load_state_dict` is deprecated.*",
+                    ".*all_gather_into_tensor` is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
     if not plat.is_cuda:
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
         # Megatron warns at import time about every fused kernel it cannot find; on a CPU
         # build that is expected and says nothing the user can act on.
         for pattern in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
