@@ -12,6 +12,19 @@ import torch
 LAUNCH_TIMEOUT = float(os.environ.get("MEGATRON_SPIN_TEST_LAUNCH_TIMEOUT", "300"))
 
 
+def make_arch(**overrides):
+    """A ModelArch without an HF config (GQA: 8 heads, 4 KV heads), fields overridable."""
+    from megatron_spin.models.arch import ModelArch
+
+    base = dict(
+        family="llama", hf_architecture="LlamaForCausalLM", num_layers=8, hidden_size=64,
+        ffn_hidden_size=96, num_attention_heads=8, num_kv_heads=4, head_dim=8, vocab_size=256,
+        max_position_embeddings=128, rope_theta=10000.0, rope_scaling_factor=None, norm_eps=1e-5,
+        tie_word_embeddings=False, qkv_bias=False,
+    )
+    return ModelArch(**{**base, **overrides})
+
+
 def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: int = 2, seed: int = 0) -> Path:
     """A random HF model with GQA (4 heads, 2 KV heads) saved as safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM

@@ -17,6 +17,7 @@ Reading: each parameter's region for one layer is read straight from the DCP fil
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -193,8 +194,6 @@ def _any_state_key(sharded_key: str, offsets: tuple[int, ...]) -> str:
 
 
 def arch_to_dict(arch: ModelArch) -> dict:
-    import dataclasses
-
     return dataclasses.asdict(arch)
 
 

@@ -53,9 +53,6 @@ def _hf_to_megatron_rank(rank, world_size, hf_dir, tmp, dtype_name, report_every
     arch = arch_from_hf_dir(hf_dir)
     reader = HFReader(hf_dir)
     table = converter_for(arch)
-    missing = [n for n in table.hf_names(arch) if n not in reader]
-    if missing:
-        raise HFCheckpointError(f"{hf_dir}: {len(missing)} tensors missing, e.g. {missing[:3]}")
     pctx = init_parallel(ParallelLayout())
     started = time.monotonic()
 
@@ -93,6 +90,10 @@ def convert_hf_to_megatron(
         validate_layout(arch, layout)
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise ValueError(f"--dtype {dtype!r} is not one of {tuple(_DTYPE_NAMES)}")
+    reader = HFReader(hf_dir)
+    missing = [n for n in converter_for(arch).hf_names(arch) if n not in reader]
+    if missing:
+        raise HFCheckpointError(f"{hf_dir}: {len(missing)} tensors missing, e.g. {missing[:3]}")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

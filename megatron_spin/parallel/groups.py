@@ -86,10 +86,3 @@ def destroy_parallel() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
 
-
-def set_virtual_stage(vp_stage: int | None) -> None:
-    """Megatron's PP schedules consult a global 'current virtual stage'; keep it in one place."""
-    from megatron.core import parallel_state as ps
-
-    ps.set_virtual_pipeline_model_parallel_rank(vp_stage)
-

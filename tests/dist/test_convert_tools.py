@@ -82,6 +82,6 @@ def test_convert_refuses_to_overwrite_and_leaves_no_partial_output(tmp_path):
 
     save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
     r = run_tool("convert_hf_to_megatron.py", "--hf-dir", hf, "--out", tmp_path / "m2")
-    assert r.returncode != 0 and "model.layers.1.mlp.up_proj.weight" in r.stderr
+    assert r.returncode == 2 and "model.layers.1.mlp.up_proj.weight" in r.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m2")] == []
     assert not (tmp_path / "m2").exists()

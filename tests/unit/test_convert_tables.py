@@ -15,16 +15,13 @@ from megatron_spin.convert.qwen2 import QWEN2
 from megatron_spin.convert.table import COLUMN, REPLICATED, ROW
 from megatron_spin.convert.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY
 from megatron_spin.models.arch import ModelArch, arch_from_hf_config
+from tests.conftest import make_arch as tiny_arch
 
 
 def make_arch(**kw) -> ModelArch:
-    base = dict(
-        family="llama", hf_architecture="LlamaForCausalLM", num_layers=2, hidden_size=16,
-        ffn_hidden_size=24, num_attention_heads=4, num_kv_heads=2, head_dim=4, vocab_size=32,
-        max_position_embeddings=64, rope_theta=10000.0, rope_scaling_factor=None, norm_eps=1e-5,
-        tie_word_embeddings=False, qkv_bias=False,
-    )
-    return ModelArch(**{**base, **kw})
+    small = dict(num_layers=2, hidden_size=16, ffn_hidden_size=24, num_attention_heads=4,
+                 num_kv_heads=2, head_dim=4, vocab_size=32, max_position_embeddings=64)
+    return tiny_arch(**{**small, **kw})
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -8,17 +8,7 @@ import pytest
 
 from megatron_spin.models.arch import ModelArch
 from megatron_spin.parallel.layout import LayoutError, ParallelLayout, validate_layout
-
-
-def make_arch(**kw) -> ModelArch:
-    base = dict(
-        family="llama", hf_architecture="LlamaForCausalLM", num_layers=8, hidden_size=64,
-        ffn_hidden_size=96, num_attention_heads=8, num_kv_heads=4, head_dim=8, vocab_size=256,
-        max_position_embeddings=128, rope_theta=10000.0, rope_scaling_factor=None, norm_eps=1e-5,
-        tie_word_embeddings=False, qkv_bias=False,
-    )
-    return ModelArch(**{**base, **kw})
-
+from tests.conftest import make_arch
 
 # SmolLM2-135M (DESIGN.md): 30 layers, hidden 576, 9 heads, 3 KV heads, vocab 49152.
 SMOLLM2 = make_arch(
