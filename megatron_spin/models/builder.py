@@ -132,5 +132,24 @@ def build_model(
                 rope_scaling_factor=arch.rope_scaling_factor or 8.0,
                 vp_stage=vp_stage if vpp > 1 else None,
             )
+        if not init_weights:
+            _mark_tensor_parallel_weights(model)
         chunks.append(model if on_meta else model.to(device))
     return chunks
+
+
+def _mark_tensor_parallel_weights(model) -> None:
+    """Tag TP-sharded weights the way weight initialisation would have.
+
+    Megatron sets ``tensor_model_parallel`` / ``partition_dim`` on a layer's weight only inside
+    its init routine, which ``perform_initialization=False`` skips.  Untagged shards count as
+    TP duplicates: the grad norm (and so clipping) then sees only TP rank 0's shard.
+    """
+    from megatron.core import tensor_parallel as tpl
+
+    dims = ((tpl.ColumnParallelLinear, 0), (tpl.RowParallelLinear, 1), (tpl.VocabParallelEmbedding, 0))
+    for module in model.modules():
+        for cls, dim in dims:
+            weight = getattr(module, "weight", None)
+            if isinstance(module, cls) and weight is not None and not getattr(weight, "tensor_model_parallel", False):
+                tpl.set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)

@@ -5,16 +5,16 @@ Megatron-core assumes CUDA in a handful of ways (DESIGN.md, "Facts about the pla
      schedules, tensor-parallel buffers, the checkpoint writer);
   2. it creates tensors with a literal ``device="cuda"`` (causal mask, schedules, optimizer);
   3. its model-parallel RNG tracker stores CUDA generator states;
-  4. optimizers and grad clipping check ``tensor.type()`` strings for ``torch.cuda.*Tensor``
-     (not patched yet: the optimizer arrives with the training step);
+  4. optimizers and grad clipping check ``tensor.type()`` strings for ``torch.cuda.*Tensor``;
   5. tied embeddings under PP move the output weight with ``tensor.cuda()``.
 
 Rather than editing call sites, each megatron module that references the global ``torch`` is
 given a *view* of torch (``_CpuTorchView``) whose ``cuda`` namespace answers with CPU
 semantics and whose tensor factories map ``device="cuda"`` to the CPU.  torch itself is left
 untouched, so transformers, Ray and user code see an ordinary CPU build.  The RNG tracker is
-pointed at the CPU generator, and the one method that calls ``tensor.cuda()`` runs with an
-identity ``.cuda()``.  Nothing here is applied when CUDA is present.
+pointed at the CPU generator.  The few methods that call ``tensor.cuda()`` or compare
+``tensor.type()`` strings run inside a context that gives those answers a CUDA build would
+give, for the duration of the call only.  Nothing here is applied when CUDA is present.
 """
 
 from __future__ import annotations
@@ -182,19 +182,51 @@ def _tensor_cuda_is_identity():
         torch.Tensor.cuda = original
 
 
-def _patch_tied_embedding_setup(language_module: types.ModuleType) -> None:
-    # With tied embeddings and PP > 1 the last stage's output weight is synced from the first
-    # stage by ``weight.data = weight.data.cuda(); all_reduce(...)``.  Only that method moves
-    # tensors with ``.cuda()``, so only that method gets an identity ``.cuda()``.
-    cls = language_module.LanguageModule
-    original = cls.setup_embeddings_and_output_layer
+@contextlib.contextmanager
+def _tensor_types_named_as_cuda():
+    """Inside: ``tensor.type()`` of a CPU tensor answers ``torch.cuda.FloatTensor`` etc."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _run_inside(context, owner: Any, name: str) -> None:
+    """Replace ``owner.name`` by a wrapper that runs the original inside ``context()``."""
+    original = getattr(owner, name)
 
     @functools.wraps(original)
-    def setup(self, *args, **kwargs):
-        with _tensor_cuda_is_identity():
-            return original(self, *args, **kwargs)
+    def wrapper(*args, **kwargs):
+        with context():
+            return original(*args, **kwargs)
 
-    cls.setup_embeddings_and_output_layer = setup
+    setattr(owner, name, wrapper)
+
+
+def _patch_methods() -> None:
+    modules = sys.modules
+    # Tied embeddings under PP: the last stage's copy of the embedding is synced from the first
+    # stage by ``weight.data = weight.data.cuda(); all_reduce(...)`` in this one method.
+    _run_inside(_tensor_cuda_is_identity,
+                modules["megatron.core.models.common.language_module.language_module"].LanguageModule,
+                "setup_embeddings_and_output_layer")
+    # Optimizers and grad clipping decide what to do with a parameter from its type() string
+    # and reject anything that is not a torch.cuda.*Tensor.
+    optimizer_mod = modules["megatron.core.optimizer.optimizer"]
+    clip_mod = modules["megatron.core.optimizer.clip_grads"]
+    _run_inside(_tensor_types_named_as_cuda, clip_mod, "clip_grad_by_total_norm_fp32")
+    optimizer_mod.clip_grad_by_total_norm_fp32 = clip_mod.clip_grad_by_total_norm_fp32  # from-imported there
+    _run_inside(_tensor_types_named_as_cuda, optimizer_mod.Float16OptimizerWithFloat16Params, "__init__")
+    _run_inside(_tensor_types_named_as_cuda,
+                modules["megatron.core.optimizer.distrib_optimizer"].DistributedOptimizer, "__init__")
 
 
 _APPLIED = False
@@ -214,5 +246,5 @@ def apply() -> None:
         if getattr(mod, "torch", None) is torch:
             mod.torch = view
     _patch_rng(sys.modules["megatron.core.tensor_parallel.random"])
-    _patch_tied_embedding_setup(sys.modules["megatron.core.models.common.language_module.language_module"])
+    _patch_methods()
     _APPLIED = True
