@@ -34,6 +34,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         # The rollout fleet on GPUs.  pip resolves a CUDA torch for it: install on GPU nodes.
         "sglang": ["sglang>=0.5"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # trl (+ datasets, which it imports) is the reference the loss tests compare against.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "trl>=1.16,<1.17", "datasets>=5"],
     },
 )

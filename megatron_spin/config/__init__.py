@@ -1,0 +1,1 @@
+"""Typed configuration records, validated at construction (Hydra registration comes with the trainer)."""

@@ -1,0 +1,34 @@
+"""The preference objective: loss family and its coefficients."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+from megatron_spin.config.optim import ConfigError
+
+_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    loss_type: str = "sigmoid"
+    beta: Union[float, tuple[float, ...]] = 0.1  # a tuple: one β per SPIN iteration, last repeats
+    label_smoothing: float = 0.0  # cDPO ε (sigmoid and simpo)
+    simpo_gamma: float = 0.0
+    nll_weight: float = 0.0  # RPO-style SFT term on the chosen response
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in _LOSS_TYPES:
+            raise ConfigError(f"algorithm.loss_type={self.loss_type!r} is not one of {_LOSS_TYPES}")
+        betas = self.beta if isinstance(self.beta, (tuple, list)) else (self.beta,)
+        if not betas or any(b <= 0 for b in betas):
+            raise ConfigError(f"algorithm.beta={self.beta!r}: every β must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"algorithm.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise ConfigError(f"algorithm.label_smoothing applies to sigmoid and simpo, not {self.loss_type!r}")
+        if self.simpo_gamma and self.loss_type != "simpo":
+            raise ConfigError(f"algorithm.simpo_gamma applies to simpo only, not {self.loss_type!r}")
+        if self.nll_weight < 0:
+            raise ConfigError(f"algorithm.nll_weight={self.nll_weight} must be >= 0")

@@ -1,0 +1,14 @@
+"""DPO-family preference losses as pure functions on per-sequence log-prob sums.
+
+``loss/`` sees plain ``[P]`` tensors (one entry per (chosen, rejected) pair) and never
+parallelism: builders gather the log-probs, the trainer reduces the per-pair losses
+(DESIGN.md, "Parallelism is applied by builders").  The entry point is
+:func:`preference_loss`; see ``preference.py`` for the table of losses and the modules it
+names for each formula and the TRL convention it follows.
+"""
+
+from megatron_spin.loss.beta import resolve_beta
+from megatron_spin.loss.preference import preference_loss
+from megatron_spin.loss.types import LOSS_TYPES, PreferenceLossOutput
+
+__all__ = ["LOSS_TYPES", "PreferenceLossOutput", "preference_loss", "resolve_beta"]

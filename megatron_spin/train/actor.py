@@ -1,0 +1,92 @@
+"""The actor: the policy being trained, on Megatron with TP/PP, DDP and the Megatron optimizer.
+
+    actor = Actor.build(arch, pctx, optim_cfg, loss_cfg, init_from=megatron_dir)
+    metrics = actor.train_step(micro_batches, ref_logps)
+
+One ``train_step`` is one optimizer step on ``len(micro_batches)`` micro-batches of this
+data-parallel rank (gradient accumulation); see :mod:`megatron_spin.train.step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_spin.ckpt.model_io import load_model_weights
+from megatron_spin.config.algorithm import LossConfig
+from megatron_spin.config.optim import OptimConfig
+from megatron_spin.models.arch import ModelArch
+from megatron_spin.models.builder import build_model
+from megatron_spin.models.precision import Precision
+from megatron_spin.parallel.groups import ParallelContext
+from megatron_spin.train import step
+from megatron_spin.train.optim import build_optimizer, wrap_ddp
+
+
+@dataclasses.dataclass
+class Actor:
+    arch: ModelArch
+    pctx: ParallelContext
+    chunks: list  # DDP-wrapped GPTModel chunks
+    optimizer: object
+    scheduler: object
+    loss_cfg: LossConfig
+    steps: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        arch: ModelArch,
+        pctx: ParallelContext,
+        optim_cfg: OptimConfig,
+        loss_cfg: LossConfig,
+        *,
+        precision: Precision = Precision(),
+        init_from: Optional[str] = None,
+        recompute: bool = False,
+    ) -> "Actor":
+        chunks = build_model(arch, pctx, precision, recompute=recompute, init_weights=init_from is None)
+        if init_from is not None:
+            load_model_weights(chunks, init_from)
+        ddp = wrap_ddp(chunks, optim_cfg.use_distributed_optimizer)
+        optimizer, scheduler = build_optimizer(optim_cfg, ddp)
+        return cls(arch, pctx, ddp, optimizer, scheduler, loss_cfg)
+
+    @property
+    def modules(self) -> list:
+        """The GPTModel chunks inside the DDP wrappers."""
+        return [c.module for c in self.chunks]
+
+    def logps(self, micro_batches: Sequence) -> Optional[list[torch.Tensor]]:
+        return step.forward_logps(self.chunks, micro_batches)
+
+    def train_step(
+        self, micro_batches: Sequence, ref_logps: Optional[Sequence[torch.Tensor]], iteration: int = 0
+    ) -> dict[str, float]:
+        """Forward/backward over all micro-batches, one optimizer step, one LR-schedule step.
+
+        Metrics are averaged over micro-batches and data-parallel ranks on the last pipeline
+        stage; every rank gets grad norm and LR.
+        """
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        per_micro = step.preference_forward_backward(self.chunks, micro_batches, ref_logps, self.loss_cfg, iteration)
+        ok, grad_norm, _ = self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(increment=1)
+        self.steps += 1
+        metrics = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "lr": float(lr), "update_skipped": float(not ok)}
+        if per_micro:
+            keys = sorted(per_micro[0])
+            stacked = torch.stack([torch.stack([m[k].float().cpu() for k in keys]) for m in per_micro])
+            means = stacked.mean(dim=0)
+            if self.pctx.dp_size > 1:
+                dist.all_reduce(means, group=self.pctx.dp_group)
+                means /= self.pctx.dp_size
+            metrics.update({k: float(v) for k, v in zip(keys, means)})
+        return metrics

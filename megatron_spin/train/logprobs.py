@@ -1,0 +1,38 @@
+"""Per-sequence response log-probs from a Megatron GPT model, vocab-parallel.
+
+Megatron's ``GPTModel.forward(..., labels=...)`` returns the per-token cross entropy computed
+with the vocab-parallel log-softmax (each TP rank holds ``V / TP`` logits; only max and
+sum-exp are all-reduced), so the full-vocabulary logits never exist on any rank.  Log-probs
+are minus that cross entropy.  Only the last pipeline stage has them.
+
+Shift convention: ``labels[:, t] = tokens[:, t + 1]`` and ``loss_mask[:, t] = 1`` iff token
+``t + 1`` is a response token, so masked positions are exactly the response predictions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shifted_labels(tokens: torch.Tensor) -> torch.Tensor:
+    """``[n, S]`` labels: the next token at each position (last column: a dummy 0, masked)."""
+    return torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
+
+
+def position_ids(tokens: torch.Tensor) -> torch.Tensor:
+    n, s = tokens.shape
+    return torch.arange(s, device=tokens.device).unsqueeze(0).expand(n, s)
+
+
+def model_token_nll(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Forward with labels: ``[n, S]`` per-token NLL on the last stage, hidden states elsewhere."""
+    return model(tokens, position_ids(tokens), attention_mask=None, labels=shifted_labels(tokens))
+
+
+def sequence_logps(token_nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """``[n]`` sums of response-token log-probs.
+
+    A sum, never a mean over the mask: a sequence (or a whole rank's micro-batch) whose mask
+    is all zero contributes 0 with finite gradients instead of 0/0 = NaN.
+    """
+    return -(token_nll.float() * loss_mask.to(token_nll.device, torch.float32)).sum(dim=-1)

@@ -1,0 +1,128 @@
+"""One pass of Megatron's pipeline schedule over preference micro-batches.
+
+``forward_logps`` (no grad) gives per-sequence response log-probs — the reference pass and
+the actor's own log-probs.  ``preference_forward_backward`` runs forward and backward of the
+DPO-family loss.  Both use ``get_forward_backward_func()``, so PP and interleaved PP work
+unchanged; on pipeline stages other than the last, nothing comes back.
+
+A micro-batch holds ``k`` pairs as ``2k`` sequences, chosen first: rows ``[:k]`` are the
+chosen responses and rows ``[k:]`` the rejected ones, all padded to one length ``S`` (the
+pipeline sends activations of a fixed shape between stages).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from megatron_spin.config.algorithm import LossConfig
+from megatron_spin.train.logprobs import model_token_nll, sequence_logps
+
+
+def _schedule(chunks, data, num_micro: int, seq_len: int, micro_size: int, forward_step, forward_only: bool,
+              collect: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=[iter(data) for _ in chunks] if len(chunks) > 1 else iter(data),
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=num_micro,
+        seq_length=seq_len,
+        micro_batch_size=micro_size,
+        forward_only=forward_only,
+        collect_non_loss_data=collect,
+    )
+
+
+def _geometry(micro_batches: Sequence) -> tuple[int, int]:
+    shapes = {tuple(mb.tokens.shape) for mb in micro_batches}
+    if len(shapes) != 1:
+        raise ValueError(f"micro-batches must share one [2k, S] shape for the pipeline, got {sorted(shapes)}")
+    (rows, seq_len), = shapes
+    return rows, seq_len
+
+
+def forward_logps(chunks: list, micro_batches: Sequence) -> Optional[list[torch.Tensor]]:
+    """``[2k]`` response log-prob sums per micro-batch (last stage), else ``None``."""
+    rows, seq_len = _geometry(micro_batches)
+    device = next(chunks[0].parameters()).device
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        nll = model_token_nll(model, mb.tokens.to(device))
+
+        def collect(output, non_loss_data=True):
+            return sequence_logps(output, mb.loss_mask).detach().cpu()
+
+        return nll, collect
+
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        out = _schedule(chunks, list(micro_batches), len(micro_batches), seq_len, rows, forward_step,
+                        forward_only=True, collect=True)
+    return list(out) if out else None
+
+
+def preference_forward_backward(
+    chunks: list,
+    micro_batches: Sequence,
+    ref_logps: Optional[Sequence[torch.Tensor]],
+    loss_cfg: LossConfig,
+    iteration: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """Accumulate gradients of the mean per-pair loss over all micro-batches.
+
+    Megatron divides each micro-batch loss by the number of micro-batches, and DDP averages
+    over data-parallel ranks, so with equal micro-batch sizes the gradient is that of the
+    mean loss over the global batch of pairs, whatever the number of ranks.
+    Returns per-micro-batch statistics (last stage only; empty elsewhere).
+    """
+    from megatron_spin.loss import preference_loss
+
+    rows, seq_len = _geometry(micro_batches)
+    device = next(chunks[0].parameters()).device
+    needs_ref = loss_cfg.loss_type != "simpo"
+    data = [(mb, None if ref_logps is None else ref_logps[i]) for i, mb in enumerate(micro_batches)]
+
+    def forward_step(data_iterator, model):
+        mb, ref = next(data_iterator)
+        nll = model_token_nll(model, mb.tokens.to(device))
+
+        def loss_func(output):
+            k = mb.num_pairs
+            if needs_ref and ref is None:  # only the last stage computes the loss, and needs them
+                raise ValueError(f"loss_type={loss_cfg.loss_type!r} needs reference log-probs")
+            logps = sequence_logps(output, mb.loss_mask)  # [2k]
+            # ≥ 1: a row with no response token (padding, or a rank whose tokens are all masked)
+            # has log-prob 0 and must give a finite, not 0/0, per-token average.
+            lengths = mb.response_lengths.to(logps.device, torch.float32).clamp(min=1)
+            zeros = torch.zeros_like(logps)
+            r = ref.to(logps.device) if ref is not None else zeros
+            out = preference_loss(
+                logps[:k], logps[k:], r[:k], r[k:],
+                beta=loss_cfg.beta, loss_type=loss_cfg.loss_type, label_smoothing=loss_cfg.label_smoothing,
+                chosen_lengths=lengths[:k], rejected_lengths=lengths[k:], simpo_gamma=loss_cfg.simpo_gamma,
+                nll_weight=loss_cfg.nll_weight, iteration=iteration,
+            )
+            loss = out.losses.mean()
+            stats = {
+                # clone: Megatron divides the returned loss in place by the micro-batch count
+                "loss": loss.detach().clone(),
+                "reward_accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+                "reward_chosen": out.chosen_rewards.mean(),
+                "reward_rejected": out.rejected_rewards.mean(),
+                "reward_margin": (out.chosen_rewards - out.rejected_rewards).mean(),
+                "logps_chosen": logps[:k].detach().mean(),
+                "logps_rejected": logps[k:].detach().mean(),
+                "response_tokens": mb.response_lengths.sum().float(),
+            }
+            return loss, stats
+
+        return nll, loss_func
+
+    for c in chunks:
+        c.train()
+    return _schedule(chunks, data, len(data), seq_len, rows, forward_step, forward_only=False, collect=False)
