@@ -25,14 +25,15 @@ def make_arch(**overrides):
     return ModelArch(**{**base, **overrides})
 
 
-def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: int = 2, seed: int = 0) -> Path:
+def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: int = 2, seed: int = 0,
+                 vocab_size: int = 256) -> Path:
     """A random HF model with GQA (4 heads, 2 KV heads) saved as safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     common = dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
         tie_word_embeddings=tied, rms_norm_eps=1e-5,
     )
     if family == "llama":

@@ -196,3 +196,46 @@ def test_no_nan_when_a_rank_has_only_masked_tokens(tiny_ckpt):
     for metrics, finite in launch(_masked_rank, 2, (str(tiny_ckpt), batch), timeout=LAUNCH_TIMEOUT):
         assert finite
         assert all(math.isfinite(v) for v in metrics.values()), metrics
+
+
+def _megatron_logps(rank, world_size, ckpt, layouts, batch):
+    from megatron_spin.ckpt.model_io import load_model_weights
+    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.models.builder import build_model
+    from megatron_spin.parallel.groups import destroy_parallel, init_parallel
+    from megatron_spin.train.step import forward_logps
+
+    out = {}
+    for layout in layouts:
+        pctx = init_parallel(layout)
+        chunks = build_model(read_arch(ckpt), pctx, init_weights=False)
+        load_model_weights(chunks, ckpt)
+        logps = forward_logps(chunks, batch.split_micro_batches(1))
+        if logps is not None and pctx.tp_rank == 0 and pctx.dp_rank == 0:
+            out[(layout.tp, layout.pp)] = logps
+        destroy_parallel()
+    return out
+
+
+def test_response_logps_equal_hf(tiny_ckpt):
+    """Vocab-parallel response log-probs (TP=2, PP=2) equal HF's for the same weights."""
+    from megatron_spin.models.parity import hf_logits
+
+    pairs = synthetic_pairs(2, seed=4)
+    batch = collate_pairs(pairs, pad_id=0)
+    ref = torch.log_softmax(hf_logits(tiny_ckpt.parent / "hf", batch.tokens), dim=-1)
+    expected = []
+    for row in range(batch.tokens.shape[0]):
+        pair = pairs[row % 2]
+        response = pair.chosen_ids if row < 2 else pair.rejected_ids
+        start = len(pair.prompt_ids)  # first response token's position
+        expected.append(sum(ref[row, start - 1 + j, tok].item() for j, tok in enumerate(response)))
+    per_rank = launch(_megatron_logps, 2, (str(tiny_ckpt), [ParallelLayout(2, 1), ParallelLayout(1, 2)], batch),
+                      timeout=LAUNCH_TIMEOUT)
+    got = {k: v for r in per_rank for k, v in r.items()}
+    assert set(got) == {(2, 1), (1, 2)}
+    for layout, micro in got.items():
+        # micro-batches of one pair: [chosen, rejected] each
+        flat = [micro[0][0], micro[1][0], micro[0][1], micro[1][1]]
+        torch.testing.assert_close(torch.tensor(flat), torch.tensor(expected), rtol=0, atol=1e-4,
+                                   msg=f"layout {layout}")

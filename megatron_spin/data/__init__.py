@@ -1,0 +1,1 @@
+"""Datasets: prompt files and preference files, read into typed records."""
