@@ -6,6 +6,8 @@ import dataclasses
 from typing import Union
 
 from megatron_spin.config.optim import ConfigError
+from megatron_spin.loss.beta import resolve_beta
+from megatron_spin.loss.checks import check_scalar
 
 _LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 
@@ -30,5 +32,13 @@ class LossConfig:
             raise ConfigError(f"algorithm.label_smoothing applies to sigmoid and simpo, not {self.loss_type!r}")
         if self.simpo_gamma and self.loss_type != "simpo":
             raise ConfigError(f"algorithm.simpo_gamma applies to simpo only, not {self.loss_type!r}")
-        if self.nll_weight < 0:
-            raise ConfigError(f"algorithm.nll_weight={self.nll_weight} must be >= 0")
+        try:  # the loss module's own rules, checked at start-up rather than at the first step
+            for i in range(len(betas)):
+                resolve_beta(self.beta, i)
+        except ValueError as e:
+            raise ConfigError(f"algorithm.beta={self.beta!r}: {e}") from None
+        for key in ("simpo_gamma", "nll_weight"):
+            try:
+                check_scalar(key, getattr(self, key), low=0.0)
+            except ValueError as e:
+                raise ConfigError(f"algorithm.{e}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 _OPTIMIZERS = ("adam", "sgd")
 _LR_STYLES = ("constant", "cosine", "linear")
@@ -29,6 +30,9 @@ class OptimConfig:
     use_distributed_optimizer: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("lr", "min_lr", "clip_grad", "weight_decay", "adam_eps"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be finite")
         if self.optimizer not in _OPTIMIZERS:
             raise ConfigError(f"optim.optimizer={self.optimizer!r} is not one of {_OPTIMIZERS}")
         if self.lr_decay_style not in _LR_STYLES:
@@ -55,7 +59,15 @@ class BatchConfig:
     global_pairs: int = 8
     micro_pairs: int = 1
 
+    def __post_init__(self) -> None:
+        if self.global_pairs < 1 or self.micro_pairs < 1:
+            raise ConfigError(
+                f"batch.global_pairs={self.global_pairs}, batch.micro_pairs={self.micro_pairs}: both must be >= 1"
+            )
+
     def micro_batches_per_rank(self, dp: int) -> int:
+        if dp < 1:
+            raise ConfigError(f"DP={dp} must be >= 1")
         if self.global_pairs % (self.micro_pairs * dp):
             raise ConfigError(
                 f"rule batch.global_pairs % (batch.micro_pairs * DP) == 0 violated: "

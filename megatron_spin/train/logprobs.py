@@ -35,4 +35,6 @@ def sequence_logps(token_nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Te
     A sum, never a mean over the mask: a sequence (or a whole rank's micro-batch) whose mask
     is all zero contributes 0 with finite gradients instead of 0/0 = NaN.
     """
-    return -(token_nll.float() * loss_mask.to(token_nll.device, torch.float32)).sum(dim=-1)
+    # where(), not a product: a non-finite NLL at a masked position must not leak in as 0·inf.
+    keep = loss_mask.to(token_nll.device).bool()
+    return -torch.where(keep, token_nll.float(), 0.0).sum(dim=-1)

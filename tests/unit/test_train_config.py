@@ -133,7 +133,6 @@ def test_first_broken_rule_is_reported():
         OptimConfig(optimizer="nope", lr=-1.0, clip_grad=-1.0)
 
 
-@pytest.mark.xfail(reason="BUG: OptimConfig accepts non-finite lr/min_lr/clip_grad (NaN compares False)")
 @pytest.mark.parametrize(
     "kwargs",
     [dict(lr=math.nan), dict(lr=math.inf), dict(min_lr=math.nan), dict(clip_grad=math.nan)],
@@ -185,7 +184,6 @@ def test_micro_batches_per_rank_indivisible(global_pairs, micro_pairs, dp):
     assert f"global_pairs={global_pairs}" in msg and f"micro_pairs={micro_pairs}" in msg and f"DP={dp}" in msg
 
 
-@pytest.mark.xfail(reason="BUG: BatchConfig does not validate global_pairs/micro_pairs/dp >= 1")
 @pytest.mark.parametrize("global_pairs, micro_pairs, dp", [(0, 1, 1), (8, 0, 1), (8, 1, 0), (-8, 1, 1)])
 def test_non_positive_batch_geometry_rejected(global_pairs, micro_pairs, dp):
     with pytest.raises(ConfigError):
@@ -267,10 +265,6 @@ def test_nll_weight_invalid(weight):
         LossConfig(nll_weight=weight)
 
 
-@pytest.mark.xfail(
-    reason="BUG: LossConfig accepts values that megatron_spin.loss.preference_loss rejects at the "
-    "first step (negative SimPO gamma, non-finite beta / nll_weight, bool beta)"
-)
 @pytest.mark.parametrize(
     "kwargs",
     [
