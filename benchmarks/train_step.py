@@ -1,30 +1,31 @@
 """Benchmark one Online-DPO actor update and one reference log-prob pass on SmolLM2-135M.
 
-Computes, in one launch on the same machine (every figure comes from the same rank processes):
-  * the fp32 matmul rate: ``torch.matmul`` of square fp32 matrices (1024, 2048), run by every
-    rank at once with the rank's own thread count (``launch`` gives each rank
-    ``cpu_count // world_size`` threads, at least 1), best of 3; the GFLOP/s figure is the sum
-    over ranks (2·n³ per product), i.e. what this machine delivers to this layout;
-  * the actor update: ``--pairs`` random-token pairs (prompt ``seq_len // 4`` tokens, chosen and
-    rejected responses of ``seq_len - prompt`` tokens, so every row is exactly ``--seq-len`` long and
-    nothing is padding), ``actor.train_step`` (Adam, DPO sigmoid loss) run ``--steps`` times after
-    one untimed warm-up step; seconds per step (mean and best) and achieved FLOP/s;
-  * one reference pass: ``ref.logps`` over the same micro-batches (one untimed pass first, which
-    also supplies the reference log-probs the update needs), ``--steps`` timed passes.
+Computes, in one launch on this machine (every figure from the same rank processes):
+  * fp32 matmul rate: ``torch.matmul`` of square fp32 matrices (n = 1024, 2048) on every rank at
+    once, each with the training ranks' thread count (``launch``: ``cpu_count // world_size``, at
+    least 1); GFLOP/s = 2·n³·reps·ranks / wall time, best of 5, measured before and after the
+    timed phases; the best of all is the denominator of the MFU-like ratios;
+  * the update: ``--pairs`` random-token pairs (prompt ``seq_len // 4`` tokens; chosen and rejected
+    responses ``seq_len - prompt`` tokens, so all 2·pairs rows are exactly ``--seq-len`` with no
+    padding), ``actor.train_step`` (Adam, DPO sigmoid) ``--steps`` times after one untimed
+    warm-up step; seconds (mean, best), FLOP/s, and the share spent in ``optimizer.step``;
+  * the reference pass: ``ref.logps`` over the same micro-batches, ``--steps`` timed passes after
+    one untimed one (which also gives the reference log-probs), and its cost relative to an update.
 
-FLOP model (the PaLM/Megatron "6N + attention" estimate; T = 2·pairs·S tokens, all rows counted):
-    N      = matmul parameters: per layer Q,K,V,O projections + gated MLP (3·hidden·ffn), plus the
-             LM head (vocab·hidden); the input-embedding lookup and norms do no matmul work
-    update = 6·N·T + 12·L·d·S²·(2·pairs)    (fwd + bwd; d = heads·head_dim, = hidden for SmolLM2)
-    ref    = 2·N·T +  4·L·d·S²·(2·pairs)    (fwd only)
-The attention term counts the full S×S score matrix (no causal halving), as PaLM's MFU does.
-"MFU" below = achieved FLOP/s / measured matmul rate (not a vendor peak).
+FLOP model (PaLM/Megatron "6N + attention"; S = row length, T = 2·pairs·S = all tokens of all rows):
+    N      = matmul parameters: per layer Q, K, V, O + gated MLP (3·hidden·ffn), plus the LM head
+             (vocab·hidden); embedding lookup and norms do no matmul work
+    update = 6·N·T + 12·L·d·S²·(2·pairs)   fwd+bwd; d = heads·head_dim (= hidden for SmolLM2)
+    ref    = 2·N·T +  4·L·d·S²·(2·pairs)   fwd only
+The attention term counts the full S×S scores (no causal halving).  "/matmul" = achieved FLOP/s
+over the measured matmul rate (MFU against this machine, not a vendor peak).  The machine is
+shared: the 1-minute load average at start and end is printed so contention is visible.
 
     PYTHONPATH=. python benchmarks/train_step.py [--pairs 4] [--micro-pairs 1] [--seq-len 256]
         [--steps 3] [--tp 1 --pp 1] [--workdir W] [--json OUT]
 
-The converted Megatron checkpoint is cached in ``--workdir`` (default: next to the embedded HF
-model) and reused when present.
+The converted Megatron checkpoint is cached in ``--workdir`` (default: beside the embedded HF
+model, ``~/.cache/megatron_spin``) and reused when present.
 """
 
 from __future__ import annotations
@@ -39,33 +40,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
 
-def matmul_rate(sizes=(1024, 2048), trials=3) -> dict:
-    """Aggregate fp32 matmul GFLOP/s of all ranks running at once (call on every rank)."""
-    import torch
-    import torch.distributed as dist
-
-    world, best = dist.get_world_size(), {}
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        reps = max(2, int(4e9 // (2 * n**3)))  # ~4 GFLOP per rank per trial: long enough to time
-        torch.matmul(a, b)  # warm-up: thread pool start, first-touch of the output
-        for _ in range(trials):
-            dist.barrier()  # all ranks start together: they share the cores as in training
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.matmul(a, b)
-            dist.barrier()  # the slowest rank decides the wall time
-            rate = world * reps * 2 * n**3 / (time.perf_counter() - t0) / 1e9
-            best[n] = max(best.get(n, 0.0), rate)
-    return {"gflops_by_size": best, "gflops": max(best.values())}
-
-
 def timed(fn, barrier):
     barrier()  # every rank enters together, and the step ends when the last rank finishes
     t0 = time.perf_counter()
     out = fn()
     barrier()
     return time.perf_counter() - t0, out
+
+
+def matmul_rate(sizes=(1024, 2048), trials=5) -> dict:
+    """{n: aggregate fp32 matmul GFLOP/s of all ranks running at once}; call on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    world, best = dist.get_world_size(), {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        reps = max(2, int(8e9 // (2 * n**3)))  # >= ~8 GFLOP per rank per trial: long enough to time
+        torch.matmul(a, b)  # warm-up: thread pool start, first-touch of the output
+        for _ in range(trials):
+            # All ranks start together (they share the cores as in training); the slowest one
+            # decides the wall time.
+            dt, _ = timed(lambda: [torch.matmul(a, b) for _ in range(reps)], dist.barrier)
+            best[n] = max(best.get(n, 0.0), world * reps * 2 * n**3 / dt / 1e9)
+    return best
 
 
 def _bench_rank(rank, world_size, ckpt, layout, batch, micro_pairs, steps):
@@ -83,25 +81,32 @@ def _bench_rank(rank, world_size, ckpt, layout, batch, micro_pairs, steps):
     mm = matmul_rate()  # before the models exist: nothing else in memory or on the cores
     arch = read_arch(ckpt)
     pctx = init_parallel(layout)
-    dist.barrier()
-    t0 = time.perf_counter()
-    actor = Actor.build(arch, pctx, OptimConfig(optimizer="adam", lr=1e-6), LossConfig(), init_from=ckpt)
-    ref = Reference.build(arch, pctx, init_from=ckpt)
-    dist.barrier()
-    t_build = time.perf_counter() - t0
+    t_build, (actor, ref) = timed(lambda: (
+        Actor.build(arch, pctx, OptimConfig(optimizer="adam", lr=1e-6), LossConfig(), init_from=ckpt),
+        Reference.build(arch, pctx, init_from=ckpt)), dist.barrier)
     mbs = rank_micro_batches(batch, BatchConfig(batch.num_pairs, micro_pairs), pctx.dp_rank, pctx.dp_size)
     t_ref_warm, ref_logps = timed(lambda: ref.logps(mbs), dist.barrier)
     ref_times = [timed(lambda: ref.logps(mbs), dist.barrier)[0] for _ in range(steps)]
     t_warm, _ = timed(lambda: actor.train_step(mbs, ref_logps), dist.barrier)
+    # The 6·N·T estimate covers forward+backward only; the Adam step (memory-bound, ~N·16 bytes
+    # of state) is timed apart by wrapping this instance's optimizer.step.
+    opt_times, inner = [], actor.optimizer.step
+
+    def opt_step(*args, **kwargs):
+        t = time.perf_counter()
+        out = inner(*args, **kwargs)
+        opt_times.append(time.perf_counter() - t)
+        return out
+
+    actor.optimizer.step = opt_step
     step_times, metrics = [], None
     for _ in range(steps):
         dt, metrics = timed(lambda: actor.train_step(mbs, ref_logps), dist.barrier)
         step_times.append(dt)
     mm_after = matmul_rate()  # again: a drop means something else took the cores meanwhile
-    return {"rank": rank, "threads": torch.get_num_threads(), "matmul": mm, "matmul_after": mm_after,
-            "build_s": t_build,
+    return {"threads": torch.get_num_threads(), "matmul": mm, "matmul_after": mm_after, "build_s": t_build,
             "ref_warmup_s": t_ref_warm, "ref_s": ref_times, "warmup_step_s": t_warm, "step_s": step_times,
-            "metrics": metrics, "last_stage": pctx.is_last_stage, "micro_batches": len(mbs)}
+            "opt_s": opt_times, "metrics": metrics, "last_stage": pctx.is_last_stage, "micro_batches": len(mbs)}
 
 
 def flop_model(arch, pairs: int, seq: int) -> dict:
@@ -121,8 +126,7 @@ def main() -> int:
     p.add_argument("--micro-pairs", type=int, default=1, help="pairs per micro-batch")
     p.add_argument("--seq-len", type=int, default=256, help="prompt + response tokens per row")
     p.add_argument("--steps", type=int, default=3, help="timed updates (after one warm-up update)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1), p.add_argument("--pp", type=int, default=1)  # DP = 1
     p.add_argument("--workdir", type=Path, help="where the converted checkpoint is cached")
     p.add_argument("--timeout", type=float, default=3600, help="deadline of the benchmark launch (s)")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -159,26 +163,36 @@ def main() -> int:
     r0 = ranks[0]
     last = next(r for r in ranks if r["last_stage"])  # loss metrics live on the last pipeline stage
     fm = flop_model(arch, a.pairs, batch.tokens.shape[1])
-    step_mean = sum(r0["step_s"]) / len(r0["step_s"])
-    ref_mean = sum(r0["ref_s"]) / len(r0["ref_s"])
-    mm = r0["matmul"]["gflops"] * 1e9
+    # Best of all matmul trials, before and after: contention only ever lowers a rate.
+    mm = max(*r0["matmul"].values(), *r0["matmul_after"].values()) * 1e9
+    fwd_bwd = [s - o for s, o in zip(r0["step_s"], r0["opt_s"])]  # rank 0's optimizer time per step
+
+    def phase(times, flops, warmup=None, rel=None):
+        mean, best = sum(times) / len(times), min(times)
+        out = {"s": times, "mean_s": mean, "best_s": best, "warmup_s": warmup}
+        if flops:
+            out |= {"gflops": flops / mean / 1e9, "gflops_best": flops / best / 1e9,
+                    "mfu": flops / mean / mm, "mfu_best": flops / best / mm}
+        if rel:  # cost relative to one whole update
+            out |= {"vs_update": mean / (sum(rel) / len(rel)), "vs_update_best": best / min(rel)}
+        return out
+
     fig = {
         "model": "SmolLM2-135M-Instruct", "layout": {"tp": a.tp, "pp": a.pp, "dp": 1, "world": world},
         "threads_per_rank": r0["threads"], "cpu_count": os.cpu_count(), "pairs": a.pairs,
         "micro_pairs": a.micro_pairs, "micro_batches": r0["micro_batches"], "seq_len": batch.tokens.shape[1],
         "flop_model": fm, "flop_formula": {"update": "6*N*T + 12*L*d*S^2*(2*pairs)",
                                            "ref": "2*N*T + 4*L*d*S^2*(2*pairs)"},
-        "matmul_gflops": r0["matmul"]["gflops"], "matmul_gflops_by_size": r0["matmul"]["gflops_by_size"],
-        "matmul_gflops_after": r0["matmul_after"]["gflops"],
+        "matmul_gflops_before": r0["matmul"], "matmul_gflops_after": r0["matmul_after"], "matmul_gflops": mm / 1e9,
         # Other processes on the machine skew every figure: the 1-minute load average shows them.
         "loadavg_1min": {"start": load_before, "end": os.getloadavg()[0]},
-        "update": {"warmup_s": r0["warmup_step_s"], "step_s": r0["step_s"], "mean_s": step_mean,
-                   "best_s": min(r0["step_s"]), "gflops": fm["update_flops"] / step_mean / 1e9,
-                   "mfu_vs_matmul": fm["update_flops"] / step_mean / mm, "metrics": last["metrics"]},
-        "ref": {"warmup_s": r0["ref_warmup_s"], "pass_s": r0["ref_s"], "mean_s": ref_mean,
-                "best_s": min(r0["ref_s"]), "gflops": fm["ref_flops"] / ref_mean / 1e9,
-                "mfu_vs_matmul": fm["ref_flops"] / ref_mean / mm, "vs_update": ref_mean / step_mean},
-        "build_s": r0["build_s"], "setup_s": setup_s, "launch_s": launch_s,
+        "phases": {
+            "actor update (train_step)": phase(r0["step_s"], fm["update_flops"], r0["warmup_step_s"], r0["step_s"]),
+            "  of which fwd+bwd (update - optimizer.step)": phase(fwd_bwd, fm["update_flops"], rel=r0["step_s"]),
+            "  of which optimizer.step (Adam, clip)": phase(r0["opt_s"], 0, rel=r0["step_s"]),
+            "reference log-probs (ref.logps)": phase(r0["ref_s"], fm["ref_flops"], r0["ref_warmup_s"], r0["step_s"]),
+        },
+        "last_step_metrics": last["metrics"], "build_s": r0["build_s"], "setup_s": setup_s, "launch_s": launch_s,
         "total_s": time.perf_counter() - started,
     }
     print_table(fig)
@@ -188,30 +202,31 @@ def main() -> int:
 
 
 def print_table(f: dict) -> None:
-    fm, u, r = f["flop_model"], f["update"], f["ref"]
-    lay = f["layout"]
+    fm, lay = f["flop_model"], f["layout"]
+    own = max(f["cpu_count"], lay["world"] * f["threads_per_rank"])  # this run alone keeps this many busy
     print(f"\nSmolLM2-135M, TP={lay['tp']} PP={lay['pp']} ({lay['world']} ranks x {f['threads_per_rank']} threads, "
           f"{f['cpu_count']} CPUs); {f['pairs']} pairs x 2 rows x {f['seq_len']} tokens = {fm['tokens']} tokens, "
           f"{f['micro_batches']} micro-batches of {f['micro_pairs']} pair(s); "
           f"N = {fm['n_matmul_params'] / 1e6:.1f} M matmul params")
     print(f"FLOPs: update = 6*N*T + 12*L*d*S^2*rows = {fm['update_flops'] / 1e12:.3f} TFLOP; "
-          f"ref = 2*N*T + 4*L*d*S^2*rows = {fm['ref_flops'] / 1e12:.3f} TFLOP\n")
-    sizes = ", ".join(f"{n}: {g:.1f}" for n, g in f["matmul_gflops_by_size"].items())
-    print("| phase | mean s | best s | warm-up s | GFLOP/s | / matmul rate | / update |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| fp32 matmul, all ranks at once ({sizes}) | | | | {f['matmul_gflops']:.1f} | 1.000 | |")
-    print(f"| fp32 matmul again, after the timed phases | | | | {f['matmul_gflops_after']:.1f} "
-          f"| {f['matmul_gflops_after'] / f['matmul_gflops']:.3f} | |")
-    print(f"| actor update (train_step) | {u['mean_s']:.2f} | {u['best_s']:.2f} | {u['warmup_s']:.2f} "
-          f"| {u['gflops']:.1f} | {u['mfu_vs_matmul']:.3f} | 1.000 |")
-    print(f"| reference log-probs (ref.logps) | {r['mean_s']:.2f} | {r['best_s']:.2f} | {r['warmup_s']:.2f} "
-          f"| {r['gflops']:.1f} | {r['mfu_vs_matmul']:.3f} | {r['vs_update']:.3f} |")
-    m = u["metrics"] or {}
+          f"ref = 2*N*T + 4*L*d*S^2*rows = {fm['ref_flops'] / 1e12:.3f} TFLOP")
+    sizes = lambda d: ", ".join(f"n={n}: {g:.1f}" for n, g in d.items())  # noqa: E731
+    print(f"fp32 matmul GFLOP/s, all ranks at once: before {sizes(f['matmul_gflops_before'])}; after "
+          f"{sizes(f['matmul_gflops_after'])}; rate used = best = {f['matmul_gflops']:.1f}\n")
+    print("| phase | mean s | best s | warm-up s | GFLOP/s mean | GFLOP/s best | /matmul mean | /matmul best "
+          "| /update mean | /update best |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    cell = lambda x, k, fmt: format(x[k], fmt) if x.get(k) is not None else ""  # noqa: E731
+    for name, x in f["phases"].items():
+        print(f"| {name} | {x['mean_s']:.2f} | {x['best_s']:.2f} | {cell(x, 'warmup_s', '.2f')} "
+              f"| {cell(x, 'gflops', '.1f')} | {cell(x, 'gflops_best', '.1f')} | {cell(x, 'mfu', '.3f')} "
+              f"| {cell(x, 'mfu_best', '.3f')} | {cell(x, 'vs_update', '.3f')} | {cell(x, 'vs_update_best', '.3f')} |")
+    m = f["last_step_metrics"] or {}
     print(f"\nlast step: loss {m.get('loss', float('nan')):.4f}, grad norm {m.get('grad_norm', float('nan')):.3f}; "
           f"model build+load {f['build_s']:.1f} s; materialise/convert {f['setup_s']:.1f} s; "
           f"launch {f['launch_s']:.1f} s; total {f['total_s']:.1f} s; 1-min load average "
           f"{f['loadavg_1min']['start']:.2f} at start, {f['loadavg_1min']['end']:.2f} at end "
-          f"(above {f['cpu_count']} means other processes shared the cores)")
+          f"(well above {own} = this run's ranks x threads means other processes shared the cores)")
 
 
 if __name__ == "__main__":
