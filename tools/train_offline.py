@@ -3,8 +3,9 @@
 Reads JSONL records ``{"prompt", "chosen", "rejected"}`` (prompt: text or chat messages),
 tokenises them with the tokenizer stored in the Megatron checkpoint's ``hf/`` folder,
 trains on TP × PP local ranks for ``--epochs`` and evaluates held-out pairs (``--eval-file``)
-before training and after each epoch.  Prints one line per step and writes every metric
-record to ``--metrics`` (JSONL).  The online trainer with rollouts is ``megatron-spin-train``
+before training and after each epoch.  Prints one line per step at the end and writes every metric
+record to ``--metrics`` (JSONL) when training ends; ``--save-dir`` publishes the trained actor
+as a Megatron checkpoint (atomically) that tools/convert_megatron_to_hf.py exports.  The online trainer with rollouts is ``megatron-spin-train``
 (coming); this tool runs the same update step.
 
     python tools/train_offline.py --megatron-dir M --train-file train.jsonl --eval-file eval.jsonl \\
@@ -19,6 +20,7 @@ import sys
 
 from megatron_spin.config.algorithm import LossConfig
 from megatron_spin.config.optim import BatchConfig, ConfigError, OptimConfig
+from megatron_spin.parallel.launch import LaunchError
 from megatron_spin.parallel.layout import ParallelLayout
 from megatron_spin.train.offline import OfflineConfig, train_offline
 
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--ref-update-freq", type=int, default=0)
     p.add_argument("--metrics", default=None, help="write metric records here (JSONL)")
+    p.add_argument("--save-dir", default=None, help="publish the trained actor here (Megatron checkpoint)")
     args = p.parse_args(argv)
     try:
         cfg = OfflineConfig(
@@ -51,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
             optim=OptimConfig(optimizer=args.optimizer, lr=args.lr, clip_grad=args.clip_grad),
             loss=LossConfig(loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing),
             epochs=args.epochs, max_length=args.max_length, ref_update_freq=args.ref_update_freq,
+            save_dir=args.save_dir,
         )
         history = train_offline(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except LaunchError as e:  # raised inside a rank: its traceback is in the message
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for h in history:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in h.items()))
     if args.metrics:

@@ -50,8 +50,45 @@ def load_model_weights(chunks: list, ckpt_dir: str | os.PathLike) -> None:
 
 
 def save_model_weights(chunks: list, ckpt_dir: str | os.PathLike) -> None:
-    """Collective: every rank calls it; writes the layout-free dist checkpoint."""
+    """Collective: every rank calls it; writes the layout-free dist checkpoint into ``ckpt_dir``.
+
+    Not atomic by itself (see :func:`publish_model_checkpoint`).
+    """
     from megatron.core import dist_checkpointing
 
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(sharded_model_state(chunks), str(ckpt_dir))
+
+
+def publish_model_checkpoint(
+    chunks: list, out_dir: str | os.PathLike, *, source_dir: str | os.PathLike, replace: bool = True
+) -> Path:
+    """Collective, atomic save of a trained model as a megatron_spin checkpoint.
+
+    Writes the weights into a hidden sibling, adds the metadata and ``hf/`` files of
+    ``source_dir`` (the checkpoint training started from: architecture, tokenizer, HF dtypes
+    for export), then rank 0 renames it into place.  The result loads with
+    ``load_model_weights``, trains again, and exports with tools/convert_megatron_to_hf.py.
+    """
+    import shutil
+
+    import torch.distributed as dist
+
+    from megatron_spin.ckpt.atomic import publish_dir
+    from megatron_spin.ckpt.streaming import HF_SUBDIR, SPIN_METADATA
+
+    out, src = Path(out_dir), Path(source_dir)
+    tmp = out.parent / f".{out.name}.tmp-save"  # same name on every rank, no broadcast needed
+    if dist.get_rank() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier save
+    dist.barrier()
+    save_model_weights(chunks, tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.copy2(src / SPIN_METADATA, tmp / SPIN_METADATA)
+        if (src / HF_SUBDIR).exists():
+            shutil.copytree(src / HF_SUBDIR, tmp / HF_SUBDIR)
+        publish_dir(tmp, out, replace=replace)
+    dist.barrier()
+    return out

@@ -12,39 +12,22 @@ import json
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 
 from megatron_spin.ckpt import streaming
+from megatron_spin.ckpt.atomic import publish_dir, tmp_sibling
 from megatron_spin.convert import converter_for
 from megatron_spin.convert.hf_io import HFCheckpointError, HFReader, HFShardedWriter, copy_side_files
 from megatron_spin.models.arch import arch_from_hf_dir
+from megatron_spin.models.precision import DTYPES
 from megatron_spin.parallel.launch import launch
 from megatron_spin.parallel.layout import ParallelLayout, validate_layout
 
 Progress = Callable[[str], None]
 
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _tmp_sibling(out: Path) -> Path:
-    return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    if out.exists():
-        if not force:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{out} exists; pass --force to replace it")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+_DTYPE_NAMES = DTYPES
 
 
 def _hf_to_megatron_rank(rank, world_size, hf_dir, tmp, dtype_name, report_every):
@@ -97,14 +80,14 @@ def convert_hf_to_megatron(
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(out)
+    tmp = tmp_sibling(out)
     started = time.monotonic()
     log(f"converting {hf_dir} ({arch.hf_architecture}, {arch.num_layers} layers) -> {out}")
     try:
         report_every = max(1, arch.num_layers)
         (chunks,) = launch(_hf_to_megatron_rank, 1, (str(hf_dir), str(tmp), dtype, report_every), timeout=timeout)
         copy_side_files(hf_dir, tmp / streaming.HF_SUBDIR)
-        _publish(tmp, out, force)
+        publish_dir(tmp, out, replace=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.monotonic() - started
@@ -148,13 +131,13 @@ def convert_megatron_to_hf(
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(out)
+    tmp = tmp_sibling(out)
     started = time.monotonic()
     log(f"exporting {src} ({arch.hf_architecture}) -> {out}")
     try:
         (count,) = launch(_megatron_to_hf_rank, 1, (str(src), str(tmp), max_shard_bytes), timeout=timeout)
         copy_side_files(side, tmp)
-        _publish(tmp, out, force)
+        publish_dir(tmp, out, replace=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.monotonic() - started

@@ -115,7 +115,7 @@ def build_model(
     spec = build_layer_spec(plat)
     chunks = []
     vpp = pctx.layout.chunks_per_rank
-    device = plat.torch_device(torch.cuda.current_device() if plat.is_cuda else 0)
+    device = plat.local_device()
     for vp_stage in range(vpp):
         with torch.device("meta") if on_meta else contextlib.nullcontext():
             model = GPTModel(

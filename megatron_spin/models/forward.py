@@ -12,9 +12,10 @@ from typing import Optional
 import torch
 
 
-def _position_ids(input_ids: torch.Tensor) -> torch.Tensor:
-    b, s = input_ids.shape
-    return torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+def position_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """``[n, S]`` positions 0..S-1 (right-padded batches: padding never precedes a token)."""
+    n, s = tokens.shape
+    return torch.arange(s, device=tokens.device).unsqueeze(0).expand(n, s)
 
 
 def forward_logits(chunks: list, pctx, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
@@ -33,7 +34,7 @@ def forward_logits(chunks: list, pctx, input_ids: torch.Tensor) -> Optional[torc
 
     def forward_step(data_iterator, model):
         ids = next(data_iterator).to(next(model.parameters()).device)
-        output = model(ids, _position_ids(ids), attention_mask=None)
+        output = model(ids, position_ids(ids), attention_mask=None)
 
         def collect(output_tensor):
             # output_tensor: [b, s, vocab/TP] on the last stage

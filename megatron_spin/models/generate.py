@@ -19,18 +19,16 @@ def greedy_generate(
     chunks: list, pctx, prompt_ids: list[int], max_new_tokens: int, eos_token_id: Optional[int] = None
 ) -> list[int]:
     """Token ids generated after ``prompt_ids`` (stops at EOS, which is included)."""
-    from megatron.core import parallel_state as ps
-
     ids = list(prompt_ids)
-    last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
+    device = next(chunks[0].parameters()).device  # NCCL broadcasts device tensors
     new: list[int] = []
     for _ in range(max_new_tokens):
         logits = forward_logits(chunks, pctx, torch.tensor([ids]))
-        token = torch.zeros(1, dtype=torch.long)
+        token = torch.zeros(1, dtype=torch.long, device=device)
         if logits is not None:
             token[0] = int(logits[0, -1].argmax())
         if pctx.layout.pp > 1:
-            dist.broadcast(token, src=last_stage_rank, group=pctx.pp_group)
+            dist.broadcast(token, src=pctx.pp_last_rank, group=pctx.pp_group)
         ids.append(int(token))
         new.append(int(token))
         if eos_token_id is not None and new[-1] == eos_token_id:

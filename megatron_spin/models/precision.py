@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FP8_FORMATS = ("e4m3", "hybrid")
 _FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 _AMAX_ALGOS = ("max", "most_recent")
@@ -45,14 +45,14 @@ class Precision:
     fp8: Optional[FP8Settings] = None
 
     def __post_init__(self) -> None:
-        if self.params_dtype not in _DTYPES:
+        if self.params_dtype not in DTYPES:
             raise PrecisionError(
-                f"params_dtype={self.params_dtype!r} is not one of {tuple(_DTYPES)}"
+                f"params_dtype={self.params_dtype!r} is not one of {tuple(DTYPES)}"
             )
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.params_dtype]
+        return DTYPES[self.params_dtype]
 
     def transformer_config_kwargs(self) -> dict:
         """The TransformerConfig fields this precision sets."""

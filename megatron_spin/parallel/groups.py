@@ -28,6 +28,7 @@ class ParallelContext:
     pp_group: Any
     dp_group: Any
     embedding_group: Any
+    pp_last_rank: int  # global rank of the last stage in this rank's pipeline group
 
     @property
     def is_first_stage(self) -> bool:
@@ -77,6 +78,7 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelContext:
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         embedding_group=ps.get_embedding_group(check_initialized=False),
+        pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
     )
 
 

@@ -15,12 +15,24 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue as queue_mod
+import signal
 import socket
 import time
 import traceback
 from typing import Any, Callable, Sequence
 
 from megatron_spin import platform
+
+
+_EXIT_GRACE_S = 10.0
+
+
+def _kill_group(p) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        p.kill()
 
 
 class LaunchError(RuntimeError):
@@ -53,10 +65,26 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this rank when the launching process dies (SIGKILL from a
+    scheduler skips the parent's cleanup, and an orphaned gloo rank would wait forever)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _rank_main(fn, rank, world_size, port, args, queue, threads, deadline) -> None:
     import faulthandler
 
     import torch
+
+    # Own process group: the parent can kill this rank together with anything it started
+    # (checkpoint writer workers, shared-memory managers).
+    os.setpgrp()
+    _die_with_parent()
     import torch.distributed as dist
 
     # Ranks share the machine's cores; without a cap each rank spawns one thread per core and
@@ -112,7 +140,7 @@ def launch(
                 break
             try:
                 rank, status, payload = queue.get(timeout=min(1.0, remaining))
-            except Exception:  # queue.Empty: check for ranks that died without reporting
+            except queue_mod.Empty:  # check for ranks that died without reporting
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
                 if dead:
                     failure = f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
@@ -122,12 +150,16 @@ def launch(
             else:
                 results[rank] = _from_bytes(payload)
     finally:
+        done = failure is None and len(results) == world_size  # False on Ctrl-C / errors too
+        grace_end = time.monotonic() + _EXIT_GRACE_S
         for p in procs:
-            if failure is None:
-                p.join(timeout=max(1.0, deadline - time.monotonic()))
+            if done:
+                # Every rank has reported: a rank that does not exit soon after is stuck in
+                # teardown (a lingering thread, a hung destroy), not doing work.
+                p.join(timeout=max(0.0, grace_end - time.monotonic()))
             if p.is_alive():
-                p.kill()
-                p.join()
+                _kill_group(p)
+            p.join()
     if failure is not None:
         raise LaunchError(failure)
     return [results[r] for r in range(world_size)]

@@ -31,8 +31,9 @@ class Platform:
     def is_cuda(self) -> bool:
         return self.device == "cuda"
 
-    def torch_device(self, local_rank: int = 0) -> torch.device:
-        return torch.device("cuda", local_rank) if self.is_cuda else torch.device("cpu")
+    def local_device(self) -> torch.device:
+        """The device this process computes on (the launcher sets the CUDA device per rank)."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.is_cuda else torch.device("cpu")
 
 
 def _te_importable() -> bool:

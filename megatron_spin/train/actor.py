@@ -77,16 +77,20 @@ class Actor:
         per_micro = step.preference_forward_backward(self.chunks, micro_batches, ref_logps, self.loss_cfg, iteration)
         ok, grad_norm, _ = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step(increment=1)
-        self.steps += 1
-        metrics = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        if ok:  # a skipped (fp16 overflow) update does not advance the schedule
+            self.scheduler.step(increment=1)
+            self.steps += 1
+        # grad_norm is None (fp32) or 0 (mixed precision) when clipping is off: report NaN then.
+        metrics = {"grad_norm": float(grad_norm) if grad_norm else float("nan"),
                    "lr": float(lr), "update_skipped": float(not ok)}
         if per_micro:
             keys = sorted(per_micro[0])
-            stacked = torch.stack([torch.stack([m[k].float().cpu() for k in keys]) for m in per_micro])
-            means = stacked.mean(dim=0)
+            # One stack and one all-reduce on the device (NCCL needs device tensors), one host copy.
+            means = torch.stack([torch.stack([m[k].float() for k in keys]) for m in per_micro]).mean(dim=0)
             if self.pctx.dp_size > 1:
                 dist.all_reduce(means, group=self.pctx.dp_group)
                 means /= self.pctx.dp_size
-            metrics.update({k: float(v) for k, v in zip(keys, means)})
+            metrics.update({k: float(v) for k, v in zip(keys, means.cpu())})
+            # a total, not a mean: tokens of the whole global batch
+            metrics["response_tokens"] *= len(per_micro) * self.pctx.dp_size
         return metrics

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from megatron_spin.models.forward import position_ids
+
 
 def shifted_labels(tokens: torch.Tensor) -> torch.Tensor:
     """``[n, S]`` labels: the next token at each position (last column: a dummy 0, masked)."""
     return torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
-
-
-def position_ids(tokens: torch.Tensor) -> torch.Tensor:
-    n, s = tokens.shape
-    return torch.arange(s, device=tokens.device).unsqueeze(0).expand(n, s)
 
 
 def model_token_nll(model, tokens: torch.Tensor) -> torch.Tensor:

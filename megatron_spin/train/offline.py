@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_spin.config.algorithm import LossConfig
-from megatron_spin.config.optim import BatchConfig, OptimConfig
+from megatron_spin.config.optim import BatchConfig, ConfigError, OptimConfig
 from megatron_spin.parallel.layout import ParallelLayout
 
 
@@ -32,8 +32,9 @@ class OfflineConfig:
     loss: LossConfig = LossConfig()
     epochs: int = 1
     max_length: Optional[int] = None
-    ref_update_freq: int = 0
+    ref_update_freq: int = 0  # refresh the reference every N steps; each refresh starts a SPIN iteration
     seed: int = 1234
+    save_dir: Optional[str] = None  # where the trained actor is published (atomically) at the end
 
 
 def _pairs(path, tokenizer, max_length):
@@ -45,6 +46,7 @@ def _pairs(path, tokenizer, max_length):
 def _offline_rank(rank, world_size, cfg: OfflineConfig):
     from transformers import AutoTokenizer
 
+    from megatron_spin.ckpt.model_io import publish_model_checkpoint
     from megatron_spin.ckpt.streaming import HF_SUBDIR, read_arch
     from megatron_spin.pairs import collate_pairs
     from megatron_spin.parallel.groups import init_parallel
@@ -62,17 +64,23 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
     arch = read_arch(cfg.megatron_dir)
     pctx = init_parallel(cfg.layout, seed=cfg.seed)
     actor = Actor.build(arch, pctx, cfg.optim, cfg.loss, init_from=cfg.megatron_dir)
-    ref = Reference.build(arch, pctx, init_from=cfg.megatron_dir)
+    # SimPO is reference-free: no second model, no reference pass.
+    ref = None if cfg.loss.loss_type == "simpo" else Reference.build(arch, pctx, init_from=cfg.megatron_dir)
+
+    def ref_logps(mbs):
+        return ref.logps(mbs) if ref is not None else None
 
     held = None
     if cfg.eval_file:
         eval_pairs, _ = _pairs(cfg.eval_file, tokenizer, cfg.max_length)
         held = collate_pairs(eval_pairs, pad_id=pad).split_micro_batches(1)
-        held_ref = ref.logps(held)
+        held_ref = ref_logps(held)
+
+    iteration = 0  # SPIN iteration = number of reference refreshes so far (selects β)
 
     def evaluate(step):
-        return {"step": step, **{f"eval/{k}": v for k, v in
-                                 preference_metrics(actor.logps(held), held_ref, held, cfg.loss).items()}}
+        metrics = preference_metrics(actor.logps(held), held_ref, held, cfg.loss, iteration)
+        return {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}
 
     history = [evaluate(0)] if held else []
     step = 0
@@ -83,15 +91,18 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
             chosen = [train[i] for i in order[b * cfg.batch.global_pairs:(b + 1) * cfg.batch.global_pairs]]
             batch = collate_pairs(chosen, pad_id=pad)
             mbs = rank_micro_batches(batch, cfg.batch, pctx.dp_rank, pctx.dp_size)
-            metrics = actor.train_step(mbs, ref.logps(mbs))
+            metrics = actor.train_step(mbs, ref_logps(mbs), iteration)
             step += 1
-            if cfg.ref_update_freq and step % cfg.ref_update_freq == 0:
+            history.append({"step": step, "epoch": epoch, "spin_iteration": iteration,
+                            "pairs/dataset": len(train), "pairs/skipped_too_long": skipped, **metrics})
+            if ref is not None and cfg.ref_update_freq and step % cfg.ref_update_freq == 0:
                 ref.refresh_from(actor.modules)
-                held_ref = ref.logps(held) if held else None
-            history.append({"step": step, "epoch": epoch, "pairs/kept": len(train),
-                            "pairs/skipped_too_long": skipped, **metrics})
+                iteration += 1
+                held_ref = ref_logps(held) if held else None
         if held:
             history.append(evaluate(step))
+    if cfg.save_dir:
+        publish_model_checkpoint(actor.modules, cfg.save_dir, source_dir=cfg.megatron_dir)
     reporter = pctx.is_last_stage and pctx.tp_rank == 0 and pctx.dp_rank == 0
     return history if reporter else None
 
@@ -104,6 +115,10 @@ def train_offline(cfg: OfflineConfig, timeout: float = 3600) -> list[dict]:
 
     world = cfg.layout.model_parallel_size
     validate_layout(read_arch(cfg.megatron_dir), cfg.layout, world_size=world)
-    cfg.batch.micro_batches_per_rank(1)
+    micro = cfg.batch.micro_batches_per_rank(1)
+    if (cfg.layout.vpp or 1) > 1 and micro % cfg.layout.pp:
+        raise ConfigError(
+            f"rule micro-batches per step % PP == 0 with virtual PP violated: {micro} micro-batches, PP={cfg.layout.pp}"
+        )
     (history,) = [h for h in launch(_offline_rank, world, (cfg,), timeout=timeout) if h is not None]
     return history

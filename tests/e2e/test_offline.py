@@ -58,6 +58,7 @@ def test_offline_training_learns_held_out_preferences(tiny_with_tokenizer):
         optim=OptimConfig(optimizer="adam", lr=3e-3, clip_grad=1.0),
         loss=LossConfig(loss_type="sigmoid", beta=0.1),
         epochs=4,
+        save_dir=str(root / "trained"),
     )
     history = train_offline(cfg, timeout=LAUNCH_TIMEOUT)
     evals = [h for h in history if "eval/loss" in h]
@@ -66,7 +67,19 @@ def test_offline_training_learns_held_out_preferences(tiny_with_tokenizer):
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.05
     assert evals[0]["eval/reward_accuracy"] == 0.0 and evals[-1]["eval/reward_accuracy"] >= 0.75
     assert steps[-1]["loss"] < steps[0]["loss"]
-    for key in ("grad_norm", "lr", "reward_margin", "logps_chosen", "logps_rejected", "response_tokens", "pairs/kept"):
+    assert steps[0]["response_tokens"] > 8 * 2 * 5  # a total over the 8 pairs' 16 responses
+    # The trained actor was published as a checkpoint that exports to a loadable HF model.
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_spin.convert.pipeline import convert_megatron_to_hf
+
+    convert_megatron_to_hf(root / "trained", root / "trained_hf", log=lambda *_: None)
+    AutoModelForCausalLM.from_pretrained(root / "trained_hf")
+    before, after = load_file(root / "hf" / "model.safetensors"), load_file(root / "trained_hf" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not (before[k] == after[k]).all() for k in before)
+    for key in ("grad_norm", "lr", "reward_margin", "logps_chosen", "logps_rejected", "response_tokens", "pairs/dataset"):
         assert key in steps[0], key
 
 
