@@ -48,6 +48,7 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
 
     from megatron_spin.ckpt.model_io import publish_model_checkpoint
     from megatron_spin.ckpt.streaming import HF_SUBDIR, read_arch
+    from megatron_spin.loss.types import REFERENCE_LOSS_TYPES
     from megatron_spin.pairs import collate_pairs
     from megatron_spin.parallel.groups import init_parallel
     from megatron_spin.train.actor import Actor
@@ -65,7 +66,9 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
     pctx = init_parallel(cfg.layout, seed=cfg.seed)
     actor = Actor.build(arch, pctx, cfg.optim, cfg.loss, init_from=cfg.megatron_dir)
     # SimPO is reference-free: no second model, no reference pass.
-    ref = None if cfg.loss.loss_type == "simpo" else Reference.build(arch, pctx, init_from=cfg.megatron_dir)
+    ref = None
+    if cfg.loss.loss_type in REFERENCE_LOSS_TYPES:
+        ref = Reference.build(arch, pctx, init_from=cfg.megatron_dir)
 
     def ref_logps(mbs):
         return ref.logps(mbs) if ref is not None else None

@@ -81,10 +81,11 @@ def preference_forward_backward(
     Returns per-micro-batch statistics (last stage only; empty elsewhere).
     """
     from megatron_spin.loss import preference_loss
+    from megatron_spin.loss.types import REFERENCE_LOSS_TYPES
 
     rows, seq_len = _geometry(micro_batches)
     device = next(chunks[0].parameters()).device
-    needs_ref = loss_cfg.loss_type != "simpo"
+    needs_ref = loss_cfg.loss_type in REFERENCE_LOSS_TYPES
     data = [(mb, None if ref_logps is None else ref_logps[i]) for i, mb in enumerate(micro_batches)]
 
     def forward_step(data_iterator, model):
