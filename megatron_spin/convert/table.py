@@ -99,6 +99,17 @@ class ConverterTable:
         """The full (TP=1) Megatron tensor for ``param``, reading HF tensors by name."""
         return param.rule.transform.to_megatron(arch, [read_hf(h) for h in param.hf])
 
+    def merge_tp_shards(self, param: Param, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The full (TP=1) tensor from the TP ranks' shards of a live model, in rank order."""
+        dim = param.rule.tp_dim
+        if dim is None or len(shards) == 1:
+            return shards[0]
+        blocks = param.rule.transform.tp_blocks
+        if blocks == 1:
+            return torch.cat(list(shards), dim=dim)
+        per_rank = [torch.chunk(s, blocks, dim=dim) for s in shards]  # [rank][block]
+        return torch.cat([per_rank[r][b] for b in range(blocks) for r in range(len(shards))], dim=dim)
+
     def to_hf(self, arch: ModelArch, param: Param, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """HF tensors (by name) for a full (TP=1) Megatron tensor."""
         parts = param.rule.transform.to_hf(arch, tensor)

@@ -23,6 +23,11 @@ class Transform:
     name: str
     to_megatron: Callable[[ModelArch, Sequence[torch.Tensor]], torch.Tensor]
     to_hf: Callable[[ModelArch, torch.Tensor], tuple[torch.Tensor, ...]]
+    # How a TP rank's shard of the fused tensor is laid out along the split dimension: as
+    # ``tp_blocks`` contiguous blocks, one slice of each fused part.  Megatron splits
+    # ``[gate; up]`` part by part, so rank r holds ``[gate_r; up_r]`` (2 blocks); fused QKV is
+    # grouped by KV head, so whole groups sit on each rank and a plain concatenation is right.
+    tp_blocks: int = 1
 
 
 def _identity_to_megatron(arch: ModelArch, hf: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -68,4 +73,4 @@ def _gate_up_to_hf(arch: ModelArch, t: torch.Tensor) -> tuple[torch.Tensor, ...]
 
 IDENTITY = Transform("identity", _identity_to_megatron, _identity_to_hf)
 FUSED_QKV = Transform("fused_qkv", _qkv_to_megatron, _qkv_to_hf)
-FUSED_GATE_UP = Transform("fused_gate_up", _gate_up_to_megatron, _gate_up_to_hf)
+FUSED_GATE_UP = Transform("fused_gate_up", _gate_up_to_megatron, _gate_up_to_hf, tp_blocks=2)

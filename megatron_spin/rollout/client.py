@@ -1,0 +1,192 @@
+"""HTTP client for one engine (SGLang server or the embedded engine): typed calls, timeouts, retries.
+
+    client = EngineClient("http://127.0.0.1:30000", api_key=KEY)
+    completions = client.generate(GenerateRequest(input_ids, SamplingParams(n=4), return_logprob=True))
+
+Every call has a timeout; connection failures and 502/503/504 replies are retried a bounded
+number of times with exponential backoff, after which :class:`EngineError` names the engine,
+the route and the last failure.  4xx replies are not retried (the request itself is wrong).
+Weight updates are safe to retry: the same tensors and version give the same state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence
+
+import requests
+
+from megatron_spin.rollout import protocol as P
+
+_RETRY_STATUS = frozenset({502, 503, 504})
+
+
+class EngineError(RuntimeError):
+    def __init__(self, url: str, route: str, message: str, status: Optional[int] = None):
+        super().__init__(f"engine {url}{route}: {message}")
+        self.url, self.route, self.status = url, route, status
+
+
+class EngineClient:
+    def __init__(self, url: str, api_key: Optional[str] = None, *, timeout: float = 600.0,
+                 connect_timeout: float = 5.0, retries: int = 3, backoff: float = 0.5):
+        self.url = url.rstrip("/")
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.retries, self.backoff = retries, backoff
+        self._session = requests.Session()
+        if api_key:
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
+        self.has_update_session: Optional[bool] = None  # learnt on first begin_weight_update
+
+    def __repr__(self) -> str:
+        return f"EngineClient({self.url})"
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- transport --------------------------------------------------------------------------
+    def request(self, method: str, route: str, body: Any = None, *, timeout: Optional[float] = None,
+                retries: Optional[int] = None) -> Any:
+        """JSON (or text) reply of ``route``; raises :class:`EngineError` after bounded retries."""
+        attempts = 1 + (self.retries if retries is None else retries)
+        last = ""
+        status = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                reply = self._session.request(method, self.url + route, json=body,
+                                              timeout=(self.connect_timeout, timeout or self.timeout))
+            except requests.ConnectionError as exc:
+                last, status = f"cannot connect ({exc.__class__.__name__})", None
+                continue
+            except requests.Timeout:
+                last, status = f"no reply within {timeout or self.timeout:.0f} s", None
+                continue
+            status = reply.status_code
+            if status in _RETRY_STATUS:
+                last = f"HTTP {status}: {_message(reply)}"
+                continue
+            if status >= 400:
+                raise EngineError(self.url, route, f"HTTP {status}: {_message(reply)}", status)
+            if not reply.content:
+                return None
+            try:
+                return reply.json()
+            except ValueError:
+                return reply.text
+        raise EngineError(self.url, route, f"{last} (after {attempts} attempts)", status)
+
+    def _update(self, route: str, body: dict, timeout: Optional[float] = None) -> P.WeightUpdateResult:
+        result = P.WeightUpdateResult.from_json(self.request("POST", route, body, timeout=timeout), route)
+        if not result.success:
+            raise EngineError(self.url, route, result.message)
+        return result
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(self, request: P.GenerateRequest, timeout: Optional[float] = None) -> list[list[P.Completion]]:
+        body = self.request("POST", P.GENERATE, request.to_json(), timeout=timeout)
+        try:
+            return P.parse_generate_reply(body, request)
+        except P.ProtocolError as exc:
+            raise EngineError(self.url, P.GENERATE, str(exc)) from None
+
+    # -- health and state -------------------------------------------------------------------
+    def healthy(self, timeout: float = 5.0) -> bool:
+        try:
+            self.request("GET", P.HEALTH, timeout=timeout, retries=0)
+            return True
+        except EngineError:
+            return False
+
+    def weight_version(self) -> str:
+        info = self.request("GET", P.MODEL_INFO)
+        if isinstance(info, dict) and info.get("weight_version") is not None:
+            return str(info["weight_version"])
+        return str(self.request("GET", P.WEIGHT_VERSION)["weight_version"])  # SGLang <= 0.5.20
+
+    def flush_cache(self) -> None:
+        self.request("POST", P.FLUSH_CACHE)
+
+    def pause(self, mode: str = "in_place") -> None:
+        """Stop scheduling new work; ``in_place`` keeps queued requests for after ``continue``."""
+        self.request("POST", P.PAUSE, {"mode": mode})
+
+    def continue_generation(self) -> None:
+        self.request("POST", P.CONTINUE, {})
+
+    def release_memory(self, tags: Optional[Sequence[str]] = None) -> None:
+        self.request("POST", P.RELEASE_MEMORY, {"tags": list(tags) if tags else None})
+
+    def resume_memory(self, tags: Optional[Sequence[str]] = None) -> None:
+        self.request("POST", P.RESUME_MEMORY, {"tags": list(tags) if tags else None})
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        return self.request("POST", P.GET_WEIGHTS_BY_NAME, {"name": name, "truncate_size": truncate_size})
+
+    # -- weights ----------------------------------------------------------------------------
+    def begin_weight_update(self) -> None:
+        """Open SGLang's (>= 0.5.21) weight-update session; a no-op for engines without one."""
+        if self.has_update_session is False:
+            return
+        try:
+            self.request("POST", P.BEGIN_WEIGHT_UPDATE, {"selector": "all"}, retries=0)
+            self.has_update_session = True
+        except EngineError as exc:
+            if exc.status != 404:
+                raise
+            self.has_update_session = False
+
+    def end_weight_update(self) -> None:
+        if self.has_update_session:
+            self.request("POST", P.END_WEIGHT_UPDATE, {})
+
+    def update_weights_from_tensor(self, serialized: list[str], load_format: Optional[str] = None,
+                                   weight_version: Optional[str] = None, flush_cache: bool = False) -> P.WeightUpdateResult:
+        return self._update(P.UPDATE_FROM_TENSOR, {
+            "serialized_named_tensors": serialized, "load_format": load_format,
+            "flush_cache": flush_cache, "weight_version": weight_version,
+        })
+
+    def update_weights_from_disk(self, model_path: str, weight_version: Optional[str] = None) -> P.WeightUpdateResult:
+        return self._update(P.UPDATE_FROM_DISK, {"model_path": model_path, "weight_version": weight_version})
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str, backend: str, timeout: Optional[float] = None) -> P.WeightUpdateResult:
+        return self._update(P.INIT_UPDATE_GROUP, {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend,
+        }, timeout=timeout)
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        self._update(P.DESTROY_UPDATE_GROUP, {"group_name": group_name})
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]], group_name: str,
+                                        weight_version: Optional[str] = None) -> P.WeightUpdateResult:
+        P.check_names(names, dtypes, shapes, P.UPDATE_FROM_DISTRIBUTED)
+        return self._update(P.UPDATE_FROM_DISTRIBUTED, {
+            "names": list(names), "dtypes": list(dtypes), "shapes": [list(s) for s in shapes],
+            "group_name": group_name, "weight_version": weight_version, "flush_cache": False,
+        })
+
+    def update_weight_version(self, version: str) -> None:
+        reply = self.request("POST", P.UPDATE_WEIGHT_VERSION, {"new_version": version, "abort_all_requests": False})
+        if not (isinstance(reply, dict) and reply.get("success", True)):
+            raise EngineError(self.url, P.UPDATE_WEIGHT_VERSION, str(reply))
+
+
+def _message(reply: requests.Response) -> str:
+    try:
+        d = reply.json()
+    except ValueError:
+        return reply.text[:500]
+    if isinstance(d, dict):
+        err = d.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        if err is not None:
+            return str(err)
+        if "message" in d:
+            return str(d["message"])
+    return str(d)[:500]

@@ -1,0 +1,123 @@
+"""Continuous collection of concurrent requests into generation batches, one batch at a time.
+
+HTTP handlers run in a thread pool; each submits its jobs and waits on a future.  One worker
+thread owns the model: it takes *everything* queued when it becomes free (up to
+``max_jobs``), runs one batched generation, and resolves the futures.  So N clients sending
+at once share one forward pass per token instead of N.
+
+Weight updates take :meth:`BatchingWorker.exclusive`: it waits for the running batch to end
+and holds the next one back, so a batch never sees two versions of the weights, and every
+output of a batch is labelled with the version it was generated with.  ``pause`` stops new
+batches (queued requests wait) until ``resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import Future
+from typing import Callable, Generic, Sequence, TypeVar
+
+Job = TypeVar("Job")
+Out = TypeVar("Out")
+
+
+class WorkerStopped(RuntimeError):
+    pass
+
+
+class BatchingWorker(Generic[Job, Out]):
+    def __init__(self, run_batch: Callable[[Sequence[Job]], tuple[list[Out], object]], max_jobs: int = 256):
+        """``run_batch(jobs) -> (outputs, tag)``: ``tag`` (the weight version) is returned
+        with each request's outputs."""
+        self._run_batch = run_batch
+        self._max_jobs = max_jobs
+        self._cond = threading.Condition()
+        self._queue: list[tuple[list[Job], Future]] = []
+        self._paused = False
+        self._exclusive = 0  # holders of exclusive(): no batch may start
+        self._running = False
+        self._stopped = False
+        self.batches_run = 0
+        self._thread = threading.Thread(target=self._loop, name="embedded-engine-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, jobs: Sequence[Job]) -> Future:
+        fut: Future = Future()
+        with self._cond:
+            if self._stopped:
+                raise WorkerStopped("the engine is shutting down")
+            self._queue.append((list(jobs), fut))
+            self._cond.notify_all()
+        return fut
+
+    def pause(self) -> None:
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """No batch runs inside this block (waits for the running one to finish)."""
+        with self._cond:
+            self._exclusive += 1
+            while self._running:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive -= 1
+                self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            pending, self._queue = self._queue, []
+            self._cond.notify_all()
+        for _, fut in pending:
+            fut.set_exception(WorkerStopped("the engine is shutting down"))
+        self._thread.join(timeout=30)
+
+    def _take(self) -> list[tuple[list[Job], Future]]:
+        """Requests for the next batch: whole requests, at least one, about ``max_jobs`` jobs."""
+        taken, count = [], 0
+        while self._queue and (not taken or count + len(self._queue[0][0]) <= self._max_jobs):
+            req = self._queue.pop(0)
+            taken.append(req)
+            count += len(req[0])
+        return taken
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._queue or self._paused or self._exclusive):
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                taken = self._take()
+                self._running = True
+            try:
+                jobs = [j for req, _ in taken for j in req]
+                outputs, tag = self._run_batch(jobs)
+                start = 0
+                for req, fut in taken:
+                    fut.set_result((outputs[start:start + len(req)], tag))
+                    start += len(req)
+                self.batches_run += 1
+            except BaseException as exc:  # a failed batch fails its requests, not the engine
+                for _, fut in taken:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()

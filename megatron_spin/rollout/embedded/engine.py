@@ -1,0 +1,237 @@
+"""The embedded engine: an HF causal LM on the CPU behind SGLang's engine operations.
+
+    engine = EmbeddedEngine.load("/path/to/hf_model")
+    replies = engine.generate(GenerateRequest(...))     # [prompt][sample] Completions
+
+What it does, operation by operation (the HTTP layer in ``server.py`` only maps routes here):
+  * generate: each prompt is expanded into ``n`` jobs; concurrent requests are batched by
+    :class:`BatchingWorker`; every completion carries the ``weight_version`` of its batch.
+  * weight updates (tensor, disk, distributed): the whole request is checked first
+    (:class:`ModelWeights`), then copied in while no batch runs; ``weight_version`` is set
+    only after a successful load.  A failed update raises :class:`PayloadError`.
+  * pause/continue generation, release/resume memory, flush cache (no cache persists between
+    batches here, so flushing has nothing to drop), get weights by name.
+
+Log-probs are of the raw (temperature 1) distribution: the quantity the trainer computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_spin.rollout.embedded.batching import BatchingWorker
+from megatron_spin.rollout.embedded.generator import GenerationJob, GenerationOutput, HFGenerator
+from megatron_spin.rollout.embedded.weights import ModelWeights, load_safetensors_dir
+from megatron_spin.rollout.protocol import Completion, GenerateRequest, ProtocolError, check_names
+from megatron_spin.rollout.tensor_payload import PayloadError, decode_named_tensors
+from megatron_spin.sync.update_group import UpdateGroup, create_update_group
+
+
+def _job_seed(seed: Optional[int], prompt: Sequence[int], sample: int) -> Optional[int]:
+    """A seed per (request seed, prompt, sample): reproducible whatever the batch holds, and
+    different for different prompts (one seed shared by all would correlate their samples)."""
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(f"{seed}:{sample}:{','.join(map(str, prompt))}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot serve this now (released memory, weights not loaded, shutting down)."""
+
+
+@dataclasses.dataclass
+class EngineStats:
+    started: float = dataclasses.field(default_factory=time.time)
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    weight_updates: int = 0
+    bytes_loaded: int = 0
+
+
+class EmbeddedEngine:
+    def __init__(self, model, tokenizer=None, *, model_path: str = "", weight_version: str = "default",
+                 max_batch_tokens: int = 16384, max_batch_jobs: int = 256):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.weights = ModelWeights(model)
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.generator = HFGenerator(model, eos_ids, max_batch_tokens=max_batch_tokens)
+        self.weight_version = str(weight_version)
+        self.stats = EngineStats()
+        self._groups: dict[str, UpdateGroup] = {}
+        self._groups_lock = threading.Lock()
+        self._worker = BatchingWorker(self._run_batch, max_jobs=max_batch_jobs)
+
+    @classmethod
+    def load(cls, model_path: str, **kwargs) -> "EmbeddedEngine":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except (OSError, ValueError):
+            tokenizer = None  # /generate works on token ids; /v1/completions needs a tokenizer
+        return cls(model, tokenizer, model_path=model_path, **kwargs)
+
+    # -- generation -------------------------------------------------------------------------
+    def _run_batch(self, jobs: Sequence[GenerationJob]) -> tuple[list[GenerationOutput], str]:
+        if self.weights.released:
+            raise EngineUnavailable("memory is released; call /resume_memory_occupation and push weights")
+        if self.weights.unloaded:
+            raise EngineUnavailable(f"{len(self.weights.unloaded)} weight tensors not loaded since resume, "
+                                    f"e.g. {sorted(self.weights.unloaded)[:3]}: push the full model first")
+        version = self.weight_version  # updates cannot run during a batch (exclusive)
+        return self.generator.run(jobs), version
+
+    def generate(self, request: GenerateRequest, timeout: Optional[float] = None) -> list[list[Completion]]:
+        n = request.sampling.n
+        jobs = [
+            GenerationJob(tuple(p), dataclasses.replace(request.sampling, n=1,
+                          seed=_job_seed(request.sampling.seed, p, j)),
+                          request.return_logprob, request.logprob_start_len)
+            for p in request.input_ids for j in range(n)
+        ]
+        if request.logprob_start_len >= 0:
+            for p in request.input_ids:
+                if request.logprob_start_len >= len(p):
+                    raise ProtocolError(f"logprob_start_len {request.logprob_start_len} >= prompt length {len(p)}")
+        outputs, version = self._worker.submit(jobs).result(timeout=timeout)
+        self.stats.requests += 1
+        self.stats.prompt_tokens += sum(len(p) for p in request.input_ids) * n
+        self.stats.generated_tokens += sum(len(o.output_ids) for o in outputs)
+        replies: list[list[Completion]] = [[] for _ in request.input_ids]
+        for k, out in enumerate(outputs):
+            i, j = divmod(k, n)
+            replies[i].append(Completion(
+                prompt_index=i, sample_index=j, output_ids=tuple(out.output_ids),
+                finish_reason=out.finish_reason, weight_version=version,
+                prompt_tokens=len(request.input_ids[i]),
+                output_logprobs=out.output_logprobs, input_logprobs=out.input_logprobs,
+            ))
+        return replies
+
+    # -- weights ----------------------------------------------------------------------------
+    def _install(self, named, weight_version: Optional[str], *, complete: bool, where: str) -> str:
+        self.weights.check(named, complete=complete, where=where)
+        with self._worker.exclusive():
+            self.stats.bytes_loaded += self.weights.load(named)
+            self.stats.weight_updates += 1
+            if weight_version is not None:
+                self.weight_version = str(weight_version)
+        return f"loaded {len(named)} tensors"
+
+    def update_from_tensor(self, serialized: Sequence, load_format: Optional[str],
+                           weight_version: Optional[str]) -> str:
+        """SGLang sends one payload per engine TP rank; this engine is one rank: entry 0."""
+        if not isinstance(serialized, list) or not serialized:
+            raise PayloadError("serialized_named_tensors must be a non-empty list (one entry per engine TP rank)")
+        named = decode_named_tensors(serialized[0], load_format)
+        return self._install(named, weight_version, complete=False, where="update_weights_from_tensor")
+
+    def update_from_disk(self, model_path: str, weight_version: Optional[str]) -> str:
+        with self._worker.exclusive():  # whole directory checked, then loaded, with no batch in between
+            copied = load_safetensors_dir(self.weights, model_path)
+            self.stats.bytes_loaded += copied
+            self.stats.weight_updates += 1
+            if weight_version is not None:
+                self.weight_version = str(weight_version)
+        self.model_path = str(model_path)
+        return f"loaded {copied} bytes from {model_path}"
+
+    def init_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                          group_name: str, backend: str) -> str:
+        with self._groups_lock:
+            if group_name in self._groups:
+                raise ProtocolError(f"weight update group {group_name!r} already exists")
+        group = create_update_group(master_address, master_port, rank_offset, world_size, group_name, backend)
+        with self._groups_lock:
+            self._groups[group_name] = group
+        return f"joined {group_name!r} as rank {rank_offset} of {world_size}"
+
+    def destroy_update_group(self, group_name: str) -> str:
+        with self._groups_lock:
+            if self._groups.pop(group_name, None) is None:
+                raise ProtocolError(f"no weight update group {group_name!r}")
+        return f"left {group_name!r}"
+
+    def update_from_distributed(self, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence,
+                                group_name: str, weight_version: Optional[str]) -> str:
+        """Receive a broadcast of ``names`` (rank 0 sends, in order), then install them.
+
+        The receive buffers are checked against the model *before* the broadcast starts (so a
+        malformed request fails without joining the collective), and the values after it.
+        """
+        check_names(names, dtypes, shapes, "update_weights_from_distributed")
+        with self._groups_lock:
+            group = self._groups.get(group_name)
+        if group is None:
+            raise ProtocolError(f"no weight update group {group_name!r}; call /init_weights_update_group first")
+        buffers = []
+        for name, dt, shape in zip(names, dtypes, shapes):
+            dtype = getattr(torch, str(dt).removeprefix("torch."), None)
+            if not isinstance(dtype, torch.dtype):
+                raise PayloadError(f"{name}: unknown dtype {dt!r}")
+            buffers.append((name, torch.empty(tuple(shape), dtype=dtype, device="meta")))
+        self.weights.check(buffers, where="update_weights_from_distributed")
+        received = []
+        for name, meta in buffers:
+            t = torch.empty(meta.shape, dtype=meta.dtype, device=group.device)
+            group.broadcast(t, src=0)
+            received.append((name, t))
+        return self._install(received, weight_version, complete=False, where="update_weights_from_distributed")
+
+    def set_weight_version(self, version: str) -> None:
+        with self._worker.exclusive():
+            self.weight_version = str(version)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        try:
+            p = self.weights.get(name)
+        except KeyError:
+            raise ProtocolError(f"no parameter named {name!r}") from None
+        with self._worker.exclusive():
+            return p.detach().reshape(-1)[:truncate_size].tolist() if p.dim() == 1 else \
+                p.detach()[:truncate_size].tolist()
+
+    # -- control ----------------------------------------------------------------------------
+    def pause(self) -> None:
+        self._worker.pause()
+
+    def continue_generation(self) -> None:
+        self._worker.resume()
+
+    def release_memory(self) -> None:
+        with self._worker.exclusive():
+            self.weights.release()
+
+    def resume_memory(self) -> None:
+        with self._worker.exclusive():
+            self.weights.resume()
+
+    def shutdown(self) -> None:
+        self._worker.stop()
+
+    @property
+    def paused(self) -> bool:
+        return self._worker.paused
+
+    def info(self) -> dict:
+        return {
+            "model_path": self.model_path,
+            "weight_version": self.weight_version,
+            "paused": self.paused,
+            "memory_released": self.weights.released,
+            "unloaded_tensors": len(self.weights.unloaded),
+            "batches": self._worker.batches_run,
+            **dataclasses.asdict(self.stats),
+        }

@@ -1,0 +1,281 @@
+"""HTTP server for the embedded engine: SGLang's native routes on FastAPI/uvicorn.
+
+    python -m megatron_spin.rollout.embedded --model-path DIR [--port 30000] [--api-key KEY]
+
+Binds 127.0.0.1 unless ``--host`` says otherwise.  With an API key every route except the
+health checks needs ``Authorization: Bearer <key>`` and answers 401 without it — weight
+updates carry pickled tensor handles, which must never be accepted from an unauthenticated
+peer.  Replies follow SGLang: generation errors are 400 ``{"error": {"message": ...}}``,
+weight-update failures are 400 ``{"success": false, "message": ...}`` and leave the weights
+as they were, an engine that cannot serve (released memory, weights not loaded) answers 503.
+"""
+
+
+
+import argparse
+import hmac
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+import torch
+
+from megatron_spin.rollout import protocol as P
+from megatron_spin.rollout.embedded.engine import EmbeddedEngine, EngineUnavailable
+from megatron_spin.rollout.tensor_payload import PayloadError
+
+log = logging.getLogger("megatron_spin.embedded")
+
+
+def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None):
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    app = FastAPI(title="megatron_spin embedded engine", docs_url=None, redoc_url=None)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        if expected is not None and request.url.path not in P.UNAUTHENTICATED_ROUTES:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        return await call_next(request)
+
+    async def body(request: Request) -> Any:
+        raw = await request.body()
+        if not raw:
+            return {}
+        try:
+            import json
+
+            return json.loads(raw)
+        except ValueError as exc:
+            raise P.ProtocolError(f"{request.url.path}: body is not JSON ({exc})") from None
+
+    def error(exc: Exception, status: int = 400) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(exc)}}, status_code=status)
+
+    def update_reply(ok: bool, message: str, status: int = 200) -> JSONResponse:
+        return JSONResponse({"success": ok, "message": message, "weight_version": engine.weight_version},
+                            status_code=status)
+
+    async def run_update(fn, *args) -> JSONResponse:
+        try:
+            message = await run_in_threadpool(fn, *args)
+        except (PayloadError, P.ProtocolError, ValueError, TypeError) as exc:
+            log.warning("rejected weight update: %s", exc)
+            return update_reply(False, str(exc), 400)
+        return update_reply(True, message)
+
+    @app.get(P.HEALTH)
+    @app.get(P.HEALTH_GENERATE)
+    async def health():
+        if engine.weights.released or engine.weights.unloaded:
+            return PlainTextResponse("weights not loaded", status_code=503)
+        return PlainTextResponse("ok")
+
+    @app.get(P.MODEL_INFO)
+    async def model_info():
+        return {"model_path": engine.model_path, "is_generation": True, "weight_version": engine.weight_version}
+
+    @app.get("/get_server_info")
+    async def server_info():
+        return {"engine": "megatron_spin.embedded", **engine.info()}
+
+    @app.get(P.WEIGHT_VERSION)
+    async def weight_version():
+        return {"weight_version": engine.weight_version}
+
+    @app.post(P.GENERATE)
+    async def generate(request: Request):
+        try:
+            req = P.GenerateRequest.from_json(await body(request))
+            replies = await run_in_threadpool(engine.generate, req)
+        except P.ProtocolError as exc:
+            return error(exc)
+        except EngineUnavailable as exc:
+            return error(exc, 503)
+        flat = [c.to_json() for per_prompt in replies for c in per_prompt]
+        return flat[0] if len(flat) == 1 else flat
+
+    @app.post(P.COMPLETIONS)
+    async def completions(request: Request):
+        try:
+            reply = await run_in_threadpool(_openai_completion, engine, await body(request))
+        except P.ProtocolError as exc:
+            return error(exc)
+        except EngineUnavailable as exc:
+            return error(exc, 503)
+        return reply
+
+    @app.api_route(P.FLUSH_CACHE, methods=["GET", "POST"])
+    async def flush_cache():
+        return PlainTextResponse("Cache flushed (the embedded engine keeps no cache between batches).")
+
+    @app.post(P.UPDATE_FROM_TENSOR)
+    async def update_from_tensor(request: Request):
+        try:
+            d = await body(request)
+        except P.ProtocolError as exc:
+            return update_reply(False, str(exc), 400)
+        return await run_update(engine.update_from_tensor, d.get("serialized_named_tensors"),
+                                d.get("load_format"), d.get("weight_version"))
+
+    @app.post(P.UPDATE_FROM_DISK)
+    async def update_from_disk(request: Request):
+        try:
+            d = await body(request)
+            if not isinstance(d.get("model_path"), str):
+                raise P.ProtocolError(f"{P.UPDATE_FROM_DISK}: missing required field 'model_path'")
+        except P.ProtocolError as exc:
+            return update_reply(False, str(exc), 400)
+        return await run_update(engine.update_from_disk, d["model_path"], d.get("weight_version"))
+
+    @app.post(P.INIT_UPDATE_GROUP)
+    async def init_group(request: Request):
+        try:
+            d = await body(request)
+            args = (str(d["master_address"]), int(d["master_port"]), int(d["rank_offset"]),
+                    int(d["world_size"]), str(d.get("group_name", "weight_update_group")),
+                    str(d.get("backend", "gloo")))
+        except (KeyError, ValueError, TypeError, P.ProtocolError) as exc:
+            return update_reply(False, f"{P.INIT_UPDATE_GROUP}: bad request ({exc!r})", 400)
+        return await run_update(engine.init_update_group, *args)
+
+    @app.post(P.DESTROY_UPDATE_GROUP)
+    async def destroy_group(request: Request):
+        d = await body(request)
+        return await run_update(engine.destroy_update_group, str(d.get("group_name", "weight_update_group")))
+
+    @app.post(P.UPDATE_FROM_DISTRIBUTED)
+    async def update_from_distributed(request: Request):
+        try:
+            d = await body(request)
+            args = (list(d["names"]), list(d["dtypes"]), [list(s) for s in d["shapes"]],
+                    str(d.get("group_name", "weight_update_group")), d.get("weight_version"))
+        except (KeyError, TypeError, P.ProtocolError) as exc:
+            return update_reply(False, f"{P.UPDATE_FROM_DISTRIBUTED}: bad request ({exc!r})", 400)
+        return await run_update(engine.update_from_distributed, *args)
+
+    @app.post(P.UPDATE_WEIGHT_VERSION)
+    async def update_weight_version(request: Request):
+        d = await body(request)
+        if not isinstance(d.get("new_version"), (str, int)):
+            return update_reply(False, f"{P.UPDATE_WEIGHT_VERSION}: missing 'new_version'", 400)
+        await run_in_threadpool(engine.set_weight_version, str(d["new_version"]))
+        return {"success": True, "message": "ok", "new_version": engine.weight_version}
+
+    @app.post(P.BEGIN_WEIGHT_UPDATE)
+    @app.post(P.END_WEIGHT_UPDATE)
+    async def weight_update_session():
+        return {"success": True, "message": "ok"}  # updates are always allowed here
+
+    @app.api_route(P.GET_WEIGHTS_BY_NAME, methods=["GET", "POST"])
+    async def get_weights_by_name(request: Request):
+        d = await body(request)
+        try:
+            return await run_in_threadpool(engine.get_weights_by_name, str(d.get("name")),
+                                           int(d.get("truncate_size", 100)))
+        except P.ProtocolError as exc:
+            return error(exc)
+
+    @app.post(P.PAUSE)
+    async def pause():
+        engine.pause()
+        return {"message": "Generation paused.", "status": "ok"}
+
+    @app.post(P.CONTINUE)
+    async def continue_generation():
+        engine.continue_generation()
+        return {"message": "Generation continued.", "status": "ok"}
+
+    @app.api_route(P.RELEASE_MEMORY, methods=["GET", "POST"])
+    async def release_memory():
+        await run_in_threadpool(engine.release_memory)
+        return None
+
+    @app.api_route(P.RESUME_MEMORY, methods=["GET", "POST"])
+    async def resume_memory():
+        await run_in_threadpool(engine.resume_memory)
+        return None
+
+    return app
+
+
+def _openai_completion(engine: EmbeddedEngine, d: Any) -> dict:
+    """``/v1/completions`` for text prompts (tokenised with the model's tokenizer)."""
+    if engine.tokenizer is None:
+        raise P.ProtocolError(f"{P.COMPLETIONS}: this model has no tokenizer; use /generate with input_ids")
+    if not isinstance(d, dict) or "prompt" not in d:
+        raise P.ProtocolError(f"{P.COMPLETIONS}: missing required field 'prompt'")
+    prompts = d["prompt"] if isinstance(d["prompt"], list) else [d["prompt"]]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise P.ProtocolError(f"{P.COMPLETIONS}: 'prompt' must be a non-empty string or list of strings")
+    sampling = P.SamplingParams.from_json({
+        "max_new_tokens": d.get("max_tokens", 16), "temperature": d.get("temperature", 1.0),
+        "top_p": d.get("top_p", 1.0), "n": d.get("n", 1), "sampling_seed": d.get("seed"),
+    })
+    ids = tuple(tuple(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    want_logprobs = d.get("logprobs") is not None
+    replies = engine.generate(P.GenerateRequest(ids, sampling, return_logprob=want_logprobs))
+    choices = []
+    for per_prompt in replies:
+        for c in per_prompt:
+            choice = {"index": len(choices), "text": engine.tokenizer.decode(c.output_ids, skip_special_tokens=True),
+                      "finish_reason": c.finish_reason}
+            if want_logprobs:
+                choice["logprobs"] = {"token_logprobs": list(c.output_logprobs or ()),
+                                      "tokens": [engine.tokenizer.decode([t]) for t in c.output_ids]}
+            choices.append(choice)
+    completion_tokens = sum(len(c.output_ids) for r in replies for c in r)
+    return {
+        "object": "text_completion", "model": engine.model_path, "choices": choices,
+        "usage": {"prompt_tokens": sum(map(len, ids)), "completion_tokens": completion_tokens},
+        "weight_version": replies[0][0].weight_version,
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_spin.rollout.embedded",
+                                     description="Serve an HF model with SGLang's HTTP API on the CPU.")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--fd", type=int, default=None,
+                        help="serve on this inherited, already bound socket (the launcher's; --host/--port describe it)")
+    parser.add_argument("--api-key", default=os.environ.get("MEGATRON_SPIN_ENGINE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (also read from MEGATRON_SPIN_ENGINE_API_KEY, "
+                             "so it need not appear in the process list)")
+    parser.add_argument("--weight-version", default="default")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s embedded-engine %(levelname)s %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("binding %s without an API key: anyone who can reach it can replace the weights", args.host)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = EmbeddedEngine.load(args.model_path, weight_version=args.weight_version,
+                                 max_batch_tokens=args.max_batch_tokens)
+    import uvicorn
+
+    config = uvicorn.Config(build_app(engine, args.api_key), host=args.host, port=args.port,
+                            log_level=args.log_level, access_log=False)
+    server = uvicorn.Server(config)
+    try:
+        if args.fd is not None:
+            import socket
+
+            sock = socket.socket(fileno=args.fd)
+            sock.listen(128)
+            server.run(sockets=[sock])
+        else:
+            server.run()
+    finally:
+        engine.shutdown()
+    return 0

@@ -1,0 +1,159 @@
+"""The embedded engine's weights: checked before they are touched, so a bad update changes nothing.
+
+Every update — from tensors, from disk, from a broadcast — goes through :meth:`ModelWeights.check`
+(names known, shapes equal, floating dtype, finite values) for the *whole* request before the
+first copy.  A rejected request leaves every weight as it was.
+
+After ``release`` (colocated mode: give the memory back while the actor trains) the weights are
+gone; ``resume`` reallocates them and marks every tensor *unloaded*.  Generation is refused until
+updates have covered all of them again, so a partial push after a resume cannot silently serve a
+half-initialised model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from megatron_spin.rollout.tensor_payload import PayloadError
+
+_MAX_LISTED = 5
+
+
+class ModelWeights:
+    def __init__(self, model: torch.nn.Module):
+        self._params = dict(model.named_parameters())  # tied weights appear once
+        self._shapes = {n: tuple(p.shape) for n, p in self._params.items()}
+        self._dtypes = {n: p.dtype for n, p in self._params.items()}
+        self.unloaded: set[str] = set()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._params)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._params:
+            raise KeyError(name)
+        return self._params[name]
+
+    def check(self, named: Sequence[tuple[str, torch.Tensor]], *, complete: bool = False, where: str = "update") -> None:
+        """Raise :class:`PayloadError` listing what is wrong with ``named`` (nothing is modified).
+
+        Meta tensors (shapes read from file headers) are checked for name, shape and dtype only."""
+        problems, seen = [], set()
+        for name, t in named:
+            if name not in self._params:
+                problems.append(f"unknown tensor {name!r}")
+            elif tuple(t.shape) != self._shapes[name]:
+                problems.append(f"{name}: shape {tuple(t.shape)}, the model has {self._shapes[name]}")
+            elif not t.dtype.is_floating_point:
+                problems.append(f"{name}: dtype {t.dtype} is not floating point")
+            elif not t.is_meta and not bool(torch.isfinite(t).all()):
+                problems.append(f"{name}: holds NaN or Inf")
+            if name in seen:
+                problems.append(f"{name}: sent twice")
+            seen.add(name)
+        if complete:
+            missing = [n for n in self._params if n not in seen]
+            if missing:
+                problems.append(f"{len(missing)} of the model's tensors missing, e.g. {missing[:_MAX_LISTED]}")
+        if problems:
+            more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+            raise PayloadError(f"{where} rejected, weights unchanged: " + "; ".join(problems[:_MAX_LISTED]) + more)
+
+    @torch.no_grad()
+    def load(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy checked tensors into the model; returns the number of bytes copied."""
+        copied = 0
+        for name, t in named:
+            p = self._params[name]
+            p.copy_(t)
+            copied += t.numel() * t.element_size()
+            self.unloaded.discard(name)
+        return copied
+
+    def release(self) -> None:
+        for p in self._params.values():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self.unloaded = set(self._params)
+
+    def resume(self) -> None:
+        for name, p in self._params.items():
+            if p.numel() == 0 and self._shapes[name] != (0,):
+                p.data = torch.zeros(self._shapes[name], dtype=self._dtypes[name], device=p.device)
+
+    @property
+    def released(self) -> bool:
+        return any(p.numel() == 0 and self._shapes[n] != (0,) for n, p in self._params.items())
+
+
+def read_safetensors_dir(path: str | os.PathLike) -> list[tuple[str, Path]]:
+    """(tensor name, file) for every tensor in an HF safetensors directory, validated for
+    presence and readability; raises :class:`PayloadError` naming the path."""
+    from safetensors import safe_open
+
+    root = Path(path)
+    if not root.is_dir():
+        raise PayloadError(f"model_path {str(root)!r}: not a directory")
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError) as exc:
+            raise PayloadError(f"{index}: unreadable index ({exc})") from None
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise PayloadError(f"model_path {str(root)!r}: no .safetensors files")
+    out = []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                out += [(k, f) for k in handle.keys()]
+        except Exception as exc:  # safetensors raises its own error types
+            raise PayloadError(f"{f}: unreadable safetensors file ({exc})") from None
+    return out
+
+
+def load_safetensors_dir(weights: ModelWeights, path: str | os.PathLike) -> int:
+    """Check the whole directory against the model, then load it; returns bytes copied."""
+    from safetensors import safe_open
+
+    located = read_safetensors_dir(path)
+    by_file: dict[Path, list[str]] = {}
+    for name, f in located:
+        by_file.setdefault(f, []).append(name)
+    # Shapes/dtypes from the headers first (cheap), values only while loading.
+    headers = []
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as handle:
+            for n in names:
+                sl = handle.get_slice(n)
+                headers.append((n, torch.empty(sl.get_shape(), dtype=_st_dtype(sl.get_dtype()), device="meta")))
+    weights.check(headers, complete=True, where=f"model_path {path}")
+    copied = 0
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as handle:
+            tensors = [(n, handle.get_tensor(n)) for n in names]
+        weights.check(tensors, where=f"{f}")  # values: finite
+        copied += weights.load(tensors)
+    return copied
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    return _ST_DTYPES.get(name, torch.uint8)

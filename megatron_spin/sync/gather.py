@@ -1,0 +1,77 @@
+"""Live Megatron shards → full HF tensors, one parameter at a time, through the converter table.
+
+On each pipeline stage of data-parallel replica 0, the TP ranks walk their model chunks'
+parameters in the same order; for each one they all-gather the TP shards (the only
+collective), TP rank 0 merges them into the full TP=1 tensor (``ConverterTable.merge_tp_shards``),
+renames the local layer index to the global one (``layer_number`` already counts PP and
+virtual-PP offsets) and converts it to HF tensors with the *same* table the checkpoint tools
+use.  Only the tensor in flight is ever materialised: peak extra memory is one full
+parameter (on TP rank 0) plus one shard per TP rank.
+
+Each stage yields only its own layers; the pusher of every stage sends them itself, so PP
+stages push in parallel and no stage holds another's weights.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_spin.convert import converter_for
+from megatron_spin.convert.table import canonical_name
+from megatron_spin.models.arch import ModelArch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def global_name(chunk, local_name: str) -> str:
+    """``decoder.layers.<local i>.x`` → ``decoder.layers.<global i>.x`` (canonical local-spec name)."""
+    name = canonical_name(local_name)
+    m = _LAYER.match(name)
+    if m is None:
+        return name
+    layer = chunk.decoder.layers[int(m.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}." + name[m.end():]
+
+
+def stage_parameters(modules: list, arch: ModelArch) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(global Megatron name, local shard) of this rank's parameters, in model order.
+
+    A tied model's last stage keeps a copy of the word embeddings as its output layer; HF has
+    no such tensor, the first stage sends the embeddings.
+    """
+    for chunk in modules:
+        for local_name, p in chunk.named_parameters():
+            name = global_name(chunk, local_name)
+            if arch.tie_word_embeddings and name.startswith("output_layer."):
+                continue
+            yield name, p
+
+
+def iter_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[torch.dtype] = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, full tensor) for this stage's parameters; yields on TP rank 0 only.
+
+    Every TP rank of the stage must exhaust the iterator (the TP all-gathers are collective).
+    ``dtype`` casts before the gather (e.g. to the engine's bf16: half the bytes on the wire).
+    """
+    table = converter_for(arch)
+    tp = pctx.layout.tp
+    for name, p in stage_parameters(modules, arch):
+        param = table.param(name)
+        shard = p.detach()
+        if dtype is not None:
+            shard = shard.to(dtype)
+        if tp > 1 and param.rule.tp_dim is not None:
+            shards = [torch.empty_like(shard) for _ in range(tp)]
+            dist.all_gather(shards, shard.contiguous(), group=pctx.tp_group)
+        else:
+            shards = [shard]
+        if pctx.tp_rank != 0:
+            continue
+        full = table.merge_tp_shards(param, shards)
+        del shards
+        yield from table.to_hf(arch, param, full).items()

@@ -1,0 +1,214 @@
+"""One weight push from the actor to the rollout fleet, called collectively by every trainer rank.
+
+    sync = WeightSync(SyncConfig(transport="tensor"), arch, pctx, fleet_on_rank0)
+    report = sync.push(actor.modules, version=step)
+
+The steps (rank 0 = global rank 0, *pushers* = TP rank 0 of every stage of DP replica 0):
+  1. rank 0 picks the engines (the fleet's reachable ones), pauses them, flushes their cache,
+     opens their update session, and tells every rank which engines to push to;
+  2. each pipeline stage gathers its TP shards parameter by parameter, converts them to HF
+     tensors through the converter table, and its pusher sends them in buckets of
+     ``bucket_bytes`` — stages in parallel, never a second full copy of the weights on a rank;
+  3. the pushers' receipts (names sent, bytes, failed engines) are gathered on rank 0, which
+     checks them against the converter table's complete list of HF names: a missing or
+     duplicated tensor is a :class:`SyncError` and the version is **not** advanced;
+  4. only then does rank 0 commit (disk: index + load; others: set ``weight_version``), close
+     the update session, resume generation and re-admit engines that were waiting for weights.
+Every rank returns the same report or raises the same :class:`SyncError`.
+
+After a failed push the engines stay paused: their weights may be half old, half new, and no
+sample should be generated from them until a push completes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from typing import Optional
+
+import torch.distributed as dist
+
+from megatron_spin.convert import converter_for
+from megatron_spin.models.arch import ModelArch
+from megatron_spin.models.precision import DTYPES
+from megatron_spin.rollout.client import EngineClient, EngineError
+from megatron_spin.rollout.fleet import RolloutFleet
+from megatron_spin.sync.bucket import bucketed
+from megatron_spin.sync.gather import iter_hf_weights
+from megatron_spin.sync.transports import TRANSPORTS, Receipt, Transport, make_transport
+
+
+class SyncError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncConfig:
+    transport: str = "tensor"  # tensor | disk | distributed
+    bucket_bytes: int = 512 * 1024**2
+    dtype: Optional[str] = None  # cast before sending (None: the actor's parameter dtype)
+    load_format: Optional[str] = "flattened_bucket"  # tensor transport: None sends (name, tensor) lists
+    engine_tp_size: int = 1
+    disk_dir: Optional[str] = None  # disk transport: a directory every engine can read
+    backend: str = "gloo"  # distributed transport: nccl on GPUs
+    master_address: str = "127.0.0.1"  # distributed transport: the pushers' address as engines see it
+    api_key: Optional[str] = None
+
+    def __post_init__(self):
+        where = "sync"
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"{where}.transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.bucket_bytes < 0:
+            raise ValueError(f"{where}.bucket_bytes must be >= 0, got {self.bucket_bytes}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"{where}.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.engine_tp_size < 1:
+            raise ValueError(f"{where}.engine_tp_size must be >= 1, got {self.engine_tp_size}")
+        if self.transport == "disk" and not self.disk_dir:
+            raise ValueError(f"{where}.disk_dir is required with transport=disk")
+
+    def build_transport(self, side_files: Optional[str] = None) -> Transport:
+        if self.transport == "tensor":
+            return make_transport("tensor", load_format=self.load_format, engine_tp_size=self.engine_tp_size)
+        if self.transport == "disk":
+            return make_transport("disk", root=self.disk_dir, side_files=side_files)
+        return make_transport("distributed", master_address=self.master_address, backend=self.backend,
+                              engine_tp_size=self.engine_tp_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncReport:
+    version: str
+    engines: int
+    tensors: int
+    bytes: int
+    buckets: int
+    seconds: float
+    send_seconds: float  # slowest stage: gather + convert + send
+    commit_seconds: float
+    dropped: tuple[str, ...] = ()
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"sync/seconds": self.seconds, "sync/send_seconds": self.send_seconds,
+                "sync/commit_seconds": self.commit_seconds, "sync/gbytes": self.bytes / 1e9,
+                "sync/gbytes_per_s": self.bytes / 1e9 / max(self.seconds, 1e-9), "sync/engines": self.engines}
+
+
+def check_receipts(arch: ModelArch, receipts: list[Receipt]) -> None:
+    """The union of what the stages sent must be every HF tensor of the model, each once."""
+    expected = Counter(converter_for(arch).hf_names(arch))
+    sent = Counter(n for r in receipts for n in r.names)
+    missing = sorted(expected - sent)
+    extra = sorted(sent - expected)
+    if missing or extra:
+        raise SyncError(f"partial push: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+                        f"{len(extra)} unexpected or repeated (e.g. {extra[:3]}); weight_version not advanced")
+
+
+class WeightSync:
+    def __init__(self, cfg: SyncConfig, arch: ModelArch, pctx, fleet: Optional[RolloutFleet] = None,
+                 side_files: Optional[str] = None, transport: Optional[Transport] = None):
+        """``fleet`` is needed on global rank 0 only (the others learn the engine list from it)."""
+        if pctx.rank == 0 and fleet is None:
+            raise ValueError("WeightSync needs the rollout fleet on rank 0")
+        self.cfg, self.arch, self.pctx, self.fleet = cfg, arch, pctx, fleet
+        self.is_pusher = pctx.dp_rank == 0 and pctx.tp_rank == 0
+        self.transport = (transport or cfg.build_transport(side_files)) if self.is_pusher else None
+        self._clients: dict[str, EngineClient] = {}
+
+    def _client(self, url: str) -> EngineClient:
+        if self.fleet is not None:
+            for s in self.fleet.slots:
+                if s.client.url == url:
+                    return s.client
+        if url not in self._clients:
+            self._clients[url] = EngineClient(url, api_key=self.cfg.api_key)
+        return self._clients[url]
+
+    def _prepare(self) -> list[str]:
+        """Rank 0: pause, flush and open the update session on every reachable engine."""
+        urls = []
+        for slot in self.fleet.reachable:
+            c = slot.client
+            try:
+                c.pause()
+                c.flush_cache()
+                c.begin_weight_update()
+                urls.append(c.url)
+            except EngineError as exc:
+                self.fleet.drop(slot, exc)
+        if not urls:
+            raise SyncError("no reachable engine to push weights to")
+        return urls
+
+    def push(self, modules: list, version: int | str) -> SyncReport:
+        version = str(version)
+        started = time.monotonic()
+        header = [self._prepare() if self.pctx.rank == 0 else None]
+        dist.broadcast_object_list(header, src=0)
+        engines = [self._client(u) for u in header[0]]
+
+        # Every TP rank of DP replica 0 walks the parameters (the TP gathers are collective).
+        send_started = time.monotonic()
+        receipt = None
+        if self.pctx.dp_rank == 0:
+            dtype = DTYPES[self.cfg.dtype] if self.cfg.dtype else None
+            stream = iter_hf_weights(modules, self.arch, self.pctx, dtype)
+            if self.is_pusher:
+                self.transport.open(engines, self.pctx.pp_rank, version)
+                for bucket in bucketed(stream, self.cfg.bucket_bytes):
+                    self.transport.send(bucket)
+                receipt = self.transport.close()
+            else:
+                for _ in stream:
+                    pass
+        send_seconds = time.monotonic() - send_started
+
+        gathered: list = [None] * self.pctx.world_size
+        dist.all_gather_object(gathered, (receipt, send_seconds))
+        outcome: list = [None]
+        if self.pctx.rank == 0:
+            outcome[0] = self._commit(version, [r for r, _ in gathered if r is not None], started,
+                                      max(s for _, s in gathered))
+        dist.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], str):
+            raise SyncError(outcome[0])
+        return outcome[0]
+
+    def _commit(self, version: str, receipts: list[Receipt], started: float, send_seconds: float):
+        """Rank 0: check completeness, make the version current, resume; a str result is an error."""
+        try:
+            check_receipts(self.arch, receipts)
+        except SyncError as exc:
+            return str(exc)
+        failed = {u: e for r in receipts for u, e in r.failed.items()}
+        live = [s for s in self.fleet.reachable if s.client.url not in failed]
+        commit_started = time.monotonic()
+        failed.update(self.transport.commit([s.client for s in live], version, receipts))
+        for slot in self.fleet.reachable:
+            c = slot.client
+            if c.url in failed:
+                self.fleet.drop(slot, EngineError(c.url, "push", failed[c.url]))
+                continue
+            try:
+                c.end_weight_update()
+                c.continue_generation()
+            except EngineError as exc:
+                self.fleet.drop(slot, exc)
+        self.fleet.mark_synced(version)
+        if not self.fleet.serving:
+            return f"weight push {version}: no engine took it ({failed})"
+        now = time.monotonic()
+        return SyncReport(
+            version=version, engines=len(self.fleet.serving), tensors=sum(len(r.names) for r in receipts),
+            bytes=sum(r.bytes for r in receipts), buckets=sum(r.buckets for r in receipts),
+            seconds=now - started, send_seconds=send_seconds, commit_seconds=now - commit_started,
+            dropped=tuple(sorted(failed)),
+        )
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.shutdown()
+        for c in self._clients.values():
+            c.close()

@@ -1,0 +1,239 @@
+"""How a bucket of HF tensors reaches the engines: by tensor handle, by disk, by broadcast.
+
+A transport lives on one *pusher* (TP rank 0 of a pipeline stage of data-parallel replica 0):
+
+    transport.open(engines, stage, version)   # per push
+    transport.send(bucket)                    # per bucket, in order
+    receipt = transport.close()               # what this pusher sent (picklable)
+    transport.commit(engines, version, receipts)  # rank 0, after every stage has closed
+
+* ``TensorTransport`` — ``/update_weights_from_tensor``: the engine maps the pusher's memory
+  (CPU shared memory here, CUDA IPC on GPUs) and copies from it.  Same host only.
+* ``DiskTransport`` — each stage writes its buckets as safetensors shards into a directory on
+  storage the engines can read; rank 0 writes the index and calls ``/update_weights_from_disk``.
+  Works across hosts with a shared file system; slowest.
+* ``DistributedTransport`` — each pusher forms a process group with every engine rank
+  (``/init_weights_update_group``; NCCL on GPUs, gloo here) and broadcasts each bucket's
+  tensors after announcing names, dtypes and shapes (``/update_weights_from_distributed``).
+
+Engines are sent to concurrently.  A failing engine does not stop the push to the others: it
+is listed in the receipt and dropped from the fleet by the caller.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from megatron_spin.rollout.client import EngineClient, EngineError
+from megatron_spin.rollout.tensor_payload import FLATTENED_BUCKET, encode_named_tensors
+from megatron_spin.sync.bucket import NamedTensors, flatten, nbytes
+
+TRANSPORTS = ("tensor", "disk", "distributed")
+
+
+@dataclasses.dataclass
+class Receipt:
+    """What one pusher sent: tensor names in order, bytes, buckets, engines that failed."""
+
+    stage: int
+    names: list[str] = dataclasses.field(default_factory=list)
+    bytes: int = 0
+    buckets: int = 0
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)  # url -> error
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # disk: tensor name -> shard file
+
+
+class Transport(abc.ABC):
+    name = ""
+
+    def __init__(self, max_workers: int = 8):
+        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"sync-{self.name}")
+        self.engines: list[EngineClient] = []
+        self.receipt = Receipt(stage=0)
+        self.version = ""
+
+    def open(self, engines: Sequence[EngineClient], stage: int, version: str) -> None:
+        self.engines, self.version = list(engines), version
+        self.receipt = Receipt(stage=stage)
+
+    def send(self, bucket: NamedTensors) -> None:
+        live = [e for e in self.engines if e.url not in self.receipt.failed]
+        self._send(bucket, live)
+        self.receipt.names += [n for n, _ in bucket]
+        self.receipt.bytes += sum(nbytes(t) for _, t in bucket)
+        self.receipt.buckets += 1
+
+    @abc.abstractmethod
+    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None: ...
+
+    def close(self) -> Receipt:
+        return self.receipt
+
+    def commit(self, engines: Sequence[EngineClient], version: str, receipts: Sequence[Receipt]) -> dict[str, str]:
+        """Rank 0, after a complete push: make ``version`` current; returns failed url -> error."""
+        return self._each(engines, lambda e: e.update_weight_version(version))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _each(self, engines: Sequence[EngineClient], fn: Callable[[EngineClient], object]) -> dict[str, str]:
+        futures = {self._pool.submit(fn, e): e for e in engines}
+        failed = {}
+        for fut in cf.as_completed(futures):
+            try:
+                fut.result()
+            except (EngineError, OSError, RuntimeError) as exc:
+                failed[futures[fut].url] = str(exc)
+        return failed
+
+    def _record(self, failed: dict[str, str]) -> None:
+        self.receipt.failed.update(failed)
+
+
+class TensorTransport(Transport):
+    name = "tensor"
+
+    def __init__(self, load_format: Optional[str] = FLATTENED_BUCKET, engine_tp_size: int = 1, **kw):
+        super().__init__(**kw)
+        self.load_format, self.engine_tp_size = load_format, engine_tp_size
+
+    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:
+        if self.load_format == FLATTENED_BUCKET:
+            flat = flatten(bucket, shared=True)
+            payload = encode_named_tensors(bucket, FLATTENED_BUCKET, flat)
+        else:
+            payload = encode_named_tensors(bucket, None)
+        # One entry per engine TP rank (each maps the same memory).  ``flat``/``bucket`` stay
+        # referenced until every engine has replied: the engines read this process's memory.
+        serialized = [payload] * self.engine_tp_size
+        self._record(self._each(engines, lambda e: e.update_weights_from_tensor(serialized, self.load_format)))
+
+
+class DiskTransport(Transport):
+    name = "disk"
+
+    def __init__(self, root: str | os.PathLike, side_files: Optional[str | os.PathLike] = None, **kw):
+        super().__init__(**kw)
+        self.root = Path(root)
+        self.side_files = Path(side_files) if side_files else None
+
+    def version_dir(self, version: str) -> Path:
+        return self.root / f"weights-v{version}"
+
+    def open(self, engines, stage, version) -> None:
+        super().open(engines, stage, version)
+        self.version_dir(version).mkdir(parents=True, exist_ok=True)
+
+    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:
+        from safetensors.torch import save_file
+
+        name = f"model-stage{self.receipt.stage:02d}-{self.receipt.buckets:05d}.safetensors"
+        path = self.version_dir(self.version) / name
+        tmp = path.with_name("." + name + ".tmp")
+        save_file({n: t.detach().contiguous().cpu() for n, t in bucket}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+        self.receipt.files.update({n: name for n, _ in bucket})
+
+    def commit(self, engines, version, receipts) -> dict[str, str]:
+        target = self.version_dir(version)
+        weight_map = {n: f for r in receipts for n, f in r.files.items()}
+        total = sum(r.bytes for r in receipts)
+        (target / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        if self.side_files is not None:
+            for f in ("config.json", "generation_config.json"):
+                if (self.side_files / f).exists():
+                    shutil.copy2(self.side_files / f, target / f)
+        failed = self._each(engines, lambda e: e.update_weights_from_disk(str(target), weight_version=version))
+        for old in self.root.glob("weights-v*"):  # earlier versions are no longer needed by anyone
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+        return failed
+
+
+class DistributedTransport(Transport):
+    name = "distributed"
+
+    def __init__(self, master_address: str = "127.0.0.1", backend: str = "gloo", engine_tp_size: int = 1,
+                 timeout_s: float = 300.0, **kw):
+        super().__init__(**kw)
+        self.master_address, self.backend = master_address, backend
+        self.engine_tp_size, self.timeout_s = engine_tp_size, timeout_s
+        self._group = None
+        self._group_engines: tuple[str, ...] = ()
+        self._group_name = ""
+        self._generation = 0
+
+    def open(self, engines, stage, version) -> None:
+        super().open(engines, stage, version)
+        urls = tuple(e.url for e in self.engines)
+        if self._group is None or urls != self._group_engines:
+            self._form_group(stage)
+
+    def _form_group(self, stage: int) -> None:
+        """A fresh group of this pusher (rank 0) and every engine rank, on a port the store picks."""
+        import torch.distributed as dist
+
+        from megatron_spin.sync.update_group import create_update_group
+
+        self._leave_group()
+        self._generation += 1
+        name = f"megatron_spin-stage{stage}-g{self._generation}"
+        world = 1 + self.engine_tp_size * len(self.engines)
+        store = dist.TCPStore(self.master_address, 0, world, is_master=True,
+                              timeout=datetime.timedelta(seconds=self.timeout_s), wait_for_workers=False)
+        joins = {
+            self._pool.submit(e.init_weights_update_group, self.master_address, store.port,
+                              1 + i * self.engine_tp_size, world, name, self.backend): e
+            for i, e in enumerate(self.engines)
+        }
+        self._group = create_update_group(self.master_address, store.port, 0, world, name, self.backend,
+                                          self.timeout_s, store=store)
+        for fut in cf.as_completed(joins):
+            fut.result()  # an engine that cannot join leaves us in no group: fail loudly
+        self._group_engines, self._group_name = tuple(e.url for e in self.engines), name
+
+    def _leave_group(self) -> None:
+        if self._group is not None:
+            self._each(self.engines, lambda e: e.destroy_weights_update_group(self._group_name))
+            self._group = None
+
+    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:
+        names = [n for n, _ in bucket]
+        dtypes = [str(t.dtype).removeprefix("torch.") for _, t in bucket]
+        shapes = [list(t.shape) for _, t in bucket]
+        announced = {
+            self._pool.submit(e.update_weights_from_distributed, names, dtypes, shapes, self._group_name): e
+            for e in self.engines  # every group member must take part in the broadcast
+        }
+        device = self._group.device
+        for _, t in bucket:
+            self._group.broadcast(t.detach().to(device).contiguous(), src=0)
+        failed = {}
+        for fut in cf.as_completed(announced):
+            try:
+                fut.result()
+            except EngineError as exc:
+                failed[announced[fut].url] = str(exc)
+        self._record(failed)
+
+    def shutdown(self) -> None:
+        self._leave_group()
+        super().shutdown()
+
+
+def make_transport(kind: str, **kwargs) -> Transport:
+    classes = {"tensor": TensorTransport, "disk": DiskTransport, "distributed": DistributedTransport}
+    if kind not in classes:
+        raise ValueError(f"sync transport must be one of {TRANSPORTS}, got {kind!r}")
+    return classes[kind](**kwargs)

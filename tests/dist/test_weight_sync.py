@@ -1,0 +1,208 @@
+"""Weight sync from a Megatron actor (TP=2, PP=2) into a real embedded engine over HTTP.
+
+One 2-rank launch runs every (layout, transport) job in turn against one engine process.
+Jobs alternate between two different checkpoints, so each push really changes the engine's
+weights: before the push the engine's log-probs are far from the actor's, after it they
+agree within 1e-4 (fp32) — for scored fixed sequences and for the engine's own samples,
+which also carry the new ``weight_version``.
+
+The same launch shows that a bad push is detected: a skipped push leaves the engines on the
+old version (the staleness check refuses their samples); a stage that leaves tensors out is
+a SyncError on every rank with the version not advanced; a transport that loses a bucket
+after reporting it sent (a simulated fault, named as such) is caught by the log-prob probe.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from megatron_spin.convert.pipeline import convert_hf_to_megatron
+from megatron_spin.parallel.launch import launch
+from megatron_spin.parallel.layout import ParallelLayout
+from megatron_spin.rollout.launcher import launch_embedded
+from tests.conftest import LAUNCH_TIMEOUT, make_tiny_hf
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
+
+API_KEY = "sync-test-key"
+TP2, PP2 = ParallelLayout(tp=2), ParallelLayout(pp=2)
+PROBE = [[5, 17, 33, 2, 90, 41, 7, 64, 128, 3, 11], [200, 4, 4, 9, 150, 77]]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sync")
+    hf = [make_tiny_hf(root / f"hf{s}", "llama", tied=False, layers=4, seed=s) for s in (0, 1)]
+    mcore = []
+    for s in (0, 1):
+        convert_hf_to_megatron(hf[s], root / f"mcore{s}", log=lambda *_: None)
+        mcore.append(root / f"mcore{s}")
+    return root, hf, mcore
+
+
+def _sync_jobs(rank, world_size, url, jobs, disk_dir):
+    from megatron_spin.ckpt.model_io import load_model_weights
+    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.models.builder import build_model
+    from megatron_spin.parallel.groups import destroy_parallel, init_parallel
+    from megatron_spin.rollout.client import EngineClient
+    from megatron_spin.rollout.fleet import RolloutFleet
+    from megatron_spin.rollout.protocol import SamplingParams
+    from megatron_spin.sync.push import SyncConfig, WeightSync
+    from megatron_spin.sync.verify import logprob_gap, trainer_token_logprobs
+
+    fleet = RolloutFleet([EngineClient(url, API_KEY)]) if rank == 0 else None
+    results = []
+    for version, (layout, transport, ckpt, bucket_bytes) in enumerate(jobs, start=1):
+        pctx = init_parallel(layout)
+        arch = read_arch(ckpt)
+        chunks = build_model(arch, pctx, init_weights=False)
+        load_model_weights(chunks, ckpt)
+        cfg = SyncConfig(transport=transport, bucket_bytes=bucket_bytes, disk_dir=disk_dir, api_key=API_KEY)
+        sync = WeightSync(cfg, arch, pctx, fleet)
+        before = logprob_gap(chunks, pctx, fleet, PROBE)
+        report = sync.push(chunks, version)
+        after = logprob_gap(chunks, pctx, fleet, PROBE)
+        # The engine's own samples: generated after the push, scored by the trainer.
+        samples: list = [None]
+        if rank == 0:
+            replies = fleet.generate([p[:4] for p in PROBE], SamplingParams(max_new_tokens=6, n=2, seed=version))
+            samples[0] = [(list(PROBE[c.prompt_index][:4]) + list(c.output_ids), c.output_logprobs, c.weight_version)
+                          for r in replies for c in r]
+        torch.distributed.broadcast_object_list(samples, src=0)
+        ours = trainer_token_logprobs(chunks, pctx, [s for s, _, _ in samples[0]])
+        sample_gap = None
+        if rank == 0:
+            sample_gap = max(float((o[-len(lp):] - torch.tensor(lp)).abs().max()) for o, (_, lp, _) in zip(ours, samples[0]))
+        results.append(dict(layout=str(layout), transport=transport, before=before, after=after,
+                            sample_gap=sample_gap, versions={v for _, _, v in samples[0]},
+                            tensors=report.tensors, buckets=report.buckets, version=report.version))
+        sync.close()
+        destroy_parallel()
+    return results
+
+
+def test_push_matches_trainer_logprobs_tp2_pp2_all_transports(checkpoints, tmp_path):
+    root, hf, mcore = checkpoints
+    jobs = [
+        (TP2, "tensor", mcore[1], 64 * 1024),
+        (PP2, "tensor", mcore[0], 64 * 1024),
+        (TP2, "disk", mcore[1], 128 * 1024),
+        (PP2, "distributed", mcore[0], 64 * 1024),
+        (TP2, "distributed", mcore[1], 0),  # bucket_bytes 0: one tensor per bucket
+    ]
+    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "engine.log", threads=1) as server:
+        per_rank = launch(_sync_jobs, 2, (server.url, jobs, str(tmp_path / "weights")), timeout=LAUNCH_TIMEOUT)
+    results = per_rank[0]
+    assert [r["version"] for r in results] == ["1", "2", "3", "4", "5"]
+    for r in results:
+        ((_, before),) = r["before"].items()
+        ((_, after),) = r["after"].items()
+        assert before > 1e-2, r  # the push had something to change
+        assert after <= 1e-4, r
+        assert r["sample_gap"] <= 1e-4, r
+        assert r["versions"] == {r["version"]}, r
+        assert r["tensors"] == 4 * 9 + 3  # per layer: norm, q, k, v, o, norm, gate, up, down; embed, norm, lm_head
+    assert results[-1]["buckets"] == results[-1]["tensors"]
+    assert results[0]["buckets"] < results[0]["tensors"]
+
+
+class LosingTransport:
+    """SIMULATED FAULT: a tensor transport that reports bucket 1 sent but never delivers it."""
+
+    def __new__(cls, **kw):
+        from megatron_spin.sync.transports import TensorTransport
+
+        class _Losing(TensorTransport):
+            def _send(self, bucket, engines):
+                if self.receipt.buckets != 1:
+                    super()._send(bucket, engines)
+
+        return _Losing(**kw)
+
+
+class SkippingTransport:
+    """SIMULATED FAULT: a transport that silently leaves bucket 1 out (a stage missing tensors)."""
+
+    def __new__(cls, **kw):
+        from megatron_spin.sync.transports import TensorTransport
+
+        class _Skipping(TensorTransport):
+            def send(self, bucket):
+                if self.receipt.buckets == 1 and not getattr(self, "_skipped", False):
+                    self._skipped = True
+                    return
+                super().send(bucket)
+
+        return _Skipping(**kw)
+
+
+def _fault_jobs(rank, world_size, url, mcore):
+    from megatron_spin.ckpt.model_io import load_model_weights
+    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.models.builder import build_model
+    from megatron_spin.parallel.groups import init_parallel
+    from megatron_spin.rollout.client import EngineClient
+    from megatron_spin.rollout.fleet import RolloutFleet
+    from megatron_spin.rollout.protocol import SamplingParams
+    from megatron_spin.rollout.staleness import StaleSamplesError, check_versions
+    from megatron_spin.sync.push import SyncConfig, SyncError, WeightSync
+    from megatron_spin.sync.verify import logprob_gap
+
+    fleet = RolloutFleet([EngineClient(url, API_KEY)]) if rank == 0 else None
+    pctx = init_parallel(TP2)
+    arch = read_arch(mcore[0])
+    models = []
+    for ckpt in mcore:
+        chunks = build_model(arch, pctx, init_weights=False)
+        load_model_weights(chunks, ckpt)
+        models.append(chunks)
+    cfg = SyncConfig(bucket_bytes=64 * 1024, api_key=API_KEY)
+    out = {}
+
+    WeightSync(cfg, arch, pctx, fleet).push(models[1], 1)
+    out["gap_v1"] = max(logprob_gap(models[1], pctx, fleet, PROBE).values())
+
+    # 1. Skipped push: the trainer moved to version 2, the engines did not.
+    if rank == 0:
+        replies = fleet.generate(PROBE, SamplingParams(max_new_tokens=3))
+        try:
+            check_versions([c for r in replies for c in r], trainer_version=2)
+            out["stale_refused"] = False
+        except StaleSamplesError as exc:
+            out["stale_refused"] = str(exc)
+        check_versions([c for r in replies for c in r], trainer_version=2, max_lag=1)  # one step off: allowed
+
+    # 2. A bucket lost after being reported sent: only the log-prob probe can see it.
+    WeightSync(cfg, arch, pctx, fleet, transport=LosingTransport()).push(models[0], 2)
+    out["gap_lost_bucket"] = max(logprob_gap(models[0], pctx, fleet, PROBE).values())
+
+    # 3. A stage leaves tensors out: every rank raises, the version does not advance.
+    try:
+        WeightSync(cfg, arch, pctx, fleet, transport=SkippingTransport()).push(models[1], 3)
+        out["partial_error"] = None
+    except SyncError as exc:
+        out["partial_error"] = str(exc)
+    out["version_after_partial"] = EngineClient(url, API_KEY).weight_version() if rank == 0 else None
+
+    # 4. Recovery: a complete push makes the engine serve again with the right weights.
+    WeightSync(cfg, arch, pctx, fleet).push(models[1], 4)
+    out["gap_recovered"] = max(logprob_gap(models[1], pctx, fleet, PROBE).values())
+    return out
+
+
+def test_skipped_lost_and_partial_pushes_are_detected(checkpoints, tmp_path):
+    root, hf, mcore = checkpoints
+    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "engine.log", threads=1) as server:
+        per_rank = launch(_fault_jobs, 2, (server.url, mcore), timeout=LAUNCH_TIMEOUT)
+    out, other = per_rank
+    assert out["gap_v1"] <= 1e-4
+    assert out["stale_refused"] and "weight versions ['1']" in out["stale_refused"], out
+    assert out["gap_lost_bucket"] > 1e-2, out
+    assert out["partial_error"] and re.search(r"partial push: [1-9]\d* tensors missing", out["partial_error"]), out
+    assert other["partial_error"] == out["partial_error"]  # every rank raises the same error
+    assert out["version_after_partial"] == "2"
+    assert out["gap_recovered"] <= 1e-4
