@@ -28,12 +28,17 @@ setup(
         "hydra-core>=1.3,<1.4",
         "ray[default]>=2.40",
         "wandb>=0.18",
+        # The embedded rollout engine (SGLang's HTTP API on the CPU) and the engine client.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "requests>=2.31",
     ],
     extras_require={
         # GPU-only: TransformerEngine (FP8 kernels, TE layer spec).  Unverified here (no GPU).
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         # The rollout fleet on GPUs.  pip resolves a CUDA torch for it: install on GPU nodes.
-        "sglang": ["sglang>=0.5"],
+        # >= 0.5.10: flattened-bucket byte offsets, sampling_seed, SGLANG_RETURN_ORIGINAL_LOGPROB.
+        "sglang": ["sglang>=0.5.10"],
         # trl (+ datasets, which it imports) is the reference the loss tests compare against.
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "trl>=1.16,<1.17", "datasets>=5"],
     },

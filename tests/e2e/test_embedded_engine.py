@@ -1,0 +1,269 @@
+"""The embedded engine as a real server on 127.0.0.1: protocol, API key, bad updates, control routes.
+
+One engine process (a tiny random Llama, API key set) serves the module.  Tests that change
+weights put them back, so the order does not matter.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import os
+import pickle
+import threading
+import time
+
+import pytest
+import requests
+import torch
+from safetensors.torch import save_file
+
+from megatron_spin.rollout import protocol as P
+from megatron_spin.rollout.client import EngineClient, EngineError
+from megatron_spin.rollout.launcher import launch_embedded
+from megatron_spin.rollout.protocol import GenerateRequest, SamplingParams
+from megatron_spin.rollout.tensor_payload import encode_named_tensors
+from megatron_spin.sync.bucket import flatten
+from tests.conftest import make_tiny_hf
+
+pytestmark = [pytest.mark.timeout(300)]
+
+KEY = "embedded-test-key"
+PROMPTS = ((3, 14, 15, 92, 65), (35, 89, 79))
+CONTROL_ROUTES = [
+    ("POST", P.GENERATE), ("POST", P.FLUSH_CACHE), ("POST", P.UPDATE_FROM_TENSOR), ("POST", P.UPDATE_FROM_DISK),
+    ("POST", P.INIT_UPDATE_GROUP), ("POST", P.UPDATE_FROM_DISTRIBUTED), ("POST", P.DESTROY_UPDATE_GROUP),
+    ("POST", P.GET_WEIGHTS_BY_NAME), ("POST", P.PAUSE), ("POST", P.CONTINUE), ("POST", P.RELEASE_MEMORY),
+    ("POST", P.RESUME_MEMORY), ("POST", P.UPDATE_WEIGHT_VERSION), ("POST", P.COMPLETIONS),
+    ("GET", P.MODEL_INFO), ("GET", P.WEIGHT_VERSION),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_hf(tmp_path_factory.mktemp("engine") / "hf", "llama", layers=2)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("engine-log") / "engine.log"
+    with launch_embedded(model_dir, api_key=KEY, log_path=log, threads=1) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    c = server.client(retries=0)
+    yield c
+    c.close()
+
+
+def hf_state(model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def scored(client) -> list[torch.Tensor]:
+    """The engine's log-probs of the fixed prompts: a fingerprint of all its weights."""
+    req = GenerateRequest(PROMPTS, SamplingParams(max_new_tokens=0), return_logprob=True, logprob_start_len=0)
+    return [torch.tensor(r[0].input_logprobs[1:]) for r in client.generate(req)]
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_engine_binds_loopback_only(server):
+    assert server.url.startswith("http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("method,route", CONTROL_ROUTES)
+def test_routes_need_the_api_key(server, method, route):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        reply = requests.request(method, server.url + route, json={}, headers=headers, timeout=10)
+        assert reply.status_code == 401, (route, headers, reply.text)
+        assert reply.json() == {"error": "Unauthorized"}
+
+
+def test_health_needs_no_key_and_client_sends_it(server, client):
+    assert requests.get(server.url + P.HEALTH, timeout=10).status_code == 200
+    assert client.weight_version()  # authenticated call through the client
+    with pytest.raises(EngineError, match="401"):
+        EngineClient(server.url, api_key="wrong", retries=0).weight_version()
+
+
+def test_generate_n_samples_logprobs_and_versions(client, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    req = GenerateRequest(PROMPTS, SamplingParams(max_new_tokens=6, n=3, temperature=1.0, seed=7), return_logprob=True)
+    replies = client.generate(req)
+    assert [len(r) for r in replies] == [3, 3]
+    version = client.weight_version()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for i, per_prompt in enumerate(replies):
+        for j, c in enumerate(per_prompt):
+            assert (c.prompt_index, c.sample_index, c.weight_version) == (i, j, version)
+            assert len(c.output_ids) == 6 and c.finish_reason == "length"
+            ids = torch.tensor([list(PROMPTS[i]) + list(c.output_ids)])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            ref = logp[len(PROMPTS[i]) - 1:].gather(-1, ids[0, len(PROMPTS[i]):, None]).squeeze(-1)
+            assert torch.allclose(torch.tensor(c.output_logprobs, dtype=torch.double), ref, atol=1e-4)
+    again = client.generate(req)  # a seed reproduces; different samples of one prompt differ
+    assert [[c.output_ids for c in r] for r in again] == [[c.output_ids for c in r] for r in replies]
+    assert len({c.output_ids for c in replies[0]}) > 1
+
+
+def test_concurrent_requests_share_batches(server, client):
+    before = requests.get(server.url + "/get_server_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    req = GenerateRequest((PROMPTS[0],), SamplingParams(max_new_tokens=8, temperature=0))
+    with cf.ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda _: client.generate(req)[0][0].output_ids, range(16)))
+    after = requests.get(server.url + "/get_server_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert len(set(outs)) == 1  # greedy: identical whatever the batch
+    assert after["requests"] - before["requests"] == 16
+    assert after["batches"] - before["batches"] < 16  # requests were merged into shared batches
+
+
+def _evil_payload(marker: str) -> str:
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    return base64.b64encode(pickle.dumps([("model.norm.weight", Evil())])).decode()
+
+
+def test_malformed_updates_are_rejected_and_change_nothing(server, client, model_dir, tmp_path):
+    state = hf_state(model_dir)
+    version = client.weight_version()
+    fingerprint = scored(client)
+    marker = tmp_path / "pwned"
+    norm = state["model.norm.weight"]
+    bad_payloads = {
+        "forbidden global": ([_evil_payload(str(marker))], None, "refusing to load"),
+        "not base64": (["!!not base64!!"], None, "cannot decode"),
+        "wrong shape": ([encode_named_tensors([("model.norm.weight", torch.ones(3))])], None, "shape"),
+        "unknown name": ([encode_named_tensors([("model.nope.weight", norm.clone())])], None, "unknown tensor"),
+        "NaN": ([encode_named_tensors([("model.norm.weight", torch.full_like(norm, float("nan")))])], None, "NaN"),
+        "int dtype": ([encode_named_tensors([("model.norm.weight", torch.ones_like(norm, dtype=torch.long))])], None,
+                      "floating"),
+        # One good tensor with one bad one: the good one must not be applied either.
+        "half good": ([encode_named_tensors([("model.norm.weight", norm * 2),
+                                             ("model.embed_tokens.weight", torch.ones(2, 2))])], None, "shape"),
+        "bad format": ([encode_named_tensors([("model.norm.weight", norm * 2)])], "weird", "load_format"),
+        "flat metadata": ([encode_named_tensors([], "flattened_bucket",
+                                                (torch.zeros(4, dtype=torch.uint8), flatten([("x", norm)])[1]))],
+                          "flattened_bucket", "does not fit"),
+        "empty list": ([], None, "non-empty list"),
+    }
+    for what, (serialized, load_format, expect) in bad_payloads.items():
+        reply = requests.post(server.url + P.UPDATE_FROM_TENSOR, headers={"Authorization": f"Bearer {KEY}"},
+                              json={"serialized_named_tensors": serialized, "load_format": load_format,
+                                    "weight_version": "evil"}, timeout=30)
+        assert reply.status_code == 400, (what, reply.text)
+        body = reply.json()
+        assert body["success"] is False and expect in body["message"], (what, body)
+    assert not marker.exists()  # the forbidden callable never ran
+    for body in ("{not json", '{"names": ["a"]}'):
+        reply = requests.post(server.url + P.UPDATE_FROM_DISTRIBUTED, data=body, timeout=10,
+                              headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        assert reply.status_code == 400 and reply.json()["success"] is False
+    # A disk update from a directory missing a tensor, or with a wrong shape, is refused whole.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    save_file({k: v * 3 for k, v in state.items() if k != "model.norm.weight"}, str(partial / "model.safetensors"))
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    save_file({**{k: v * 3 for k, v in state.items()}, "model.norm.weight": torch.ones(5)},
+              str(wrong / "model.safetensors"))
+    for path, expect in ((partial, "missing"), (wrong, "shape"), (tmp_path / "absent", "not a directory")):
+        with pytest.raises(EngineError, match=expect):
+            client.update_weights_from_disk(str(path), weight_version="evil")
+    assert client.weight_version() == version
+    assert same(scored(client), fingerprint)
+
+
+def test_valid_updates_apply_and_version_follows(client, model_dir, tmp_path):
+    state = hf_state(model_dir)
+    version = client.weight_version()
+    fingerprint = scored(client)
+    changed = {"model.norm.weight": state["model.norm.weight"] * 1.5}
+    client.update_weights_from_tensor([encode_named_tensors(list(changed.items()))], weight_version="t1")
+    assert client.weight_version() == "t1"
+    assert not same(scored(client), fingerprint)
+    got = client.get_weights_by_name("model.norm.weight", truncate_size=4)
+    assert torch.allclose(torch.tensor(got), changed["model.norm.weight"][:4])
+    # Flat bucket back to the original values.
+    flat = flatten([("model.norm.weight", state["model.norm.weight"])], shared=True)
+    client.update_weights_from_tensor([encode_named_tensors([], "flattened_bucket", flat)], "flattened_bucket",
+                                      weight_version="t2")
+    assert same(scored(client), fingerprint)
+    # From disk: the whole model, with an index file.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    save_file(state, str(disk / "model-00001.safetensors"))
+    (disk / "model.safetensors.index.json").write_text(
+        '{"weight_map": {%s}}' % ", ".join(f'"{k}": "model-00001.safetensors"' for k in state))
+    client.update_weights_from_disk(str(disk), weight_version=version)
+    assert client.weight_version() == version and same(scored(client), fingerprint)
+
+
+def test_pause_holds_generation_until_continue(client):
+    req = GenerateRequest((PROMPTS[1],), SamplingParams(max_new_tokens=2, temperature=0))
+    client.pause()
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (client.generate(req), done.set()))
+    worker.start()
+    try:
+        assert not done.wait(1.5), "generation ran while paused"
+    finally:
+        client.continue_generation()
+    assert done.wait(30)
+    worker.join()
+
+
+def test_release_resume_refuses_generation_until_all_weights_pushed(client, model_dir):
+    state = hf_state(model_dir)
+    fingerprint = scored(client)
+    version = client.weight_version()
+    client.release_memory()
+    with pytest.raises(EngineError, match="503"):
+        client.generate(GenerateRequest((PROMPTS[0],), SamplingParams(max_new_tokens=1)))
+    client.resume_memory()
+    names = list(state)
+    client.update_weights_from_tensor([encode_named_tensors([(n, state[n]) for n in names[:3]])])
+    with pytest.raises(EngineError, match="not loaded since resume"):
+        client.generate(GenerateRequest((PROMPTS[0],), SamplingParams(max_new_tokens=1)))
+    assert requests.get(client.url + P.HEALTH, timeout=10).status_code == 503
+    client.update_weights_from_tensor([encode_named_tensors([(n, state[n]) for n in names[3:]])],
+                                      weight_version=version)
+    assert same(scored(client), fingerprint)
+
+
+def test_openai_completions_route(smollm2_dir, tmp_path):
+    with launch_embedded(smollm2_dir, log_path=tmp_path / "smol.log", threads=2) as srv:
+        reply = requests.post(srv.url + P.COMPLETIONS, timeout=120, json={
+            "prompt": ["The capital of France is", "1, 2, 3,"], "max_tokens": 4, "temperature": 0, "logprobs": 1})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert len(body["choices"]) == 2 and body["usage"]["completion_tokens"] == 8
+        assert "Paris" in body["choices"][0]["text"]
+        assert len(body["choices"][1]["logprobs"]["token_logprobs"]) == 4
+        assert body["weight_version"] == "default"
+        assert requests.post(srv.url + P.COMPLETIONS, json={"max_tokens": 2}, timeout=10).status_code == 400
+
+
+def test_client_retries_are_bounded_and_name_the_engine():
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens here
+    client = EngineClient(f"http://127.0.0.1:{port}", retries=2, backoff=0.1)
+    started = time.monotonic()
+    with pytest.raises(EngineError) as info:
+        client.flush_cache()
+    assert f"127.0.0.1:{port}/flush_cache" in str(info.value) and "after 3 attempts" in str(info.value)
+    assert 0.25 <= time.monotonic() - started < 10  # two backoffs (0.1 + 0.2 s), then gave up
