@@ -31,7 +31,7 @@ def bucketed(stream: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
     bucket: NamedTensors = []
     size = 0
     for name, tensor in stream:
-        if bucket and size + nbytes(tensor) > bucket_bytes:
+        if bucket and (bucket_bytes <= 0 or size + nbytes(tensor) > bucket_bytes):
             yield bucket
             bucket, size = [], 0
         bucket.append((name, tensor))
@@ -72,17 +72,22 @@ def flatten(named: Sequence[tuple[str, torch.Tensor]], shared: bool = False) -> 
     ``shared=True`` allocates a CPU buffer in shared memory up front, so that sending it to an
     engine process costs this one copy and not a second one into shared memory.
     """
-    total = sum(nbytes(t) for _, t in named)
+    # Each tensor starts at a multiple of its element size (a bf16 tensor of odd length must not
+    # leave the next fp32 tensor misaligned: views need aligned offsets).
+    offsets, offset = [], 0
+    for _, t in named:
+        offset = -(-offset // t.element_size()) * t.element_size()
+        offsets.append(offset)
+        offset += nbytes(t)
     device = named[0][1].device if named else torch.device("cpu")
-    flat = torch.empty(total, dtype=torch.uint8, device=device)
+    flat = torch.empty(offset, dtype=torch.uint8, device=device)
     if shared and device.type == "cpu":
         flat.share_memory_()
-    entries, offset = [], 0
-    for name, t in named:
+    entries = []
+    for (name, t), start in zip(named, offsets):
         size = nbytes(t)
-        flat[offset:offset + size].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
-        entries.append(FlatEntry(name, tuple(t.shape), t.dtype, offset, offset + size, t.numel()))
-        offset += size
+        flat[start:start + size].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        entries.append(FlatEntry(name, tuple(t.shape), t.dtype, start, start + size, t.numel()))
     return flat, entries
 
 

@@ -29,11 +29,13 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megatron_spin import platform
 from megatron_spin.convert import converter_for
 from megatron_spin.models.arch import ModelArch
 from megatron_spin.models.precision import DTYPES
 from megatron_spin.rollout.client import EngineClient, EngineError
 from megatron_spin.rollout.fleet import RolloutFleet
+from megatron_spin.rollout.tensor_payload import LOAD_FORMATS
 from megatron_spin.sync.bucket import bucketed
 from megatron_spin.sync.gather import iter_hf_weights
 from megatron_spin.sync.transports import TRANSPORTS, Receipt, Transport, make_transport
@@ -51,7 +53,7 @@ class SyncConfig:
     load_format: Optional[str] = "flattened_bucket"  # tensor transport: None sends (name, tensor) lists
     engine_tp_size: int = 1
     disk_dir: Optional[str] = None  # disk transport: a directory every engine can read
-    backend: str = "gloo"  # distributed transport: nccl on GPUs
+    backend: Optional[str] = None  # distributed transport: None = the platform's (nccl on GPUs, gloo on CPU)
     master_address: str = "127.0.0.1"  # distributed transport: the pushers' address as engines see it
     api_key: Optional[str] = None
 
@@ -63,6 +65,8 @@ class SyncConfig:
             raise ValueError(f"{where}.bucket_bytes must be >= 0, got {self.bucket_bytes}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"{where}.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"{where}.load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.engine_tp_size < 1:
             raise ValueError(f"{where}.engine_tp_size must be >= 1, got {self.engine_tp_size}")
         if self.transport == "disk" and not self.disk_dir:
@@ -73,8 +77,8 @@ class SyncConfig:
             return make_transport("tensor", load_format=self.load_format, engine_tp_size=self.engine_tp_size)
         if self.transport == "disk":
             return make_transport("disk", root=self.disk_dir, side_files=side_files)
-        return make_transport("distributed", master_address=self.master_address, backend=self.backend,
-                              engine_tp_size=self.engine_tp_size)
+        return make_transport("distributed", master_address=self.master_address,
+                              backend=self.backend or platform.current().backend, engine_tp_size=self.engine_tp_size)
 
 
 @dataclasses.dataclass(frozen=True)

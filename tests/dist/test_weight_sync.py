@@ -43,7 +43,7 @@ def checkpoints(tmp_path_factory):
     return root, hf, mcore
 
 
-def _sync_jobs(rank, world_size, url, jobs, disk_dir):
+def _sync_jobs(rank, world_size, urls, jobs, disk_dir):
     from megatron_spin.ckpt.model_io import load_model_weights
     from megatron_spin.ckpt.streaming import read_arch
     from megatron_spin.models.builder import build_model
@@ -54,7 +54,7 @@ def _sync_jobs(rank, world_size, url, jobs, disk_dir):
     from megatron_spin.sync.push import SyncConfig, WeightSync
     from megatron_spin.sync.verify import logprob_gap, trainer_token_logprobs
 
-    fleet = RolloutFleet([EngineClient(url, API_KEY)]) if rank == 0 else None
+    fleet = RolloutFleet([EngineClient(url, API_KEY) for url in urls]) if rank == 0 else None
     results = []
     for version, (layout, transport, ckpt, bucket_bytes) in enumerate(jobs, start=1):
         pctx = init_parallel(layout)
@@ -94,15 +94,16 @@ def test_push_matches_trainer_logprobs_tp2_pp2_all_transports(checkpoints, tmp_p
         (PP2, "distributed", mcore[0], 64 * 1024),
         (TP2, "distributed", mcore[1], 0),  # bucket_bytes 0: one tensor per bucket
     ]
-    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "engine.log", threads=1) as server:
-        per_rank = launch(_sync_jobs, 2, (server.url, jobs, str(tmp_path / "weights")), timeout=LAUNCH_TIMEOUT)
+    # Two engines: every push reaches both (the distributed transport broadcasts to both at once).
+    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "a.log", threads=1) as a, \
+            launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "b.log", threads=1) as b:
+        per_rank = launch(_sync_jobs, 2, ([a.url, b.url], jobs, str(tmp_path / "weights")), timeout=LAUNCH_TIMEOUT)
     results = per_rank[0]
     assert [r["version"] for r in results] == ["1", "2", "3", "4", "5"]
     for r in results:
-        ((_, before),) = r["before"].items()
-        ((_, after),) = r["after"].items()
-        assert before > 1e-2, r  # the push had something to change
-        assert after <= 1e-4, r
+        assert len(r["before"]) == len(r["after"]) == 2, r
+        assert min(r["before"].values()) > 1e-2, r  # the push had something to change
+        assert max(r["after"].values()) <= 1e-4, r
         assert r["sample_gap"] <= 1e-4, r
         assert r["versions"] == {r["version"]}, r
         assert r["tensors"] == 4 * 9 + 3  # per layer: norm, q, k, v, o, norm, gate, up, down; embed, norm, lm_head

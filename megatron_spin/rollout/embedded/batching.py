@@ -110,7 +110,8 @@ class BatchingWorker(Generic[Job, Out]):
                 outputs, tag = self._run_batch(jobs)
                 start = 0
                 for req, fut in taken:
-                    fut.set_result((outputs[start:start + len(req)], tag))
+                    if not fut.cancelled():  # a caller that gave up must not fail the others
+                        fut.set_result((outputs[start:start + len(req)], tag))
                     start += len(req)
                 self.batches_run += 1
             except BaseException as exc:  # a failed batch fails its requests, not the engine

@@ -141,12 +141,15 @@ def load_safetensors_dir(weights: ModelWeights, path: str | os.PathLike) -> int:
                 sl = handle.get_slice(n)
                 headers.append((n, torch.empty(sl.get_shape(), dtype=_st_dtype(sl.get_dtype()), device="meta")))
     weights.check(headers, complete=True, where=f"model_path {path}")
+    # Values (finite) are checked for every file before the first copy, one file in memory at a
+    # time, so a bad tensor in the last file cannot leave the first files loaded.
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as handle:
+            weights.check([(n, handle.get_tensor(n)) for n in names], where=f"{f}")
     copied = 0
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt") as handle:
-            tensors = [(n, handle.get_tensor(n)) for n in names]
-        weights.check(tensors, where=f"{f}")  # values: finite
-        copied += weights.load(tensors)
+            copied += weights.load([(n, handle.get_tensor(n)) for n in names])
     return copied
 
 
