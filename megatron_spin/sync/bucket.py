@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -66,23 +66,39 @@ class FlatEntry:
             raise ValueError(f"metadata entry lacks a field ({exc})") from None
 
 
-def flatten(named: Sequence[tuple[str, torch.Tensor]], shared: bool = False) -> tuple[torch.Tensor, list[FlatEntry]]:
-    """One uint8 buffer ``[sum of nbytes]`` holding every tensor's bytes, and their table.
+def flat_layout(named: Sequence[tuple[str, torch.Tensor]]) -> tuple[list[int], int]:
+    """Byte offset of each tensor in a flat bucket, and the bucket's size.
 
-    ``shared=True`` allocates a CPU buffer in shared memory up front, so that sending it to an
-    engine process costs this one copy and not a second one into shared memory.
+    Each tensor starts at a multiple of its element size (a bf16 tensor of odd length must not
+    leave the next fp32 tensor misaligned: views need aligned offsets).
     """
-    # Each tensor starts at a multiple of its element size (a bf16 tensor of odd length must not
-    # leave the next fp32 tensor misaligned: views need aligned offsets).
     offsets, offset = [], 0
     for _, t in named:
         offset = -(-offset // t.element_size()) * t.element_size()
         offsets.append(offset)
         offset += nbytes(t)
+    return offsets, offset
+
+
+def flatten(named: Sequence[tuple[str, torch.Tensor]], shared: bool = False,
+            out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[FlatEntry]]:
+    """One uint8 buffer ``[sum of nbytes]`` holding every tensor's bytes, and their table.
+
+    ``out``: a uint8 buffer to fill (at least :func:`flat_layout`'s size; the result is a view of
+    it), so that a transport can reuse one shared-memory buffer for every bucket instead of
+    faulting in fresh pages each time.  Otherwise ``shared=True`` allocates a CPU buffer in
+    shared memory up front: sending it to an engine process then costs this one copy.
+    """
+    offsets, total = flat_layout(named)
     device = named[0][1].device if named else torch.device("cpu")
-    flat = torch.empty(offset, dtype=torch.uint8, device=device)
-    if shared and device.type == "cpu":
-        flat.share_memory_()
+    if out is not None:
+        if out.dtype != torch.uint8 or out.numel() < total or out.device != device:
+            raise ValueError(f"flatten: out must be a uint8 buffer of >= {total} bytes on {device}")
+        flat = out[:total]
+    else:
+        flat = torch.empty(total, dtype=torch.uint8, device=device)
+        if shared and device.type == "cpu":
+            flat.share_memory_()
     entries = []
     for (name, t), start in zip(named, offsets):
         size = nbytes(t)

@@ -36,7 +36,7 @@ import torch
 
 from megatron_spin.rollout.client import EngineClient, EngineError
 from megatron_spin.rollout.tensor_payload import FLATTENED_BUCKET, encode_named_tensors
-from megatron_spin.sync.bucket import NamedTensors, flatten, nbytes
+from megatron_spin.sync.bucket import NamedTensors, flat_layout, flatten, nbytes
 
 TRANSPORTS = ("tensor", "disk", "distributed")
 
@@ -106,12 +106,27 @@ class TensorTransport(Transport):
     def __init__(self, load_format: Optional[str] = FLATTENED_BUCKET, engine_tp_size: int = 1, **kw):
         super().__init__(**kw)
         self.load_format, self.engine_tp_size = load_format, engine_tp_size
+        self._staging: Optional[torch.Tensor] = None  # CPU: one shared-memory buffer for every bucket
+
+    def _staging_buffer(self, bucket: NamedTensors) -> Optional[torch.Tensor]:
+        """Reused across buckets and pushes: the engine has copied the previous bucket out of it
+        before it replied, and fresh shared memory would cost a page fault per 4 KiB each time."""
+        if not bucket or bucket[0][1].device.type != "cpu":
+            return None  # GPU: CUDA IPC of a fresh buffer (a reused one could be overwritten early)
+        _, total = flat_layout(bucket)
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = None
+            self._staging = torch.empty(total, dtype=torch.uint8).share_memory_()
+        return self._staging
 
     def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:
         if self.load_format == FLATTENED_BUCKET:
-            flat = flatten(bucket, shared=True)
+            flat = flatten(bucket, shared=True, out=self._staging_buffer(bucket))
             payload = encode_named_tensors(bucket, FLATTENED_BUCKET, flat)
         else:
+            # On the CPU, pickling a tensor for sharing *moves* its storage into shared memory;
+            # the actor's parameters (or the buffer they are views of) must not move: send copies.
+            bucket = [(n, t.clone() if t.device.type == "cpu" else t) for n, t in bucket]
             payload = encode_named_tensors(bucket, None)
         # One entry per engine TP rank (each maps the same memory).  ``flat``/``bucket`` stay
         # referenced until every engine has replied: the engines read this process's memory.

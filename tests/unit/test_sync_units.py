@@ -758,3 +758,14 @@ def test_load_dir_not_a_directory_or_empty(tmp_path):
 def test_bucketed_zero_means_one_tensor_per_bucket_even_for_empty_tensors():
     stream = [("a", torch.zeros(0)), ("b", torch.zeros(0)), ("c", torch.ones(2))]
     assert [[n for n, _ in b] for b in bucketed(stream, 0)] == [["a"], ["b"], ["c"]]
+
+
+def test_flatten_into_a_reused_buffer():
+    named = [("a", torch.arange(3, dtype=torch.bfloat16)), ("b", torch.randn(2, 2))]
+    buf = torch.full((64,), 255, dtype=torch.uint8)
+    flat, entries = flatten(named, out=buf)
+    assert flat.data_ptr() == buf.data_ptr() and flat.numel() == entries[-1].end_idx
+    for (n, t), (m, u) in zip(named, unflatten(flat, entries)):
+        assert n == m and torch.equal(t, u)
+    with pytest.raises(ValueError, match=">= 24 bytes"):
+        flatten(named, out=torch.empty(10, dtype=torch.uint8))
