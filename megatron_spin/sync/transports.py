@@ -122,16 +122,26 @@ class TensorTransport(Transport):
     def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:
         if self.load_format == FLATTENED_BUCKET:
             flat = flatten(bucket, shared=True, out=self._staging_buffer(bucket))
-            payload = encode_named_tensors(bucket, FLATTENED_BUCKET, flat)
+
+            def payload() -> str:
+                return encode_named_tensors(bucket, FLATTENED_BUCKET, flat)
         else:
             # On the CPU, pickling a tensor for sharing *moves* its storage into shared memory;
             # the actor's parameters (or the buffer they are views of) must not move: send copies.
             bucket = [(n, t.clone() if t.device.type == "cpu" else t) for n, t in bucket]
-            payload = encode_named_tensors(bucket, None)
-        # One entry per engine TP rank (each maps the same memory).  ``flat``/``bucket`` stay
-        # referenced until every engine has replied: the engines read this process's memory.
-        serialized = [payload] * self.engine_tp_size
-        self._record(self._each(engines, lambda e: e.update_weights_from_tensor(serialized, self.load_format)))
+
+            def payload() -> str:
+                return encode_named_tensors(bucket, None)
+
+        def push(engine: EngineClient):
+            # One pickle per receiving rank: each pickle takes one reference on the shared
+            # memory and each receiver drops one when it opens it, so a pickle read by two
+            # receivers would let the segment be unlinked while still in use.
+            serialized = [payload() for _ in range(self.engine_tp_size)]
+            return engine.update_weights_from_tensor(serialized, self.load_format)
+
+        # ``flat``/``bucket`` stay referenced until every engine has replied: they read this memory.
+        self._record(self._each(engines, push))
 
 
 class DiskTransport(Transport):
