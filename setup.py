@@ -32,6 +32,14 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "requests>=2.31",
+        # Rewards and data that ship in packages (the embedded default uses VADER).
+        "vaderSentiment>=3.3.2",
+        "reasoning-gym>=0.1.19",
+        "pyarrow>=14",  # Parquet prompt files
+        # Logging and run reports.
+        "tensorboard>=2.16",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
     ],
     extras_require={
         # GPU-only: TransformerEngine (FP8 kernels, TE layer spec).  Unverified here (no GPU).

@@ -1,0 +1,180 @@
+"""Prompt data for online training: JSONL or Parquet files, tokenised, filtered, served in a
+deterministic order whose position is part of the checkpoint.
+
+A record has a prompt (a string, sent as one user turn through the tokenizer's chat template,
+or a list of chat messages) and optionally a ground-truth ``response`` (SPIN's chosen side),
+a reference ``answer`` (rule rewards such as math) and any other fields, which travel to the
+reward as metadata.  Column names are configurable (``data.prompt_key`` …).  Every error names
+the file and the line (JSONL) or row (Parquet).
+
+Order: epoch ``e`` visits the kept prompts in ``randperm(n, seed + e)`` (or file order without
+shuffling); :class:`PromptLoader` hands out consecutive batches, wraps to the next epoch, and
+its ``state_dict`` (epoch, position) restores the exact place after a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from megatron_spin.data.preference_file import DataFileError, Prompt, encode_prompt, encode_response
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    prompt: Prompt
+    where: str  # "file:line" / "file:row N"
+    response: Optional[str] = None  # ground truth (SPIN)
+    answer: Optional[str] = None  # reference answer (rule rewards)
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The prompt as plain text (for rewards): the last user message of a chat prompt."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        users = [m.get("content", "") for m in self.prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return users[-1] if users else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptKeys:
+    prompt: str = "prompt"
+    response: str = "response"
+    answer: str = "answer"
+
+
+def _record(obj: Any, where: str, keys: PromptKeys) -> PromptRecord:
+    if not isinstance(obj, dict):
+        raise DataFileError(f"{where}: expected an object with '{keys.prompt}'")
+    if keys.prompt not in obj:
+        raise DataFileError(f"{where}: missing key '{keys.prompt}'")
+    prompt = obj[keys.prompt]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataFileError(f"{where}: '{keys.prompt}' is empty")
+    elif not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)):
+        raise DataFileError(f"{where}: '{keys.prompt}' must be a string or a list of chat messages")
+    response, answer = obj.get(keys.response), obj.get(keys.answer)
+    if response is not None and not isinstance(response, str):
+        raise DataFileError(f"{where}: '{keys.response}' must be a string")
+    if answer is not None:
+        answer = str(answer)
+    meta = {k: v for k, v in obj.items() if k not in (keys.prompt, keys.response, keys.answer)}
+    return PromptRecord(prompt, where, response, answer, meta)
+
+
+def read_prompt_file(path: str | os.PathLike, keys: PromptKeys = PromptKeys()) -> list[PromptRecord]:
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(f"{path}: no such prompt file")
+    records = []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for unreadable files
+            raise DataFileError(f"{path}: unreadable Parquet file ({exc})") from None
+        for i, row in enumerate(rows):
+            records.append(_record(row, f"{path}:row {i}", keys))
+    elif path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataFileError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                records.append(_record(obj, f"{path}:{lineno}", keys))
+    else:
+        raise DataFileError(f"{path}: unsupported prompt file type {path.suffix!r} (use .jsonl or .parquet)")
+    if not records:
+        raise DataFileError(f"{path}: no records")
+    return records
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+    record: PromptRecord
+    input_ids: tuple[int, ...]
+    response_ids: Optional[tuple[int, ...]] = None  # ground truth, tokenised with EOS (SPIN)
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterReport:
+    total: int
+    kept: int
+    too_long: int
+    response_too_long: int
+
+    def __str__(self) -> str:
+        return (f"{self.kept}/{self.total} prompts kept ({self.too_long} longer than max_prompt_length, "
+                f"{self.response_too_long} with a ground-truth response longer than max_response_length)")
+
+
+def encode_prompts(records: Sequence[PromptRecord], tokenizer, max_prompt_length: int,
+                   max_response_length: Optional[int] = None) -> tuple[list[EncodedPrompt], FilterReport]:
+    """Tokenise through the chat template and drop prompts (or ground truths) that do not fit."""
+    kept, too_long, resp_long = [], 0, 0
+    for r in records:
+        ids = encode_prompt(tokenizer, r.prompt)
+        if len(ids) > max_prompt_length:
+            too_long += 1
+            continue
+        resp = None
+        if r.response is not None:
+            resp = encode_response(tokenizer, r.response)
+            if max_response_length is not None and len(resp) > max_response_length:
+                resp_long += 1
+                continue
+        kept.append(EncodedPrompt(r, tuple(ids), None if resp is None else tuple(resp)))
+    return kept, FilterReport(len(records), len(kept), too_long, resp_long)
+
+
+class PromptLoader:
+    """Batches of prompts in a seeded order that survives a resume exactly."""
+
+    def __init__(self, prompts: Sequence[EncodedPrompt], batch_size: int, seed: int = 1, shuffle: bool = True):
+        if not prompts:
+            raise DataFileError("no prompts left after filtering (see the filter report)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.prompts, self.batch_size, self.seed, self.shuffle = list(prompts), batch_size, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.prompts)))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.prompts), generator=g).tolist()
+
+    def next_batch(self) -> list[EncodedPrompt]:
+        """``batch_size`` prompts; a batch that crosses an epoch end continues in the next epoch."""
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            take = min(self.batch_size - len(batch), len(self._order) - self.position)
+            batch += [self.prompts[i] for i in self._order[self.position:self.position + take]]
+            self.position += take
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self.prompts)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state["size"] != len(self.prompts) or state["seed"] != self.seed:
+            raise DataFileError(f"resume: the checkpoint's data order ({state['size']} prompts, seed {state['seed']}) "
+                                f"does not match this run's ({len(self.prompts)} prompts, seed {self.seed}); "
+                                "the prompt files or filters changed")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order(self.epoch)
