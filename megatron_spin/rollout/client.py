@@ -6,7 +6,10 @@
 Every call has a timeout; connection failures and 502/503/504 replies are retried a bounded
 number of times with exponential backoff, after which :class:`EngineError` names the engine,
 the route and the last failure.  4xx replies are not retried (the request itself is wrong).
-Weight updates are safe to retry: the same tensors and version give the same state.
+A timed-out request is retried only for reads: a generation or weight update that timed out
+may still be running on the engine.  Weight updates and group calls are never retried — a
+retried tensor payload would take its shared memory twice, a retried broadcast announcement
+would post a second set of receives — the push fails instead and the next one starts clean.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ class EngineError(RuntimeError):
     def __init__(self, url: str, route: str, message: str, status: Optional[int] = None):
         super().__init__(f"engine {url}{route}: {message}")
         self.url, self.route, self.status = url, route, status
+
+    @property
+    def engine_failed(self) -> bool:
+        """The engine is unreachable or broken (no reply, 5xx) — not a refusal of this request."""
+        return self.status is None or self.status >= 500
 
 
 class EngineClient:
@@ -46,9 +54,10 @@ class EngineClient:
 
     # -- transport --------------------------------------------------------------------------
     def request(self, method: str, route: str, body: Any = None, *, timeout: Optional[float] = None,
-                retries: Optional[int] = None) -> Any:
+                retries: Optional[int] = None, retry_timeouts: Optional[bool] = None) -> Any:
         """JSON (or text) reply of ``route``; raises :class:`EngineError` after bounded retries."""
         attempts = 1 + (self.retries if retries is None else retries)
+        retry_timeouts = method == "GET" if retry_timeouts is None else retry_timeouts
         last = ""
         status = None
         for attempt in range(attempts):
@@ -62,6 +71,8 @@ class EngineClient:
                 continue
             except requests.Timeout:
                 last, status = f"no reply within {timeout or self.timeout:.0f} s", None
+                if not retry_timeouts:
+                    break
                 continue
             status = reply.status_code
             if status in _RETRY_STATUS:
@@ -75,10 +86,10 @@ class EngineClient:
                 return reply.json()
             except ValueError:
                 return reply.text
-        raise EngineError(self.url, route, f"{last} (after {attempts} attempts)", status)
+        raise EngineError(self.url, route, f"{last} (after {attempt + 1} attempts)", status)
 
     def _update(self, route: str, body: dict, timeout: Optional[float] = None) -> P.WeightUpdateResult:
-        result = P.WeightUpdateResult.from_json(self.request("POST", route, body, timeout=timeout), route)
+        result = P.WeightUpdateResult.from_json(self.request("POST", route, body, timeout=timeout, retries=0), route)
         if not result.success:
             raise EngineError(self.url, route, result.message)
         return result

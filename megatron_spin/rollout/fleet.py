@@ -102,6 +102,8 @@ class RolloutFleet:
                 try:
                     replies = fut.result()
                 except EngineError as exc:
+                    if not exc.engine_failed:
+                        raise  # the request is wrong (4xx): another engine would refuse it too
                     self.drop(slot, exc)
                     pending += share
                     continue
@@ -136,10 +138,25 @@ class RolloutFleet:
                 log.info("engine %s is back; it serves after the next weight push", s.client.url)
         return back
 
-    def mark_synced(self, version: str) -> None:
-        """After a complete push: engines that now report ``version`` serve again."""
+    def slot(self, url: str) -> EngineSlot:
+        for s in self.slots:
+            if s.client.url == url:
+                return s
+        raise KeyError(f"no engine {url} in the fleet")
+
+    def mark_needs_sync(self, urls: Sequence[str]) -> None:
+        """After a failed push: these engines may hold mixed weights and serve nothing until a
+        push completes."""
+        with self._lock:
+            for s in self.slots:
+                if s.client.url in urls:
+                    s.needs_sync = True
+
+    def mark_synced(self, version: str, urls: Optional[Sequence[str]] = None) -> None:
+        """After a complete push (to ``urls``, default all reachable): engines that report
+        ``version`` serve again."""
         for s in self.reachable:
-            if s.needs_sync:
+            if s.needs_sync and (urls is None or s.client.url in urls):
                 try:
                     current = s.client.weight_version()
                 except EngineError as exc:

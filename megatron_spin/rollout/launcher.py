@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -121,12 +122,21 @@ def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
+AUTO_KEY = "auto"
+
+
 def launch_embedded(
-    model_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 0, api_key: Optional[str] = None,
+    model_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 0, api_key: Optional[str] = AUTO_KEY,
     log_path: Optional[str | os.PathLike] = None, threads: int = 0, weight_version: str = "default",
     max_batch_tokens: int = 16384, timeout: float = 300.0, wait: bool = True,
 ) -> ServerProcess:
-    """Start the embedded engine on ``model_path`` and (by default) wait until it is healthy."""
+    """Start the embedded engine on ``model_path`` and (by default) wait until it is healthy.
+
+    ``api_key="auto"`` (the default) makes a random key, known to ``server.client()``: even on
+    loopback, other local users must not be able to push weights.  ``None`` runs without one.
+    """
+    if api_key == AUTO_KEY:
+        api_key = secrets.token_urlsafe(24)
     sock = bound_socket(host, port)
     port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "megatron_spin.rollout.embedded", "--model-path", str(model_path),

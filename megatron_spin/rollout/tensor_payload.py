@@ -26,6 +26,7 @@ import base64
 import binascii
 import io
 import pickle
+import re
 from typing import Any, Optional
 
 import torch
@@ -40,10 +41,27 @@ class PayloadError(ValueError):
     """A weight-update payload that cannot be decoded or does not fit the model."""
 
 
+_TORCH_SHM_NAME = re.compile(rb"^/torch_\d+_\d+_\d+$")  # what torch's file_system strategy names
+_TORCH_SHM_MANAGER = re.compile(rb"^/[\w./-]*/manager\.sock$")
+
+
+def _checked_rebuild_storage_filename(cls, manager, handle, size, dtype=None):
+    """torch's rebuild, only for segments torch itself created: a crafted handle naming some other
+    ``/dev/shm`` object (another job's, Ray's) would otherwise be mapped, read and unlinked."""
+    from torch.multiprocessing.reductions import rebuild_storage_filename
+
+    if not (isinstance(handle, bytes) and _TORCH_SHM_NAME.match(handle)):
+        raise PayloadError(f"serialized_named_tensors: refusing shared-memory handle {handle!r}")
+    if not (isinstance(manager, bytes) and _TORCH_SHM_MANAGER.match(manager)):
+        raise PayloadError(f"serialized_named_tensors: refusing shared-memory manager {manager!r}")
+    if not isinstance(size, int) or size < 0:
+        raise PayloadError(f"serialized_named_tensors: bad shared-memory size {size!r}")
+    return rebuild_storage_filename(cls, manager, handle, size, dtype)
+
+
 _ALLOWED_GLOBALS = {
     ("torch.multiprocessing.reductions", "rebuild_tensor"),
     ("torch.multiprocessing.reductions", "rebuild_typed_storage"),
-    ("torch.multiprocessing.reductions", "rebuild_storage_filename"),
     ("torch.multiprocessing.reductions", "rebuild_storage_empty"),
     ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
     ("torch.multiprocessing.reductions", "rebuild_nested_tensor"),
@@ -61,6 +79,8 @@ class _TensorUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_storage_filename"):
+            return _checked_rebuild_storage_filename
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise PayloadError(f"serialized_named_tensors: refusing to load {module}.{name} (only tensors are accepted)")
@@ -79,11 +99,27 @@ def encode(payload: Any) -> str:
     engine has replied: the engine reads the sender's memory)."""
     from multiprocessing.reduction import ForkingPickler
 
-    if any(t.device.type == "cpu" for t in _tensors_in(payload)):
+    devices = {t.device.type for t in _tensors_in(payload)}
+    if "cpu" in devices:
         use_file_system_sharing()
+    if "cuda" in devices:  # pragma: no cover - GPU tier
+        _sglang_cuda_reductions()
     buf = io.BytesIO()
     ForkingPickler(buf).dump(payload)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _sglang_cuda_reductions() -> None:  # pragma: no cover - GPU tier, unverified
+    """SGLang's engines rebuild CUDA IPC handles by device *UUID* (their process may see the GPUs
+    renumbered by CUDA_VISIBLE_DEVICES); the sender must pickle with the same patched reducers."""
+    try:
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    except ImportError:
+        try:
+            from sglang.srt.patch_torch import monkey_patch_torch_reductions
+        except ImportError:
+            return  # no SGLang here: same-numbering IPC (the embedded engine never sees CUDA)
+    monkey_patch_torch_reductions()
 
 
 def _tensors_in(payload: Any):

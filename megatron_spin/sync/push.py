@@ -23,6 +23,7 @@ sample should be generated from them until a push completes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections import Counter
 from typing import Optional
@@ -41,6 +42,9 @@ from megatron_spin.sync.gather import iter_hf_weights
 from megatron_spin.sync.transports import TRANSPORTS, Receipt, Transport, make_transport
 
 
+log = logging.getLogger("megatron_spin.sync")
+
+
 class SyncError(RuntimeError):
     pass
 
@@ -55,6 +59,7 @@ class SyncConfig:
     disk_dir: Optional[str] = None  # disk transport: a directory every engine can read
     backend: Optional[str] = None  # distributed transport: None = the platform's (nccl on GPUs, gloo on CPU)
     master_address: str = "127.0.0.1"  # distributed transport: the pushers' address as engines see it
+    group_timeout_s: float = 300.0  # distributed transport: a broadcast no engine receives fails after this
     api_key: Optional[str] = None
 
     def __post_init__(self):
@@ -69,6 +74,8 @@ class SyncConfig:
             raise ValueError(f"{where}.load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.engine_tp_size < 1:
             raise ValueError(f"{where}.engine_tp_size must be >= 1, got {self.engine_tp_size}")
+        if self.group_timeout_s <= 0:
+            raise ValueError(f"{where}.group_timeout_s must be > 0, got {self.group_timeout_s}")
         if self.transport == "disk" and not self.disk_dir:
             raise ValueError(f"{where}.disk_dir is required with transport=disk")
 
@@ -78,7 +85,8 @@ class SyncConfig:
         if self.transport == "disk":
             return make_transport("disk", root=self.disk_dir, side_files=side_files)
         return make_transport("distributed", master_address=self.master_address,
-                              backend=self.backend or platform.current().backend, engine_tp_size=self.engine_tp_size)
+                              backend=self.backend or platform.current().backend, engine_tp_size=self.engine_tp_size,
+                              timeout_s=self.group_timeout_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +128,7 @@ class WeightSync:
         self.is_pusher = pctx.dp_rank == 0 and pctx.tp_rank == 0
         self.transport = (transport or cfg.build_transport(side_files)) if self.is_pusher else None
         self._clients: dict[str, EngineClient] = {}
+        self._last_failed = False
 
     def _client(self, url: str) -> EngineClient:
         if self.fleet is not None:
@@ -130,77 +139,120 @@ class WeightSync:
             self._clients[url] = EngineClient(url, api_key=self.cfg.api_key)
         return self._clients[url]
 
-    def _prepare(self) -> list[str]:
-        """Rank 0: pause, flush and open the update session on every reachable engine."""
-        urls = []
+    def _prepare(self) -> dict:
+        """Rank 0: pause every reachable engine, flush its cache, open its update session."""
+        urls, fresh = [], False
         for slot in self.fleet.reachable:
             c = slot.client
             try:
                 c.pause()
-                c.flush_cache()
+                try:
+                    c.flush_cache()  # frees the KV cache before the load; a refusal is not fatal
+                except EngineError as exc:
+                    log.warning("engine %s did not flush its cache before the push: %s", c.url, exc)
                 c.begin_weight_update()
-                urls.append(c.url)
             except EngineError as exc:
                 self.fleet.drop(slot, exc)
+                continue
+            urls.append(c.url)
+            fresh = fresh or slot.needs_sync
         if not urls:
             raise SyncError("no reachable engine to push weights to")
-        return urls
+        # A re-admitted engine (or a failed last push) needs fresh update groups.
+        return {"urls": urls, "reform": fresh or self._last_failed}
 
     def push(self, modules: list, version: int | str) -> SyncReport:
+        """Push the actor's weights as ``version``; collective over all trainer ranks.
+
+        Failures anywhere become one :class:`SyncError` raised on every rank: each rank always
+        enters every collective of the protocol, and a pusher whose transport fails keeps
+        walking the parameters (its TP peers are gathering with it) without sending.
+        """
         version = str(version)
         started = time.monotonic()
-        header = [self._prepare() if self.pctx.rank == 0 else None]
+        header: list = [None]
+        if self.pctx.rank == 0:
+            try:
+                header[0] = self._prepare()
+            except (SyncError, EngineError) as exc:
+                header[0] = {"error": str(exc)}
         dist.broadcast_object_list(header, src=0)
-        engines = [self._client(u) for u in header[0]]
+        if "error" in header[0]:
+            raise SyncError(header[0]["error"])
+        urls = header[0]["urls"]
 
-        # Every TP rank of DP replica 0 walks the parameters (the TP gathers are collective).
         send_started = time.monotonic()
-        receipt = None
+        receipt, error = None, None
         if self.pctx.dp_rank == 0:
             dtype = DTYPES[self.cfg.dtype] if self.cfg.dtype else None
             stream = iter_hf_weights(modules, self.arch, self.pctx, dtype)
-            if self.is_pusher:
-                self.transport.open(engines, self.pctx.pp_rank, version)
-                for bucket in bucketed(stream, self.cfg.bucket_bytes):
-                    self.transport.send(bucket)
-                receipt = self.transport.close()
-            else:
-                for _ in stream:
-                    pass
+            try:
+                if self.is_pusher:
+                    error = self._send_all(stream, [self._client(u) for u in urls], version, header[0]["reform"])
+                    receipt = self.transport.close()
+                else:
+                    for _ in stream:
+                        pass
+            except (KeyError, ValueError, RuntimeError) as exc:  # the same on every TP rank of the stage
+                error = f"rank {self.pctx.rank}: {type(exc).__name__}: {exc}"
         send_seconds = time.monotonic() - send_started
 
         gathered: list = [None] * self.pctx.world_size
-        dist.all_gather_object(gathered, (receipt, send_seconds))
+        dist.all_gather_object(gathered, (receipt, error, send_seconds))
         outcome: list = [None]
         if self.pctx.rank == 0:
-            outcome[0] = self._commit(version, [r for r, _ in gathered if r is not None], started,
-                                      max(s for _, s in gathered))
+            errors = [e for _, e, _ in gathered if e]
+            receipts = [r for r, _, _ in gathered if r is not None]
+            if errors:
+                outcome[0] = f"weight push {version} failed: " + "; ".join(errors)
+            else:
+                outcome[0] = self._commit(version, urls, receipts, started, max(t for _, _, t in gathered))
+            if isinstance(outcome[0], str):
+                # Engines may now hold a mix of old and new weights: none serves until a push completes.
+                self.fleet.mark_needs_sync(urls)
+            self._last_failed = isinstance(outcome[0], str)
         dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], str):
             raise SyncError(outcome[0])
         return outcome[0]
 
-    def _commit(self, version: str, receipts: list[Receipt], started: float, send_seconds: float):
+    def _send_all(self, stream, engines: list[EngineClient], version: str, reform: bool) -> Optional[str]:
+        """Pusher: bucket and send the stage's tensors; after a failure keep draining the stream."""
+        error = None
+        try:
+            self.transport.open(engines, self.pctx.pp_rank, version, reform=reform)
+        except (EngineError, RuntimeError, OSError, ValueError) as exc:
+            error = f"stage {self.pctx.pp_rank}: {type(exc).__name__}: {exc}"
+        for bucket in bucketed(stream, self.cfg.bucket_bytes):
+            if error is None:
+                try:
+                    self.transport.send(bucket)
+                except (EngineError, RuntimeError, OSError, ValueError) as exc:
+                    error = f"stage {self.pctx.pp_rank}: {type(exc).__name__}: {exc}"
+        return error
+
+    def _commit(self, version: str, urls: list[str], receipts: list[Receipt], started: float,
+                send_seconds: float):
         """Rank 0: check completeness, make the version current, resume; a str result is an error."""
         try:
             check_receipts(self.arch, receipts)
         except SyncError as exc:
             return str(exc)
         failed = {u: e for r in receipts for u, e in r.failed.items()}
-        live = [s for s in self.fleet.reachable if s.client.url not in failed]
+        pushed = [self._client(u) for u in urls if u not in failed]  # the engines of *this* push
         commit_started = time.monotonic()
-        failed.update(self.transport.commit([s.client for s in live], version, receipts))
-        for slot in self.fleet.reachable:
-            c = slot.client
-            if c.url in failed:
-                self.fleet.drop(slot, EngineError(c.url, "push", failed[c.url]))
+        failed.update(self.transport.commit(pushed, version, receipts))
+        for url in urls:
+            slot = self.fleet.slot(url)
+            if url in failed:
+                self.fleet.drop(slot, EngineError(url, "push", failed[url]))
                 continue
             try:
-                c.end_weight_update()
-                c.continue_generation()
+                slot.client.end_weight_update()
+                slot.client.continue_generation()
             except EngineError as exc:
                 self.fleet.drop(slot, exc)
-        self.fleet.mark_synced(version)
+        self.fleet.mark_synced(version, urls)
         if not self.fleet.serving:
             return f"weight push {version}: no engine took it ({failed})"
         now = time.monotonic()

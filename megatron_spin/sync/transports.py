@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -56,15 +57,28 @@ class Receipt:
 class Transport(abc.ABC):
     name = ""
 
-    def __init__(self, max_workers: int = 8):
-        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"sync-{self.name}")
+    def __init__(self):
+        self._pool: Optional[cf.ThreadPoolExecutor] = None
+        self._pool_size = 0
         self.engines: list[EngineClient] = []
         self.receipt = Receipt(stage=0)
         self.version = ""
 
-    def open(self, engines: Sequence[EngineClient], stage: int, version: str) -> None:
+    def open(self, engines: Sequence[EngineClient], stage: int, version: str, reform: bool = False) -> None:
+        """Start a push to ``engines``; ``reform``: an engine is new or came back (group transports
+        must build their groups afresh)."""
         self.engines, self.version = list(engines), version
         self.receipt = Receipt(stage=stage)
+        self._ensure_pool(len(self.engines))
+
+    def _ensure_pool(self, engines: int) -> None:
+        # One thread per engine at least: group calls block until *every* member has joined, so a
+        # pool smaller than the fleet would deadlock.
+        if self._pool is None or self._pool_size < engines + 1:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self._pool_size = max(4, engines + 1)
+            self._pool = cf.ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix=f"sync-{self.name}")
 
     def send(self, bucket: NamedTensors) -> None:
         live = [e for e in self.engines if e.url not in self.receipt.failed]
@@ -84,15 +98,17 @@ class Transport(abc.ABC):
         return self._each(engines, lambda e: e.update_weight_version(version))
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def _each(self, engines: Sequence[EngineClient], fn: Callable[[EngineClient], object]) -> dict[str, str]:
+        self._ensure_pool(len(engines))
         futures = {self._pool.submit(fn, e): e for e in engines}
         failed = {}
         for fut in cf.as_completed(futures):
             try:
                 fut.result()
-            except (EngineError, OSError, RuntimeError) as exc:
+            except (EngineError, OSError, RuntimeError, ValueError) as exc:
                 failed[futures[fut].url] = str(exc)
         return failed
 
@@ -103,8 +119,8 @@ class Transport(abc.ABC):
 class TensorTransport(Transport):
     name = "tensor"
 
-    def __init__(self, load_format: Optional[str] = FLATTENED_BUCKET, engine_tp_size: int = 1, **kw):
-        super().__init__(**kw)
+    def __init__(self, load_format: Optional[str] = FLATTENED_BUCKET, engine_tp_size: int = 1):
+        super().__init__()
         self.load_format, self.engine_tp_size = load_format, engine_tp_size
         self._staging: Optional[torch.Tensor] = None  # CPU: one shared-memory buffer for every bucket
 
@@ -147,16 +163,16 @@ class TensorTransport(Transport):
 class DiskTransport(Transport):
     name = "disk"
 
-    def __init__(self, root: str | os.PathLike, side_files: Optional[str | os.PathLike] = None, **kw):
-        super().__init__(**kw)
+    def __init__(self, root: str | os.PathLike, side_files: Optional[str | os.PathLike] = None):
+        super().__init__()
         self.root = Path(root)
         self.side_files = Path(side_files) if side_files else None
 
     def version_dir(self, version: str) -> Path:
         return self.root / f"weights-v{version}"
 
-    def open(self, engines, stage, version) -> None:
-        super().open(engines, stage, version)
+    def open(self, engines, stage, version, reform: bool = False) -> None:
+        super().open(engines, stage, version, reform)
         self.version_dir(version).mkdir(parents=True, exist_ok=True)
 
     def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:
@@ -187,73 +203,99 @@ class DiskTransport(Transport):
 
 
 class DistributedTransport(Transport):
+    """Broadcast over a group of this pusher (rank 0) and every engine rank.
+
+    A bucket is announced to every engine (names, dtypes, shapes), then broadcast tensor by
+    tensor; each engine receives into fresh buffers, checks and loads.  Every member must take
+    part in every broadcast, so any failure — an engine refusing an announcement, a broadcast
+    timing out — leaves the group unusable: the push fails, the group is torn down, and the
+    next push forms a new one (as it does when the engines change or one came back).
+    """
+
     name = "distributed"
 
     def __init__(self, master_address: str = "127.0.0.1", backend: str = "gloo", engine_tp_size: int = 1,
-                 timeout_s: float = 300.0, **kw):
-        super().__init__(**kw)
+                 timeout_s: float = 300.0):
+        super().__init__()
         self.master_address, self.backend = master_address, backend
         self.engine_tp_size, self.timeout_s = engine_tp_size, timeout_s
         self._group = None
-        self._group_engines: tuple[str, ...] = ()
-        self._group_name = ""
+        self._members: list[EngineClient] = []
         self._generation = 0
 
-    def open(self, engines, stage, version) -> None:
-        super().open(engines, stage, version)
-        urls = tuple(e.url for e in self.engines)
-        if self._group is None or urls != self._group_engines:
+    def open(self, engines, stage, version, reform: bool = False) -> None:
+        super().open(engines, stage, version, reform)
+        if reform or self._group is None or [e.url for e in self.engines] != [e.url for e in self._members]:
+            self._leave_group()
             self._form_group(stage)
 
     def _form_group(self, stage: int) -> None:
         """A fresh group of this pusher (rank 0) and every engine rank, on a port the store picks."""
-        import torch.distributed as dist
+        from megatron_spin.sync.update_group import create_update_group, host_store
 
-        from megatron_spin.sync.update_group import create_update_group
-
-        self._leave_group()
         self._generation += 1
-        name = f"megatron_spin-stage{stage}-g{self._generation}"
+        # Unique across pusher restarts too: an engine may still hold a group of an earlier run.
+        name = f"megatron_spin-stage{stage}-g{self._generation}-{secrets.token_hex(4)}"
         world = 1 + self.engine_tp_size * len(self.engines)
-        store = dist.TCPStore(self.master_address, 0, world, is_master=True,
-                              timeout=datetime.timedelta(seconds=self.timeout_s), wait_for_workers=False)
+        store = host_store(self.master_address, world, self.timeout_s)
         joins = {
             self._pool.submit(e.init_weights_update_group, self.master_address, store.port,
                               1 + i * self.engine_tp_size, world, name, self.backend): e
             for i, e in enumerate(self.engines)
         }
-        self._group = create_update_group(self.master_address, store.port, 0, world, name, self.backend,
-                                          self.timeout_s, store=store)
+        group = create_update_group(self.master_address, store.port, 0, world, name, self.backend,
+                                    self.timeout_s, store=store)
         for fut in cf.as_completed(joins):
-            fut.result()  # an engine that cannot join leaves us in no group: fail loudly
-        self._group_engines, self._group_name = tuple(e.url for e in self.engines), name
+            fut.result()  # an engine that could not join: the push fails, nothing half-formed stays
+        self._group, self._members = group, list(self.engines)
 
     def _leave_group(self) -> None:
-        if self._group is not None:
-            self._each(self.engines, lambda e: e.destroy_weights_update_group(self._group_name))
-            self._group = None
+        """Tell the members of the current group (not the next push's engines) and release it."""
+        if self._group is None:
+            return
+        group, members, self._group, self._members = self._group, self._members, None, []
+        name = group.name
+        self._each(members, lambda e: e.destroy_weights_update_group(name))
+        group.destroy()
 
     def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:
+        if self._group is None:
+            raise RuntimeError("the weight-update group broke earlier in this push")
         names = [n for n, _ in bucket]
         dtypes = [str(t.dtype).removeprefix("torch.") for _, t in bucket]
         shapes = [list(t.shape) for _, t in bucket]
-        announced = {
-            self._pool.submit(e.update_weights_from_distributed, names, dtypes, shapes, self._group_name): e
-            for e in self.engines  # every group member must take part in the broadcast
-        }
-        device = self._group.device
-        for _, t in bucket:
-            self._group.broadcast(t.detach().to(device).contiguous(), src=0)
+        name = self._group.name
+        announced = {self._pool.submit(e.update_weights_from_distributed, names, dtypes, shapes, name): e
+                     for e in self._members}
+        try:
+            for _, t in bucket:
+                self._group.broadcast(t.detach().to(self._group.device).contiguous(), src=0)
+        except RuntimeError as exc:
+            # Usually an engine refused the announcement (and so never received): say which.
+            done, _ = cf.wait(announced, timeout=5.0)
+            refusals = {announced[f].url: str(f.exception()) for f in done if f.exception() is not None}
+            self._record(refusals)
+            self._broken()
+            raise RuntimeError(f"broadcast failed ({exc}); engine replies: {refusals or 'none'}") from None
         failed = {}
         for fut in cf.as_completed(announced):
             try:
                 fut.result()
             except EngineError as exc:
                 failed[announced[fut].url] = str(exc)
-        self._record(failed)
+        if failed:
+            self._record(failed)
+            self._broken()
+            raise RuntimeError(f"engines refused a broadcast bucket: {failed}")
+
+    def _broken(self) -> None:
+        try:
+            self._leave_group()
+        except (EngineError, RuntimeError):
+            self._group, self._members = None, []
 
     def shutdown(self) -> None:
-        self._leave_group()
+        self._broken()
         super().shutdown()
 
 

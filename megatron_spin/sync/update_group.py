@@ -1,19 +1,22 @@
 """A process group between the trainer's pusher and the rollout engines, outside the default one.
 
 The trainer ranks already belong to a default process group (Megatron's), and each engine
-process is its own program: the weight-update group is built *beside* both, from a TCP store
-at ``master_address:master_port`` whose rank 0 (the pusher) hosts it.  Keys are prefixed with
-the group name so several groups (one per pipeline stage's pusher) share nothing by accident.
+process is its own program: the weight-update group is built *beside* both.  It is built
+exactly the way SGLang builds its side (``init_custom_process_group``): a TCP store at
+``master_address:master_port`` hosted by rank 0 (the pusher), wrapped in a ``PrefixStore``
+named after the group, handed to torch's process-group factory with the group's name — so
+a trainer group meets an SGLang engine's, and the embedded engine exercises the same code
+on the CPU.  No collective runs at join time (SGLang's first collective is the first weight).
 Rank 0 broadcasts; engine ranks are ``rank_offset + engine_tp_rank``.
 
-``backend`` is ``"nccl"`` on GPUs (SGLang's engines accept only what their device supports)
-and ``"gloo"`` for CPU tensors, which is how the embedded engine and the tests run it.
+``backend`` is ``"nccl"`` on GPUs and ``"gloo"`` for CPU tensors (the embedded engine, tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -25,25 +28,37 @@ BACKENDS = ("gloo", "nccl")
 class UpdateGroup:
     pg: object  # the torch ProcessGroup
     store: object  # kept alive with the group (rank 0 hosts the store's server)
+    name: str
     rank: int
     world_size: int
     device: torch.device
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Group-local ``src`` (the ProcessGroup object's own ranks, whatever the default group is)."""
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         self.pg.broadcast([tensor], opts).wait()
 
+    def destroy(self) -> None:
+        try:
+            dist.destroy_process_group(self.pg)
+        except (ValueError, RuntimeError, AssertionError, KeyError):
+            pass  # already gone (e.g. the peer died); nothing left to release
+
+
+def host_store(master_address: str, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
+    """Rank 0's store on a port the OS picks (read it from ``.port``): no window for a port race."""
+    return dist.TCPStore(master_address, 0, world_size, is_master=True,
+                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
 
 def create_update_group(
     master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
-    backend: str = "gloo", timeout_s: float = 300.0, store=None,
+    backend: str = "gloo", timeout_s: float = 300.0, store: Optional[dist.TCPStore] = None,
 ) -> UpdateGroup:
-    """Join a group of ``world_size`` ranks; blocks until every rank has joined.
+    """Join the group (rank 0 passes the store from :func:`host_store`)."""
+    from torch.distributed.distributed_c10d import _new_process_group_helper, _world
 
-    Rank 0 may pass the ``TCPStore`` it already hosts (created with port 0, so the OS picks a
-    free port that the engines are then told about — no window for another process to take it).
-    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not (0 <= rank < world_size):
@@ -52,11 +67,12 @@ def create_update_group(
     if store is None:
         store = dist.TCPStore(master_address, master_port, world_size, is_master=(rank == 0), timeout=timeout,
                               wait_for_workers=False)
-    prefixed = dist.PrefixStore(f"megatron_spin/{group_name}/", store)
-    if backend == "gloo":
-        pg, device = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout), torch.device("cpu")
-    else:  # pragma: no cover - GPU tier
-        pg, device = dist.ProcessGroupNCCL(prefixed, rank, world_size), torch.device("cuda", torch.cuda.current_device())
-    group = UpdateGroup(pg, store, rank, world_size, device)
-    group.broadcast(torch.zeros(1, device=device))  # a barrier: every rank has joined
-    return group
+    # The name is part of every store key the factory uses: both sides must pass the same one
+    # (the pusher makes it unique per group it forms).
+    pg, _ = _new_process_group_helper(world_size, rank, [], backend, dist.PrefixStore(group_name, store),
+                                      group_name=group_name, timeout=timeout)
+    # What torch's own group constructors record (and SGLang's too): group rank i is "global"
+    # rank i of this group, so dist.broadcast(src=0, group=pg) and destroy_process_group work.
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    device = torch.device("cpu") if backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
+    return UpdateGroup(pg, store, group_name, rank, world_size, device)

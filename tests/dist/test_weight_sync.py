@@ -15,6 +15,7 @@ after reporting it sent (a simulated fault, named as such) is caught by the log-
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -141,6 +142,36 @@ class SkippingTransport:
         return _Skipping(**kw)
 
 
+class FailingTransport:
+    """SIMULATED FAULT: the pusher's transport raises at bucket 2 (e.g. a disk full, a 401)."""
+
+    def __new__(cls, **kw):
+        from megatron_spin.sync.transports import TensorTransport
+
+        class _Failing(TensorTransport):
+            def _send(self, bucket, engines):
+                if self.receipt.buckets == 2:
+                    raise OSError("simulated transport failure")
+                super()._send(bucket, engines)
+
+        return _Failing(**kw)
+
+
+class MisnamingTransport:
+    """SIMULATED FAULT: a distributed transport that announces a name the engine does not have."""
+
+    def __new__(cls, **kw):
+        from megatron_spin.sync.transports import DistributedTransport
+
+        class _Misnaming(DistributedTransport):
+            def _send(self, bucket, engines):
+                if self.receipt.buckets == 1:
+                    bucket = [("model.no_such.weight", t) if i == 0 else (n, t) for i, (n, t) in enumerate(bucket)]
+                super()._send(bucket, engines)
+
+        return _Misnaming(**kw)
+
+
 def _fault_jobs(rank, world_size, url, mcore):
     from megatron_spin.ckpt.model_io import load_model_weights
     from megatron_spin.ckpt.streaming import read_arch
@@ -192,6 +223,34 @@ def _fault_jobs(rank, world_size, url, mcore):
     # 4. Recovery: a complete push makes the engine serve again with the right weights.
     WeightSync(cfg, arch, pctx, fleet).push(models[1], 4)
     out["gap_recovered"] = max(logprob_gap(models[1], pctx, fleet, PROBE).values())
+
+    # 5. A pusher's transport fails midway: its TP peer keeps gathering with it, every rank
+    #    raises the same error at once, and the engine serves nothing until the next push.
+    started = time.monotonic()
+    try:
+        WeightSync(cfg, arch, pctx, fleet, transport=FailingTransport()).push(models[0], 5)
+        out["failing_error"] = None
+    except SyncError as exc:
+        out["failing_error"] = str(exc)
+    out["failing_seconds"] = time.monotonic() - started
+    out["serving_after_failure"] = len(fleet.serving) if rank == 0 else None
+    WeightSync(cfg, arch, pctx, fleet).push(models[0], 6)
+    out["gap_after_failure"] = max(logprob_gap(models[0], pctx, fleet, PROBE).values())
+
+    # 6. Distributed: an engine refuses an announcement; the broadcast fails after the group
+    #    timeout (no hang), the group is torn down, and the next push forms a new one.
+    dcfg = SyncConfig(transport="distributed", bucket_bytes=64 * 1024, api_key=API_KEY, group_timeout_s=5)
+    sync = WeightSync(dcfg, arch, pctx, fleet, transport=MisnamingTransport(timeout_s=5) if rank == 0 else None)
+    try:
+        sync.push(models[1], 7)
+        out["refused_error"] = None
+    except SyncError as exc:
+        out["refused_error"] = str(exc)
+    sync.close()
+    sync = WeightSync(dcfg, arch, pctx, fleet)
+    sync.push(models[1], 8)
+    out["gap_after_refusal"] = max(logprob_gap(models[1], pctx, fleet, PROBE).values())
+    sync.close()
     return out
 
 
@@ -207,3 +266,10 @@ def test_skipped_lost_and_partial_pushes_are_detected(checkpoints, tmp_path):
     assert other["partial_error"] == out["partial_error"]  # every rank raises the same error
     assert out["version_after_partial"] == "2"
     assert out["gap_recovered"] <= 1e-4
+    assert out["failing_error"] and "simulated transport failure" in out["failing_error"], out
+    assert other["failing_error"] == out["failing_error"]
+    assert out["failing_seconds"] < 60 and out["serving_after_failure"] == 0
+    assert out["gap_after_failure"] <= 1e-4
+    assert out["refused_error"] and "model.no_such.weight" in out["refused_error"], out
+    assert other["refused_error"] == out["refused_error"]
+    assert out["gap_after_refusal"] <= 1e-4

@@ -155,7 +155,7 @@ def test_malformed_updates_are_rejected_and_change_nothing(server, client, model
         "flat metadata": ([encode_named_tensors([], "flattened_bucket",
                                                 (torch.zeros(4, dtype=torch.uint8), flatten([("x", norm)])[1]))],
                           "flattened_bucket", "does not fit"),
-        "empty list": ([], None, "non-empty list"),
+        "empty list": ([], None, "one entry per engine TP rank"),
     }
     for what, (serialized, load_format, expect) in bad_payloads.items():
         reply = requests.post(server.url + P.UPDATE_FROM_TENSOR, headers={"Authorization": f"Bearer {KEY}"},
@@ -242,7 +242,7 @@ def test_release_resume_refuses_generation_until_all_weights_pushed(client, mode
 
 
 def test_openai_completions_route(smollm2_dir, tmp_path):
-    with launch_embedded(smollm2_dir, log_path=tmp_path / "smol.log", threads=2) as srv:
+    with launch_embedded(smollm2_dir, log_path=tmp_path / "smol.log", threads=2, api_key=None) as srv:
         reply = requests.post(srv.url + P.COMPLETIONS, timeout=120, json={
             "prompt": ["The capital of France is", "1, 2, 3,"], "max_tokens": 4, "temperature": 0, "logprobs": 1})
         assert reply.status_code == 200, reply.text
@@ -252,6 +252,38 @@ def test_openai_completions_route(smollm2_dir, tmp_path):
         assert len(body["choices"][1]["logprobs"]["token_logprobs"]) == 4
         assert body["weight_version"] == "default"
         assert requests.post(srv.url + P.COMPLETIONS, json={"max_tokens": 2}, timeout=10).status_code == 400
+
+
+def test_crafted_shared_memory_handles_and_oversized_requests_are_refused(server, client, tmp_path):
+    import torch.multiprocessing.reductions as reductions
+
+    victim = "/dev/shm/megatron_spin_test_victim"
+    with open(victim, "wb") as f:
+        f.write(b"secret" * 100)
+    try:
+        class Crafted:  # what a hostile peer would send: torch's own rebuild, someone else's segment
+            def __reduce__(self):
+                return (reductions.rebuild_storage_filename,
+                        (torch.UntypedStorage, b"/tmp/x/manager.sock", b"/megatron_spin_test_victim", 600))
+
+        payload = base64.b64encode(pickle.dumps([("model.norm.weight", Crafted())])).decode()
+        reply = requests.post(server.url + P.UPDATE_FROM_TENSOR, headers={"Authorization": f"Bearer {KEY}"},
+                              json={"serialized_named_tensors": [payload]}, timeout=30)
+        assert reply.status_code == 400 and "refusing shared-memory handle" in reply.json()["message"]
+        assert os.path.exists(victim)  # neither mapped nor unlinked
+    finally:
+        os.unlink(victim)
+    two = [encode_named_tensors([("model.norm.weight", torch.ones(64))])] * 2
+    with pytest.raises(EngineError, match="one entry per engine TP rank"):
+        client.update_weights_from_tensor(two)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert requests.post(server.url + P.GENERATE, data=b"x" * (65 * 1024**2), headers=auth,
+                         timeout=60).status_code == 413
+    assert requests.post(server.url + P.GENERATE, json=[1, 2], headers=auth, timeout=10).status_code == 400
+    with pytest.raises(EngineError, match="at most 1024"):
+        client.generate(GenerateRequest(PROMPTS, SamplingParams(n=600, max_new_tokens=1)))
+    with pytest.raises(EngineError, match="exceed the model's context of 128"):
+        client.generate(GenerateRequest(PROMPTS, SamplingParams(max_new_tokens=125)))
 
 
 def test_client_retries_are_bounded_and_name_the_engine():

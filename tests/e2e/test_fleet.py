@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import requests
 
+from megatron_spin.rollout.client import EngineError
 from megatron_spin.rollout.fleet import FleetError, RolloutFleet
 from megatron_spin.rollout.launcher import launch_embedded
 from megatron_spin.rollout.protocol import SamplingParams
@@ -21,7 +22,8 @@ GREEDY = SamplingParams(max_new_tokens=4, temperature=0, n=2)
 
 
 def requests_served(server) -> int:
-    return requests.get(server.url + "/get_server_info", timeout=10).json()["requests"]
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    return requests.get(server.url + "/get_server_info", headers=headers, timeout=10).json()["requests"]
 
 
 def test_fleet_spreads_reroutes_and_readmits(tmp_path):
@@ -42,7 +44,8 @@ def test_fleet_spreads_reroutes_and_readmits(tmp_path):
         assert [s.healthy for s in fleet.slots] == [True, False]
         assert "127.0.0.1" in fleet.slots[1].last_error
 
-        b = launch_embedded(model, port=port, log_path=tmp_path / "b2.log", threads=1, weight_version="stale")
+        b = launch_embedded(model, port=port, log_path=tmp_path / "b2.log", threads=1, weight_version="stale",
+                            api_key=b.api_key)
         assert fleet.probe() == [b.url]
         assert [s.client.url for s in fleet.serving] == [a.url]  # back, but without the fleet's weights
         fleet.mark_synced("default")
@@ -53,6 +56,11 @@ def test_fleet_spreads_reroutes_and_readmits(tmp_path):
         served = requests_served(a)
         assert [[c.output_ids for c in r] for r in fleet.generate(PROMPTS, GREEDY)] == reference
         assert requests_served(a) == served + 1 and requests_served(b) == 1
+
+        # A request an engine refuses (4xx) is the caller's error: no engine is dropped for it.
+        with pytest.raises(EngineError, match="exceed the model's context"):
+            fleet.generate([list(range(120))], SamplingParams(max_new_tokens=50))
+        assert all(s.healthy for s in fleet.slots)
 
         a.stop()
         b.stop()

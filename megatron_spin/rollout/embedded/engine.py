@@ -58,7 +58,7 @@ class EngineStats:
 
 class EmbeddedEngine:
     def __init__(self, model, tokenizer=None, *, model_path: str = "", weight_version: str = "default",
-                 max_batch_tokens: int = 16384, max_batch_jobs: int = 256):
+                 max_batch_tokens: int = 16384, max_batch_jobs: int = 256, max_samples_per_request: int = 1024):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -67,6 +67,8 @@ class EmbeddedEngine:
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.generator = HFGenerator(model, eos_ids, max_batch_tokens=max_batch_tokens)
         self.weight_version = str(weight_version)
+        self.max_samples_per_request = max_samples_per_request
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.stats = EngineStats()
         self._groups: dict[str, UpdateGroup] = {}
         self._groups_lock = threading.Lock()
@@ -94,6 +96,7 @@ class EmbeddedEngine:
         return self.generator.run(jobs), version
 
     def generate(self, request: GenerateRequest, timeout: Optional[float] = None) -> list[list[Completion]]:
+        self._check_limits(request)
         n = request.sampling.n
         jobs = [
             GenerationJob(tuple(p), dataclasses.replace(request.sampling, n=1,
@@ -101,10 +104,6 @@ class EmbeddedEngine:
                           request.return_logprob, request.logprob_start_len)
             for p in request.input_ids for j in range(n)
         ]
-        if request.logprob_start_len >= 0:
-            for p in request.input_ids:
-                if request.logprob_start_len >= len(p):
-                    raise ProtocolError(f"logprob_start_len {request.logprob_start_len} >= prompt length {len(p)}")
         outputs, version = self._worker.submit(jobs).result(timeout=timeout)
         self.stats.requests += 1
         self.stats.prompt_tokens += sum(len(p) for p in request.input_ids) * n
@@ -120,6 +119,19 @@ class EmbeddedEngine:
             ))
         return replies
 
+    def _check_limits(self, request: GenerateRequest) -> None:
+        """Refuse what would exhaust memory or hold the engine (and so every weight push) for long."""
+        samples = len(request.input_ids) * request.sampling.n
+        if samples > self.max_samples_per_request:
+            raise ProtocolError(f"{samples} samples in one request; this engine takes at most "
+                                f"{self.max_samples_per_request} (prompts x n)")
+        for i, p in enumerate(request.input_ids):
+            if len(p) + request.sampling.max_new_tokens > self.max_length:
+                raise ProtocolError(f"prompt {i}: {len(p)} tokens + max_new_tokens {request.sampling.max_new_tokens} "
+                                    f"exceed the model's context of {self.max_length}")
+            if request.logprob_start_len >= len(p):
+                raise ProtocolError(f"logprob_start_len {request.logprob_start_len} >= prompt {i}'s length {len(p)}")
+
     # -- weights ----------------------------------------------------------------------------
     def _install(self, named, weight_version: Optional[str], *, complete: bool, where: str) -> str:
         self.weights.check(named, complete=complete, where=where)
@@ -133,8 +145,9 @@ class EmbeddedEngine:
     def update_from_tensor(self, serialized: Sequence, load_format: Optional[str],
                            weight_version: Optional[str]) -> str:
         """SGLang sends one payload per engine TP rank; this engine is one rank: entry 0."""
-        if not isinstance(serialized, list) or not serialized:
-            raise PayloadError("serialized_named_tensors must be a non-empty list (one entry per engine TP rank)")
+        if not isinstance(serialized, list) or len(serialized) != 1:
+            raise PayloadError("serialized_named_tensors must be a list with one entry per engine TP rank; "
+                               "the embedded engine is one rank (set sync.engine_tp_size=1)")
         named = decode_named_tensors(serialized[0], load_format)
         return self._install(named, weight_version, complete=False, where="update_weights_from_tensor")
 
@@ -160,8 +173,10 @@ class EmbeddedEngine:
 
     def destroy_update_group(self, group_name: str) -> str:
         with self._groups_lock:
-            if self._groups.pop(group_name, None) is None:
-                raise ProtocolError(f"no weight update group {group_name!r}")
+            group = self._groups.pop(group_name, None)
+        if group is None:
+            raise ProtocolError(f"no weight update group {group_name!r}")
+        group.destroy()
         return f"left {group_name!r}"
 
     def update_from_distributed(self, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence,

@@ -14,6 +14,7 @@ as they were, an engine that cannot serve (released memory, weights not loaded) 
 
 import argparse
 import hmac
+import json
 import logging
 import os
 import sys
@@ -28,7 +29,10 @@ from megatron_spin.rollout.tensor_payload import PayloadError
 log = logging.getLogger("megatron_spin.embedded")
 
 
-def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None):
+MAX_REQUEST_BYTES = 64 * 1024**2  # tensor payloads carry handles, not data: requests stay small
+
+
+def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request_bytes: int = MAX_REQUEST_BYTES):
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -42,18 +46,23 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None):
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > max_request_bytes):
+            return JSONResponse({"error": {"message": f"request body over {max_request_bytes} bytes"}},
+                                status_code=413)
         return await call_next(request)
 
-    async def body(request: Request) -> Any:
+    async def body(request: Request) -> dict:
         raw = await request.body()
         if not raw:
             return {}
         try:
-            import json
-
-            return json.loads(raw)
+            d = json.loads(raw)
         except ValueError as exc:
             raise P.ProtocolError(f"{request.url.path}: body is not JSON ({exc})") from None
+        if not isinstance(d, dict):
+            raise P.ProtocolError(f"{request.url.path}: body must be a JSON object")
+        return d
 
     def error(exc: Exception, status: int = 400) -> JSONResponse:
         return JSONResponse({"error": {"message": str(exc)}}, status_code=status)
@@ -68,7 +77,14 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None):
         except (PayloadError, P.ProtocolError, ValueError, TypeError) as exc:
             log.warning("rejected weight update: %s", exc)
             return update_reply(False, str(exc), 400)
+        except Exception as exc:  # e.g. a broadcast that timed out: report it, keep serving
+            log.exception("weight update failed")
+            return update_reply(False, f"{type(exc).__name__}: {exc}", 500)
         return update_reply(True, message)
+
+    @app.exception_handler(P.ProtocolError)
+    async def protocol_error(request: Request, exc: P.ProtocolError):
+        return error(exc)
 
     @app.get(P.HEALTH)
     @app.get(P.HEALTH_GENERATE)
@@ -147,7 +163,10 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None):
 
     @app.post(P.DESTROY_UPDATE_GROUP)
     async def destroy_group(request: Request):
-        d = await body(request)
+        try:
+            d = await body(request)
+        except P.ProtocolError as exc:
+            return update_reply(False, str(exc), 400)
         return await run_update(engine.destroy_update_group, str(d.get("group_name", "weight_update_group")))
 
     @app.post(P.UPDATE_FROM_DISTRIBUTED)
@@ -162,7 +181,10 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None):
 
     @app.post(P.UPDATE_WEIGHT_VERSION)
     async def update_weight_version(request: Request):
-        d = await body(request)
+        try:
+            d = await body(request)
+        except P.ProtocolError as exc:
+            return update_reply(False, str(exc), 400)
         if not isinstance(d.get("new_version"), (str, int)):
             return update_reply(False, f"{P.UPDATE_WEIGHT_VERSION}: missing 'new_version'", 400)
         await run_in_threadpool(engine.set_weight_version, str(d["new_version"]))
@@ -175,11 +197,11 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None):
 
     @app.api_route(P.GET_WEIGHTS_BY_NAME, methods=["GET", "POST"])
     async def get_weights_by_name(request: Request):
-        d = await body(request)
         try:
+            d = await body(request)
             return await run_in_threadpool(engine.get_weights_by_name, str(d.get("name")),
                                            int(d.get("truncate_size", 100)))
-        except P.ProtocolError as exc:
+        except (P.ProtocolError, ValueError, TypeError) as exc:
             return error(exc)
 
     @app.post(P.PAUSE)
