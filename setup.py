@@ -16,6 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_spin", "megatron_spin.*"]),
     include_package_data=True,
+    package_data={"megatron_spin.config.conf": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         "torch==2.13.0",
         "megatron-core==0.16.1",

@@ -1,0 +1,1 @@
+"""Hydra configs: spin_trainer.yaml (the default run) and presets."""
