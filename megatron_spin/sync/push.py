@@ -100,6 +100,7 @@ class SyncReport:
     send_seconds: float  # slowest stage: gather + convert + send
     commit_seconds: float
     dropped: tuple[str, ...] = ()
+    serving: tuple[str, ...] = ()  # engines that now serve this version
 
     def as_metrics(self) -> dict[str, float]:
         return {"sync/seconds": self.seconds, "sync/send_seconds": self.send_seconds,
@@ -118,29 +119,29 @@ def check_receipts(arch: ModelArch, receipts: list[Receipt]) -> None:
                         f"{len(extra)} unexpected or repeated (e.g. {extra[:3]}); weight_version not advanced")
 
 
-class WeightSync:
-    def __init__(self, cfg: SyncConfig, arch: ModelArch, pctx, fleet: Optional[RolloutFleet] = None,
-                 side_files: Optional[str] = None, transport: Optional[Transport] = None):
-        """``fleet`` is needed on global rank 0 only (the others learn the engine list from it)."""
-        if pctx.rank == 0 and fleet is None:
-            raise ValueError("WeightSync needs the rollout fleet on rank 0")
-        self.cfg, self.arch, self.pctx, self.fleet = cfg, arch, pctx, fleet
-        self.is_pusher = pctx.dp_rank == 0 and pctx.tp_rank == 0
-        self.transport = (transport or cfg.build_transport(side_files)) if self.is_pusher else None
-        self._clients: dict[str, EngineClient] = {}
+@dataclasses.dataclass(frozen=True)
+class PushPlan:
+    """What the coordinator tells every rank before a push."""
+
+    version: str
+    urls: tuple[str, ...]
+    reform: bool  # an engine is new or came back, or the last push failed: rebuild update groups
+    started: float
+
+
+class PushCoordinator:
+    """The half of a push that talks to the fleet: prepare, then check and commit.
+
+    It lives wherever the fleet lives — global rank 0 in an SPMD launch, the driver when Ray
+    places the trainer ranks — and never touches the model.
+    """
+
+    def __init__(self, cfg: SyncConfig, arch: ModelArch, fleet: RolloutFleet, transport: Transport):
+        self.cfg, self.arch, self.fleet, self.transport = cfg, arch, fleet, transport
         self._last_failed = False
 
-    def _client(self, url: str) -> EngineClient:
-        if self.fleet is not None:
-            for s in self.fleet.slots:
-                if s.client.url == url:
-                    return s.client
-        if url not in self._clients:
-            self._clients[url] = EngineClient(url, api_key=self.cfg.api_key)
-        return self._clients[url]
-
-    def _prepare(self) -> dict:
-        """Rank 0: pause every reachable engine, flush its cache, open its update session."""
+    def prepare(self, version: int | str) -> PushPlan:
+        """Pause every reachable engine, flush its cache, open its update session."""
         urls, fresh = [], False
         for slot in self.fleet.reachable:
             c = slot.client
@@ -158,69 +159,94 @@ class WeightSync:
             fresh = fresh or slot.needs_sync
         if not urls:
             raise SyncError("no reachable engine to push weights to")
-        # A re-admitted engine (or a failed last push) needs fresh update groups.
-        return {"urls": urls, "reform": fresh or self._last_failed}
+        return PushPlan(str(version), tuple(urls), fresh or self._last_failed, time.monotonic())
 
-    def push(self, modules: list, version: int | str) -> SyncReport:
-        """Push the actor's weights as ``version``; collective over all trainer ranks.
+    def finish(self, plan: PushPlan, results: list[tuple[Optional[Receipt], Optional[str], float]]) -> SyncReport:
+        """Given every rank's (receipt, error, seconds): commit, or raise one :class:`SyncError`."""
+        errors = [e for _, e, _ in results if e]
+        receipts = [r for r, _, _ in results if r is not None]
+        try:
+            if errors:
+                raise SyncError(f"weight push {plan.version} failed: " + "; ".join(errors))
+            report = self._commit(plan, receipts, max(t for _, _, t in results))
+        except SyncError:
+            # Engines may now hold a mix of old and new weights: none serves until a push completes.
+            self.fleet.mark_needs_sync(plan.urls)
+            self._last_failed = True
+            raise
+        self._last_failed = False
+        return report
 
-        Failures anywhere become one :class:`SyncError` raised on every rank: each rank always
-        enters every collective of the protocol, and a pusher whose transport fails keeps
-        walking the parameters (its TP peers are gathering with it) without sending.
-        """
-        version = str(version)
-        started = time.monotonic()
-        header: list = [None]
-        if self.pctx.rank == 0:
+    def _commit(self, plan: PushPlan, receipts: list[Receipt], send_seconds: float) -> SyncReport:
+        check_receipts(self.arch, receipts)
+        failed = {u: e for r in receipts for u, e in r.failed.items()}
+        pushed = [self.fleet.slot(u).client for u in plan.urls if u not in failed]  # *this* push's engines
+        commit_started = time.monotonic()
+        failed.update(self.transport.commit(pushed, plan.version, receipts))
+        for url in plan.urls:
+            slot = self.fleet.slot(url)
+            if url in failed:
+                self.fleet.drop(slot, EngineError(url, "push", failed[url]))
+                continue
             try:
-                header[0] = self._prepare()
-            except (SyncError, EngineError) as exc:
-                header[0] = {"error": str(exc)}
-        dist.broadcast_object_list(header, src=0)
-        if "error" in header[0]:
-            raise SyncError(header[0]["error"])
-        urls = header[0]["urls"]
+                slot.client.end_weight_update()
+                slot.client.continue_generation()
+            except EngineError as exc:
+                self.fleet.drop(slot, exc)
+        self.fleet.mark_synced(plan.version, plan.urls)
+        if not self.fleet.serving:
+            raise SyncError(f"weight push {plan.version}: no engine took it ({failed})")
+        now = time.monotonic()
+        return SyncReport(
+            version=plan.version, engines=len(self.fleet.serving), tensors=sum(len(r.names) for r in receipts),
+            bytes=sum(r.bytes for r in receipts), buckets=sum(r.buckets for r in receipts),
+            seconds=now - plan.started, send_seconds=send_seconds, commit_seconds=now - commit_started,
+            dropped=tuple(sorted(failed)), serving=tuple(s.client.url for s in self.fleet.serving),
+        )
 
-        send_started = time.monotonic()
+
+class StageSender:
+    """The half of a push that runs on every trainer rank: gather, convert, bucket, send.
+
+    Ranks of data-parallel replica 0 walk their stage's parameters (the TP gathers are
+    collective); the stage's pusher (TP rank 0) sends.  A pusher whose transport fails keeps
+    walking without sending, so that its TP peers, gathering with it, finish too.  Never
+    raises for a transport failure: the error travels in the result.
+    """
+
+    def __init__(self, cfg: SyncConfig, arch: ModelArch, pctx, side_files: Optional[str] = None,
+                 transport: Optional[Transport] = None):
+        self.cfg, self.arch, self.pctx = cfg, arch, pctx
+        self.is_pusher = pctx.dp_rank == 0 and pctx.tp_rank == 0
+        self.transport = (transport or cfg.build_transport(side_files)) if self.is_pusher else None
+        self._clients: dict[str, EngineClient] = {}
+
+    def client(self, url: str) -> EngineClient:
+        if url not in self._clients:
+            self._clients[url] = EngineClient(url, api_key=self.cfg.api_key)
+        return self._clients[url]
+
+    def send(self, modules: list, plan: PushPlan) -> tuple[Optional[Receipt], Optional[str], float]:
+        started = time.monotonic()
         receipt, error = None, None
         if self.pctx.dp_rank == 0:
             dtype = DTYPES[self.cfg.dtype] if self.cfg.dtype else None
             stream = iter_hf_weights(modules, self.arch, self.pctx, dtype)
             try:
                 if self.is_pusher:
-                    error = self._send_all(stream, [self._client(u) for u in urls], version, header[0]["reform"])
+                    error = self._send_all(stream, [self.client(u) for u in plan.urls], plan)
                     receipt = self.transport.close()
                 else:
                     for _ in stream:
                         pass
             except (KeyError, ValueError, RuntimeError) as exc:  # the same on every TP rank of the stage
                 error = f"rank {self.pctx.rank}: {type(exc).__name__}: {exc}"
-        send_seconds = time.monotonic() - send_started
+        return receipt, error, time.monotonic() - started
 
-        gathered: list = [None] * self.pctx.world_size
-        dist.all_gather_object(gathered, (receipt, error, send_seconds))
-        outcome: list = [None]
-        if self.pctx.rank == 0:
-            errors = [e for _, e, _ in gathered if e]
-            receipts = [r for r, _, _ in gathered if r is not None]
-            if errors:
-                outcome[0] = f"weight push {version} failed: " + "; ".join(errors)
-            else:
-                outcome[0] = self._commit(version, urls, receipts, started, max(t for _, _, t in gathered))
-            if isinstance(outcome[0], str):
-                # Engines may now hold a mix of old and new weights: none serves until a push completes.
-                self.fleet.mark_needs_sync(urls)
-            self._last_failed = isinstance(outcome[0], str)
-        dist.broadcast_object_list(outcome, src=0)
-        if isinstance(outcome[0], str):
-            raise SyncError(outcome[0])
-        return outcome[0]
-
-    def _send_all(self, stream, engines: list[EngineClient], version: str, reform: bool) -> Optional[str]:
-        """Pusher: bucket and send the stage's tensors; after a failure keep draining the stream."""
+    def _send_all(self, stream, engines: list[EngineClient], plan: PushPlan) -> Optional[str]:
         error = None
         try:
-            self.transport.open(engines, self.pctx.pp_rank, version, reform=reform)
+            self.transport.open(engines, self.pctx.pp_rank, plan.version, reform=plan.reform)
         except (EngineError, RuntimeError, OSError, ValueError) as exc:
             error = f"stage {self.pctx.pp_rank}: {type(exc).__name__}: {exc}"
         for bucket in bucketed(stream, self.cfg.bucket_bytes):
@@ -231,40 +257,57 @@ class WeightSync:
                     error = f"stage {self.pctx.pp_rank}: {type(exc).__name__}: {exc}"
         return error
 
-    def _commit(self, version: str, urls: list[str], receipts: list[Receipt], started: float,
-                send_seconds: float):
-        """Rank 0: check completeness, make the version current, resume; a str result is an error."""
-        try:
-            check_receipts(self.arch, receipts)
-        except SyncError as exc:
-            return str(exc)
-        failed = {u: e for r in receipts for u, e in r.failed.items()}
-        pushed = [self._client(u) for u in urls if u not in failed]  # the engines of *this* push
-        commit_started = time.monotonic()
-        failed.update(self.transport.commit(pushed, version, receipts))
-        for url in urls:
-            slot = self.fleet.slot(url)
-            if url in failed:
-                self.fleet.drop(slot, EngineError(url, "push", failed[url]))
-                continue
-            try:
-                slot.client.end_weight_update()
-                slot.client.continue_generation()
-            except EngineError as exc:
-                self.fleet.drop(slot, exc)
-        self.fleet.mark_synced(version, urls)
-        if not self.fleet.serving:
-            return f"weight push {version}: no engine took it ({failed})"
-        now = time.monotonic()
-        return SyncReport(
-            version=version, engines=len(self.fleet.serving), tensors=sum(len(r.names) for r in receipts),
-            bytes=sum(r.bytes for r in receipts), buckets=sum(r.buckets for r in receipts),
-            seconds=now - started, send_seconds=send_seconds, commit_seconds=now - commit_started,
-            dropped=tuple(sorted(failed)),
-        )
-
     def close(self) -> None:
         if self.transport is not None:
             self.transport.shutdown()
         for c in self._clients.values():
             c.close()
+
+
+class WeightSync:
+    """A push in an SPMD launch: the coordinator on global rank 0, a sender on every rank.
+
+    Failures anywhere become one :class:`SyncError` raised on every rank: each rank always
+    enters every collective of the protocol (plan broadcast, result gather, outcome broadcast).
+    """
+
+    def __init__(self, cfg: SyncConfig, arch: ModelArch, pctx, fleet: Optional[RolloutFleet] = None,
+                 side_files: Optional[str] = None, transport: Optional[Transport] = None):
+        """``fleet`` is needed on global rank 0 only (the others learn the engine list from it)."""
+        if pctx.rank == 0 and fleet is None:
+            raise ValueError("WeightSync needs the rollout fleet on rank 0")
+        self.pctx = pctx
+        self.sender = StageSender(cfg, arch, pctx, side_files, transport)
+        if pctx.rank == 0:
+            for slot in fleet.slots:  # the sender talks to the fleet's own clients (same keys)
+                self.sender._clients[slot.client.url] = slot.client
+            self.coordinator = PushCoordinator(cfg, arch, fleet, self.sender.transport)
+
+    def push(self, modules: list, version: int | str) -> SyncReport:
+        plan: list = [None]
+        if self.pctx.rank == 0:
+            try:
+                plan[0] = self.coordinator.prepare(version)
+            except (SyncError, EngineError) as exc:
+                plan[0] = str(exc)
+        dist.broadcast_object_list(plan, src=0)
+        if isinstance(plan[0], str):
+            raise SyncError(plan[0])
+        result = self.sender.send(modules, plan[0])
+        gathered: list = [None] * self.pctx.world_size
+        dist.all_gather_object(gathered, result)
+        outcome: list = [None]
+        if self.pctx.rank == 0:
+            try:
+                outcome[0] = self.coordinator.finish(plan[0], gathered)
+            except SyncError as exc:
+                outcome[0] = str(exc)
+        dist.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], str):
+            raise SyncError(outcome[0])
+        return outcome[0]
+
+    def close(self) -> None:
+        if self.pctx.rank == 0:
+            self.sender._clients.clear()  # the fleet's clients: the fleet's owner closes them
+        self.sender.close()
