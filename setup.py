@@ -17,6 +17,7 @@ setup(
     packages=find_packages(include=["megatron_spin", "megatron_spin.*"]),
     include_package_data=True,
     package_data={"megatron_spin.config.conf": ["*.yaml", "*/*.yaml"]},
+    entry_points={"console_scripts": ["megatron-spin-train = megatron_spin.main:main"]},
     install_requires=[
         "torch==2.13.0",
         "megatron-core==0.16.1",

@@ -1,0 +1,198 @@
+"""Place trainer ranks and rollout engines with Ray, and drive them as one object.
+
+    with TrainerCluster(plan, worker_spec, engine_spec, sync_cfg, arch) as cluster:
+        samples = cluster.fleet.generate(prompts, sampling)
+        metrics = cluster.train(pairs, iteration)
+        report = cluster.push(version)
+
+Placement (:class:`Placement`): one Ray actor per trainer rank (TP × PP × DP) and one per
+rollout engine, in one placement group.  On the CPU every actor takes one logical CPU.  On
+GPUs each trainer rank takes one GPU; *disaggregated* engines take ``rollout.tp_size`` GPUs
+of their own, *colocated* engines share the trainer ranks' GPUs (they release their memory
+while the actor trains).  Ray is started locally unless ``ray_address`` names a cluster.
+
+Every call to the ranks is collective, so they are always called together, and each wait
+is bounded (``timeout_s``): a hung collective surfaces as an error naming the call, not as
+a run that never ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+from megatron_spin.config.optim import ConfigError
+from megatron_spin.orchestrate.engines import EngineHost, EngineSpec
+from megatron_spin.orchestrate.worker import TrainerWorker, WorkerSpec
+from megatron_spin.rollout.client import EngineClient
+from megatron_spin.rollout.fleet import RolloutFleet
+from megatron_spin.sync.push import PushCoordinator, SyncConfig, SyncReport
+
+log = logging.getLogger("megatron_spin.cluster")
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    trainer_world: int
+    engines: int
+    engine_tp: int
+    gpus_per_node: int  # 0: CPU
+    colocated: bool
+
+    @classmethod
+    def plan(cls, *, tp: int, pp: int, nnodes: int, gpus_per_node: int, num_engines: int, engine_tp: int,
+             colocated: bool) -> "Placement":
+        mp = tp * pp
+        if gpus_per_node == 0:  # CPU: one DP replica; engines beside it
+            return cls(mp, num_engines, 1, 0, colocated)
+        total = nnodes * gpus_per_node
+        if colocated:
+            world, engines = total, total // engine_tp
+        else:
+            world, engines = total - num_engines * engine_tp, num_engines
+            if world < 1:
+                raise ConfigError(f"actor_rollout_ref.rollout.num_engines={num_engines} x tp_size={engine_tp} "
+                                  f"leaves no GPU for training out of {total}")
+        if world % mp:
+            raise ConfigError(f"rule trainer GPUs % (TP*PP) == 0 violated: {world} GPUs for training, TP*PP={mp}")
+        return cls(world, engines, engine_tp, gpus_per_node, colocated)
+
+    def bundles(self) -> list[dict]:
+        if self.gpus_per_node == 0:
+            return [{"CPU": 1}] * (self.trainer_world + self.engines)
+        trainer = [{"CPU": 1, "GPU": 1}] * self.trainer_world
+        return trainer if self.colocated else trainer + [{"CPU": 1, "GPU": self.engine_tp}] * self.engines
+
+
+class TrainerCluster:
+    def __init__(self, placement: Placement, worker_spec: WorkerSpec, engine_spec: EngineSpec, sync_cfg: SyncConfig,
+                 arch, *, ray_address: Optional[str] = None, timeout_s: float = 3600.0):
+        self.placement, self.worker_spec, self.engine_spec = placement, worker_spec, engine_spec
+        self.sync_cfg, self.arch, self.ray_address, self.timeout_s = sync_cfg, arch, ray_address, timeout_s
+        self.workers: list = []
+        self.engines: list = []
+        self.fleet: Optional[RolloutFleet] = None
+        self.coordinator: Optional[PushCoordinator] = None
+        self._started_ray = False
+        self._pg = None
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> "TrainerCluster":
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            if self.ray_address:
+                ray.init(address=self.ray_address, log_to_driver=True)
+            else:
+                cpus = max(len(self.placement.bundles()) + 1, os.cpu_count() or 1)
+                ray.init(num_cpus=cpus, num_gpus=self.placement.gpus_per_node or None, include_dashboard=False,
+                         log_to_driver=True)
+            self._started_ray = True
+        bundles = self.placement.bundles()
+        self._pg = placement_group(bundles, strategy="PACK")
+        if not self._pg.wait(timeout_seconds=min(self.timeout_s, 600)):
+            raise ClusterError(f"Ray could not place {len(bundles)} bundles {bundles[:2]}...: not enough resources "
+                               f"({ray.cluster_resources()})")
+
+        def at(index: int, **resources):
+            return dict(scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
+                        **resources)
+
+        p = self.placement
+        gpu = 1 if p.gpus_per_node else 0
+        worker_cls = ray.remote(TrainerWorker)
+        self.workers = [worker_cls.options(**at(r, num_cpus=1, num_gpus=gpu)).remote(r, p.trainer_world, self.worker_spec)
+                        for r in range(p.trainer_world)]
+        engine_cls = ray.remote(EngineHost)
+        self.engines = []
+        for i in range(p.engines):
+            if p.gpus_per_node and p.colocated:  # pragma: no cover - GPU tier, unverified
+                opts = at(i * p.engine_tp, num_cpus=0, num_gpus=0)
+            elif p.gpus_per_node:  # pragma: no cover - GPU tier, unverified
+                opts = at(p.trainer_world + i, num_cpus=1, num_gpus=p.engine_tp)
+            else:
+                opts = at(p.trainer_world + i, num_cpus=1)
+            self.engines.append(engine_cls.options(**opts).remote(i, self.engine_spec))
+        urls = self._get([e.url.remote() for e in self.engines], "start the rollout engines")
+        master = self._get(self.workers[0].rendezvous.remote(), "rendezvous")
+        ranks = self._get([w.setup.remote(*master) for w in self.workers], "set up the trainer ranks")
+        log.info("trainer ranks: %s", ranks)
+        self.fleet = RolloutFleet([EngineClient(u, api_key=self.engine_spec.api_key) for u in urls])
+        side = os.path.join(self.worker_spec.megatron_dir, "hf")
+        self.coordinator = PushCoordinator(self.sync_cfg, self.arch, self.fleet, self.sync_cfg.build_transport(side))
+        return self
+
+    def stop(self) -> None:
+        import ray
+
+        if self.workers:
+            try:
+                self._get([w.shutdown.remote() for w in self.workers], "shut the trainer ranks down", timeout=120)
+            except ClusterError as exc:
+                log.warning("%s", exc)
+        for e in self.engines:
+            try:
+                ray.get(e.stop.remote(), timeout=60)
+            except Exception as exc:  # an engine that already died
+                log.warning("engine stop: %s", exc)
+        if self.fleet is not None:
+            self.fleet.close()
+        for a in self.workers + self.engines:
+            ray.kill(a)
+        self.workers, self.engines = [], []
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)
+            self._pg = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> "TrainerCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- collective calls -------------------------------------------------------------------
+    def _get(self, refs, what: str, timeout: Optional[float] = None) -> Any:
+        import ray
+
+        try:
+            return ray.get(refs, timeout=timeout or self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(f"{what}: no answer within {timeout or self.timeout_s:.0f} s "
+                               "(a collective may be hung; see the worker logs)") from None
+        except ray.exceptions.RayError as exc:
+            raise ClusterError(f"{what} failed: {exc}") from None
+
+    def call(self, method: str, *args, what: Optional[str] = None) -> list:
+        return self._get([getattr(w, method).remote(*args) for w in self.workers], what or method)
+
+    def train(self, pairs: Sequence, iteration: int) -> dict:
+        results = self.call("train", list(pairs), iteration, what="actor update")
+        return next(r for r in results if r is not None)
+
+    def push(self, version: int) -> SyncReport:
+        plan = self.coordinator.prepare(version)
+        results = self.call("send_weights", plan, what=f"weight push {version}")
+        return self.coordinator.finish(plan, results)
+
+    def refresh_reference(self) -> None:
+        self.call("refresh_reference", what="reference refresh")
+
+    def release_engines(self) -> None:
+        """Colocated mode: engines give their memory back while the actor trains."""
+        self.fleet.each(lambda c: c.release_memory())
+
+    def resume_engines(self) -> None:
+        self.fleet.each(lambda c: c.resume_memory())

@@ -1,0 +1,63 @@
+"""A rollout engine process owned by a Ray actor, so Ray places it on a node like any worker.
+
+The actor starts the server (the embedded engine, or SGLang on GPUs) on its node, waits until
+it is healthy, and reports its URL; the server process dies with the actor (it is started
+with a parent-death signal), so tearing the Ray job down leaves no engine behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+from megatron_spin.rollout.launcher import launch_embedded, launch_sglang
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    model_path: str
+    kind: str = "embedded"  # embedded | sglang
+    host: str = "127.0.0.1"  # the address the server binds (the node's address on a multi-node run)
+    api_key: Optional[str] = None
+    log_dir: str = "."
+    threads: int = 0  # embedded: torch threads
+    tp_size: int = 1  # sglang
+    mem_fraction_static: Optional[float] = None  # sglang
+    enable_memory_saver: bool = False  # sglang, colocated mode
+    port: int = 0  # sglang needs a fixed port (0: 30000 + index)
+
+
+class EngineHost:
+    def __init__(self, index: int, spec: EngineSpec):
+        log = Path(spec.log_dir) / f"engine-{index}.log"
+        if spec.kind == "embedded":
+            self.server = launch_embedded(spec.model_path, host=spec.host, api_key=spec.api_key, log_path=log,
+                                          threads=spec.threads, timeout=600)
+        else:  # pragma: no cover - GPU tier, unverified
+            self.server = launch_sglang(spec.model_path, host=spec.host, port=spec.port or 30000 + index,
+                                        log_path=log, api_key=spec.api_key, tp_size=spec.tp_size,
+                                        mem_fraction_static=spec.mem_fraction_static,
+                                        enable_memory_saver=spec.enable_memory_saver)
+
+    def url(self) -> str:
+        return self.server.url
+
+    def pid(self) -> int:
+        return self.server.proc.pid if self.server.proc else -1
+
+    def stop(self) -> Optional[int]:
+        return self.server.stop()
+
+    def __del__(self):
+        try:
+            self.server.stop()
+        except Exception:
+            pass
+
+
+def engine_log_dir(run_dir: str) -> str:
+    path = os.path.join(run_dir, "logs")
+    os.makedirs(path, exist_ok=True)
+    return path
