@@ -14,10 +14,12 @@ saved in the run directory with every metric (``metrics.jsonl``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+from megatron_spin.ckpt import run_state
 from megatron_spin.config.run import RunConfig, load_run_config, to_dict
 from megatron_spin.pairs import build_pairs, build_spin_pairs
 from megatron_spin.rollout.protocol import SamplingParams
@@ -37,7 +39,8 @@ def run(cfg: RunConfig) -> dict:
     sampling = SamplingParams(max_new_tokens=cfg.data.max_response_length, temperature=rollout.temperature,
                               top_p=rollout.top_p, top_k=rollout.top_k, n=rollout.n)
     greedy = SamplingParams(max_new_tokens=cfg.data.max_response_length, temperature=0.0)
-    version, iteration, evals = 0, 0, {}
+    version, iteration, evals, first = 0, 0, {}, 1
+    resume_from = run_state.resolve_resume(t.resume, run_dir)
 
     def evaluate(step: int) -> None:
         groups = parts.cluster.fleet.generate([p.input_ids for p in parts.val], greedy)
@@ -46,12 +49,24 @@ def run(cfg: RunConfig) -> dict:
         parts.logger.log(step, {"reward/mean": evals[step], "prompts": len(scored)}, kind="eval")
 
     with parts.cluster as cluster:
-        cluster.fleet.each(lambda c: c.update_weight_version(str(version)))  # engines start from the actor's weights
-        evaluate(0)
-        for step in range(1, t.total_training_steps + 1):
+        if resume_from is not None:  # weights, optimizer, reference, data position; engines get the weights
+            state = run_state.read_state(resume_from)
+            cluster.call("load_checkpoint", str(resume_from), what=f"resume from {resume_from}")
+            parts.loader.load_state_dict(state["data"])
+            version, iteration, first = state["weight_version"], state["spin_iteration"], state["step"] + 1
+            evals = {int(k): v for k, v in state["evals"].items()}
+            cluster.push(version)
+            print(f"[resume] from {resume_from} at step {state['step']}", flush=True)
+        else:
+            cluster.fleet.each(lambda c: c.update_weight_version(str(version)))  # engines start with these weights
+            evaluate(0)
+        for step in range(first, t.total_training_steps + 1):
             timing, started = {}, time.monotonic()
             prompts = parts.loader.next_batch()
-            groups = cluster.fleet.generate([p.input_ids for p in prompts], sampling, return_logprob=False)
+            # A seed per step: samples depend only on (seed, step, prompt, weights), so a resumed
+            # run draws exactly what the uninterrupted one would have.
+            step_sampling = dataclasses.replace(sampling, seed=t.seed * 1_000_003 + step)
+            groups = cluster.fleet.generate([p.input_ids for p in prompts], step_sampling, return_logprob=False)
             check_versions([c for g in groups for c in g], version, rollout.max_off_policy_steps)
             timing["generate"] = time.monotonic() - started
             scored = score_completions(prompts, groups, parts.tokenizer, parts.reward)
@@ -85,7 +100,15 @@ def run(cfg: RunConfig) -> dict:
                                     **{f"timing/{k}": v for k, v in timing.items()}})
             if t.test_freq and step % t.test_freq == 0 and step != t.total_training_steps:
                 evaluate(step)
-        evaluate(t.total_training_steps)
+            if (t.save_freq and step % t.save_freq == 0) or step == t.total_training_steps:
+                t0 = time.monotonic()
+                staged = run_state.staging_dir(run_dir, step)
+                cluster.call("save_checkpoint", str(staged), what=f"checkpoint {step}")
+                run_state.publish(run_dir, step, staged, {"weight_version": version, "spin_iteration": iteration,
+                                                          "data": parts.loader.state_dict(), "evals": evals})
+                parts.logger.log(step, {"timing/checkpoint": time.monotonic() - t0}, kind="checkpoint")
+        if first <= t.total_training_steps or not evals:
+            evaluate(t.total_training_steps)
     parts.logger.close()
     summary = {"run_dir": str(run_dir), "eval_reward": evals, "steps": t.total_training_steps}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

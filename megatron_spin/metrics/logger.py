@@ -23,12 +23,21 @@ CONSOLE_KEYS = ("reward/mean", "loss", "accuracy", "pairs/kept", "timing/step")
 
 class MetricLogger:
     def __init__(self, run_dir: str | os.PathLike, backends: Sequence[str], *, project: str = "megatron_spin",
-                 experiment: str = "run", config: Optional[Mapping] = None, resume: bool = False):
+                 experiment: str = "run", config: Optional[Mapping] = None, resume_step: Optional[int] = None):
+        """``resume_step``: continuing a run from its checkpoint at this step — records logged
+        after it (by the run that crashed) are dropped, so every step appears once."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.backends = tuple(backends)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") \
-            if "jsonl" in self.backends else None
+        resume = resume_step is not None
+        path = self.run_dir / "metrics.jsonl"
+        if resume and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip()
+                    and json.loads(line)["step"] <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a" if resume else "w", encoding="utf-8") if "jsonl" in self.backends else None
         self._tb = None
         if "tensorboard" in self.backends:
             from torch.utils.tensorboard import SummaryWriter

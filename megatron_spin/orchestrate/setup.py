@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megatron_spin.ckpt import run_state
 from megatron_spin.config.run import RunConfig, to_dict
 from megatron_spin.data.prompts import EncodedPrompt, PromptKeys, PromptLoader, encode_prompts, read_prompt_file
 
@@ -99,7 +100,8 @@ def build_run(cfg: RunConfig, run_dir: Path) -> RunParts:
                         tp_size=r.tp_size, mem_fraction_static=r.mem_fraction_static,
                         enable_memory_saver=r.placement == "colocated" and r.engine == "sglang")
     cluster = TrainerCluster(placement, spec, engine, sync, arch, ray_address=t.ray_address, timeout_s=t.timeout_s)
-    logger = MetricLogger(run_dir, t.logger, project=t.project_name, experiment=t.experiment_name,
-                          config=to_dict(cfg))
+    resume_from = run_state.resolve_resume(t.resume, run_dir)
+    logger = MetricLogger(run_dir, t.logger, project=t.project_name, experiment=t.experiment_name, config=to_dict(cfg),
+                          resume_step=None if resume_from is None else run_state.read_state(resume_from)["step"])
     return RunParts(hf_dir, megatron_dir, tokenizer, loader, val, build_reward(cfg.reward_model), logger, cluster,
                     pairs_multiple=dp * a.micro_pairs)

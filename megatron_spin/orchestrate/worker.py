@@ -131,6 +131,40 @@ class TrainerWorker:
     def send_weights(self, plan: PushPlan):
         return self.sender.send(self.actor.modules, plan)
 
+    def save_checkpoint(self, staged: str) -> None:
+        """Collective: weights (layout-free) and this rank's optimizer/schedule/RNG state."""
+        import torch
+        import torch.distributed as dist
+
+        from megatron_spin.ckpt.model_io import save_model_weights
+
+        save_model_weights(self.actor.modules, os.path.join(staged, "actor"))
+        if self.ref is not None:
+            save_model_weights(self.ref.chunks, os.path.join(staged, "reference"))
+        os.makedirs(os.path.join(staged, "optimizer"), exist_ok=True)
+        torch.save({"optimizer": self.actor.optimizer.state_dict(), "scheduler": self.actor.scheduler.state_dict(),
+                    "steps": self.actor.steps, "torch_rng": torch.get_rng_state(), "layout": str(self.spec.layout),
+                    "world_size": self.world_size},
+                   os.path.join(staged, "optimizer", f"rank_{self.rank:05d}.pt"))
+        dist.barrier()
+
+    def load_checkpoint(self, path: str) -> None:
+        import torch
+
+        from megatron_spin.ckpt.model_io import load_model_weights
+
+        state = torch.load(os.path.join(path, "optimizer", f"rank_{self.rank:05d}.pt"), weights_only=False)
+        if state["layout"] != str(self.spec.layout) or state["world_size"] != self.world_size:
+            raise RuntimeError(f"{path} was saved at {state['layout']} on {state['world_size']} ranks; this run is "
+                               f"{self.spec.layout} on {self.world_size}: optimizer state resumes at the same layout")
+        load_model_weights(self.actor.modules, os.path.join(path, "actor"))
+        if self.ref is not None:
+            load_model_weights(self.ref.chunks, os.path.join(path, "reference"))
+        self.actor.optimizer.load_state_dict(state["optimizer"])
+        self.actor.scheduler.load_state_dict(state["scheduler"])
+        self.actor.steps = state["steps"]
+        torch.set_rng_state(state["torch_rng"])
+
     def refresh_reference(self) -> None:
         if self.ref is not None:
             self.ref.refresh_from(self.actor.modules)

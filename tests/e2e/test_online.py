@@ -101,3 +101,43 @@ def test_spin_from_the_command_line(tiny_chat_model, tmp_path):
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:  # ground truth vs the policy's own sample: one pair per prompt
         assert r["pairs/kept"] == 4 and math.isfinite(r["loss"]) and r["weight_version"] == r["step"]
+
+
+def checkpoint_tensors(path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = path.parent / f"{path.name}.pt"
+    dcp_to_torch_save(str(path), str(out))
+    return torch.load(out, weights_only=False)
+
+
+EXACT_KEYS = ("loss", "grad_norm", "logps_chosen", "logps_rejected", "reward/mean", "pairs/kept", "reward_margin", "lr")
+
+
+def test_resume_continues_exactly(tiny_chat_model, tmp_path):
+    train = write_prompts(tmp_path / "train.jsonl", 10)
+    common = [f"actor_rollout_ref.model.path={tiny_chat_model}", "actor_rollout_ref.actor.tp=2",
+              f"data.train_files=[{train}]", f"data.val_files=[{train}]", "data.val_size=2",
+              "data.train_batch_size=4", "data.max_response_length=10", "actor_rollout_ref.rollout.n=3",
+              "reward_model.type=function", "reward_model.function=tests.e2e.test_online:length_reward",
+              "actor_rollout_ref.actor.optim.lr=1e-3", "trainer.ref_update_freq=3", "trainer.save_freq=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={straight}")
+    run_cli(tmp_path, *common, "trainer.total_training_steps=2", f"trainer.default_local_dir={resumed}")
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={resumed}")
+    assert "[resume] from" in done.stdout and "at step 2" in done.stdout
+
+    a, b = records(straight, "train"), records(resumed, "train")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in EXACT_KEYS} == {k: rb[k] for k in EXACT_KEYS}, ra["step"]
+        assert ra["spin_iteration"] == rb["spin_iteration"]
+    assert a[1]["loss"] != a[0]["loss"] and a[2]["loss"] != a[0]["loss"]  # updates happened between steps
+    final_a = checkpoint_tensors(straight / "checkpoints" / "step_00000004" / "actor")
+    final_b = checkpoint_tensors(resumed / "checkpoints" / "step_00000004" / "actor")
+    assert final_a.keys() == final_b.keys()
+    for k in final_a:
+        if isinstance(final_a[k], torch.Tensor):
+            assert torch.equal(final_a[k], final_b[k]), k
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
