@@ -40,6 +40,7 @@ def run(cfg: RunConfig) -> dict:
                               top_p=rollout.top_p, top_k=rollout.top_k, n=rollout.n)
     greedy = SamplingParams(max_new_tokens=cfg.data.max_response_length, temperature=0.0)
     version, iteration, evals, first = 0, 0, {}, 1
+    colocated = rollout.placement == "colocated"
     resume_from = run_state.resolve_resume(t.resume, run_dir)
 
     def evaluate(step: int) -> None:
@@ -81,9 +82,13 @@ def run(cfg: RunConfig) -> dict:
             metrics = {}
             if pairs:
                 t0 = time.monotonic()
+                if colocated:  # the engines give their memory back while the actor trains
+                    cluster.release_engines()
                 metrics = cluster.train(pairs, iteration)
                 timing["train_total"] = time.monotonic() - t0
                 t0 = time.monotonic()
+                if colocated:
+                    cluster.resume_engines()  # empty until the push below fills them
                 report = cluster.push(step)
                 version = step
                 timing["sync"] = time.monotonic() - t0
