@@ -17,50 +17,43 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+
+from tqdm import tqdm
 from pathlib import Path
 
 from megatron_spin.ckpt import run_state
 from megatron_spin.config.run import RunConfig, load_run_config, to_dict
-from megatron_spin.pairs import build_pairs, build_spin_pairs
+from megatron_spin.metrics.report import write_run_report
 from megatron_spin.rollout.protocol import SamplingParams
 from megatron_spin.rollout.scoring import score_completions
 from megatron_spin.rollout.staleness import check_versions
+from megatron_spin.train.online import Evaluator, make_pairs, resume, save_checkpoint, step_metrics
 
 
 def run(cfg: RunConfig) -> dict:
     from megatron_spin.orchestrate.setup import build_run  # heavy imports stay out of --help
 
-    t = cfg.trainer
+    t, rollout = cfg.trainer, cfg.rollout
     run_dir = Path(t.default_local_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     parts = build_run(cfg, run_dir)  # models, data, reward, logger, cluster (not started)
-    rollout = cfg.rollout
     sampling = SamplingParams(max_new_tokens=cfg.data.max_response_length, temperature=rollout.temperature,
                               top_p=rollout.top_p, top_k=rollout.top_k, n=rollout.n)
-    greedy = SamplingParams(max_new_tokens=cfg.data.max_response_length, temperature=0.0)
-    version, iteration, evals, first = 0, 0, {}, 1
-    colocated = rollout.placement == "colocated"
+    evaluate = Evaluator(parts, cfg.data.max_response_length)
+    version, iteration, first = 0, 0, 1
     resume_from = run_state.resolve_resume(t.resume, run_dir)
 
-    def evaluate(step: int) -> None:
-        groups = parts.cluster.fleet.generate([p.input_ids for p in parts.val], greedy)
-        scored = score_completions(parts.val, groups, parts.tokenizer, parts.reward, "val:")
-        evals[step] = sum(s[0].reward for s in scored) / len(scored)
-        parts.logger.log(step, {"reward/mean": evals[step], "prompts": len(scored)}, kind="eval")
-
     with parts.cluster as cluster:
-        if resume_from is not None:  # weights, optimizer, reference, data position; engines get the weights
-            state = run_state.read_state(resume_from)
-            cluster.call("load_checkpoint", str(resume_from), what=f"resume from {resume_from}")
-            parts.loader.load_state_dict(state["data"])
+        if resume_from is not None:
+            state = resume(cluster, parts.loader, resume_from)
             version, iteration, first = state["weight_version"], state["spin_iteration"], state["step"] + 1
-            evals = {int(k): v for k, v in state["evals"].items()}
-            cluster.push(version)
+            evaluate.results = {int(k): v for k, v in state["evals"].items()}
             print(f"[resume] from {resume_from} at step {state['step']}", flush=True)
         else:
-            cluster.fleet.each(lambda c: c.update_weight_version(str(version)))  # engines start with these weights
+            cluster.fleet.each(lambda c: c.update_weight_version(str(version)))  # engines hold these weights
             evaluate(0)
+        progress = tqdm(total=t.total_training_steps, initial=first - 1, desc="online DPO", unit="step", disable=None)
         for step in range(first, t.total_training_steps + 1):
             timing, started = {}, time.monotonic()
             prompts = parts.loader.next_batch()
@@ -71,51 +64,47 @@ def run(cfg: RunConfig) -> dict:
             check_versions([c for g in groups for c in g], version, rollout.max_off_policy_steps)
             timing["generate"] = time.monotonic() - started
             scored = score_completions(prompts, groups, parts.tokenizer, parts.reward)
-            if cfg.algorithm.spin:
-                truth = {s[0].prompt_id: p.response_ids for p, s in zip(prompts, scored)}
-                pairs, stats = build_spin_pairs(scored, truth, per_prompt=cfg.algorithm.spin_selection)
-            else:
-                pairs, stats = build_pairs(scored, strategy=cfg.algorithm.pair_strategy, margin=cfg.algorithm.min_margin,
-                                           unfinished_penalty=cfg.algorithm.unfinished_penalty)
+            pairs, stats, cut = make_pairs(cfg.algorithm, prompts, scored, parts.pairs_multiple)
             timing["reward"] = time.monotonic() - started - timing["generate"]
-            pairs = pairs[: len(pairs) - len(pairs) % parts.pairs_multiple]  # whole micro-batches on every rank
-            metrics = {}
+            update = {}
             if pairs:
                 t0 = time.monotonic()
-                if colocated:  # the engines give their memory back while the actor trains
-                    cluster.release_engines()
-                metrics = cluster.train(pairs, iteration)
-                timing["train_total"] = time.monotonic() - t0
-                t0 = time.monotonic()
-                if colocated:
-                    cluster.resume_engines()  # empty until the push below fills them
-                report = cluster.push(step)
-                version = step
-                timing["sync"] = time.monotonic() - t0
-                metrics.update(report.as_metrics())
-            if cfg.trainer.ref_update_freq and step % cfg.trainer.ref_update_freq == 0:
+                if rollout.placement == "colocated":
+                    cluster.release_engines()  # the engines give their memory back while the actor trains
+                update = cluster.train(pairs, iteration)
+                if rollout.placement == "colocated":
+                    cluster.resume_engines()  # empty until the push fills them
+                timing["train_total"], t0 = time.monotonic() - t0, time.monotonic()
+                update.update(cluster.push(step).as_metrics())
+                version, timing["sync"] = step, time.monotonic() - t0
+            if t.ref_update_freq and step % t.ref_update_freq == 0:
                 cluster.refresh_reference()
                 iteration += 1  # a SPIN iteration ends: the reference is the new policy
-            rewards = [s.reward for g in scored for s in g]
-            tokens = sum(len(s.response_ids) for g in scored for s in g)
             timing["step"] = time.monotonic() - started
-            parts.logger.log(step, {**metrics, **stats.as_metrics(), "reward/mean": sum(rewards) / len(rewards),
-                                    "reward/max": max(rewards), "reward/min": min(rewards), "spin_iteration": iteration,
-                                    "weight_version": version, "rollout/tokens_per_s": tokens / timing["generate"],
-                                    **{f"timing/{k}": v for k, v in timing.items()}})
+            metrics = step_metrics(scored, stats, update, timing, cut=cut, iteration=iteration, version=version)
+            parts.logger.log(step, metrics)
+            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{update.get('loss', float('nan')):.4f}")
+            progress.update(1)
             if t.test_freq and step % t.test_freq == 0 and step != t.total_training_steps:
                 evaluate(step)
             if (t.save_freq and step % t.save_freq == 0) or step == t.total_training_steps:
-                t0 = time.monotonic()
-                staged = run_state.staging_dir(run_dir, step)
-                cluster.call("save_checkpoint", str(staged), what=f"checkpoint {step}")
-                run_state.publish(run_dir, step, staged, {"weight_version": version, "spin_iteration": iteration,
-                                                          "data": parts.loader.state_dict(), "evals": evals})
-                parts.logger.log(step, {"timing/checkpoint": time.monotonic() - t0}, kind="checkpoint")
-        if first <= t.total_training_steps or not evals:
+                seconds = save_checkpoint(cluster, run_dir, step, {
+                    "weight_version": version, "spin_iteration": iteration, "data": parts.loader.state_dict(),
+                    "evals": evaluate.results})
+                parts.logger.log(step, {"timing/checkpoint": seconds}, kind="checkpoint")
+        progress.close()
+        if first <= t.total_training_steps or not evaluate.results:
             evaluate(t.total_training_steps)
     parts.logger.close()
-    summary = {"run_dir": str(run_dir), "eval_reward": evals, "steps": t.total_training_steps}
+    return finish(run_dir, evaluate.results, t.total_training_steps)
+
+
+def finish(run_dir: Path, evals: dict, steps: int) -> dict:
+    report = write_run_report(run_dir)
+    if len(evals) >= 2:
+        before, after = evals[min(evals)], evals[max(evals)]
+        print(f"held-out reward {before:.4f} -> {after:.4f} ({after - before:+.4f}); report: {report}", flush=True)
+    summary = {"run_dir": str(run_dir), "eval_reward": evals, "steps": steps}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -70,7 +70,9 @@ class MetricLogger:
             self._wandb.log({prefix + k: v for k, v in clean.items()}, step=step)
         if "console" in self.backends:
             shown = [f"{k}={clean[k]:.4g}" for k in CONSOLE_KEYS if k in clean]
-            print(f"[{kind} step {step}] " + " ".join(shown), flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(f"[{kind} step {step}] " + " ".join(shown))  # above a running progress bar
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -87,6 +87,10 @@ def test_online_dpo_tp2_from_the_command_line(tiny_chat_model, tmp_path):
     assert (run_dir / "logs" / "engine-0.log").exists() and list((run_dir / "tensorboard").iterdir())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["eval_reward"]) == {"0", "1", "2"}
+    report = (run_dir / "report.md").read_text()
+    assert "## Held-out reward" in report and "| 2 |" in report and "![reward and loss](reward_loss.png)" in report
+    assert (run_dir / "reward_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "held-out reward" in done.stdout
 
 
 def test_spin_from_the_command_line(tiny_chat_model, tmp_path):

@@ -19,7 +19,7 @@ def test_default_config_is_the_embedded_cpu_run():
     assert cfg.data.embedded == "movie_reviews" and cfg.reward_model.type == "vader"
     assert cfg.rollout.engine == "embedded" and cfg.trainer.n_gpus_per_node == 0
     assert cfg.trainer.default_local_dir == "runs/megatron_spin/embedded_vader"  # interpolation resolved
-    assert to_dict(cfg)["actor_rollout_ref"]["actor"]["optim"]["lr"] == 2e-6
+    assert to_dict(cfg)["actor_rollout_ref"]["actor"]["optim"]["lr"] == 1e-5
 
 
 def test_overrides_reach_the_typed_records():
