@@ -124,7 +124,8 @@ def test_resume_continues_exactly(tiny_chat_model, tmp_path):
               f"data.train_files=[{train}]", f"data.val_files=[{train}]", "data.val_size=2",
               "data.train_batch_size=4", "data.max_response_length=10", "actor_rollout_ref.rollout.n=3",
               "reward_model.type=function", "reward_model.function=tests.e2e.test_online:length_reward",
-              "actor_rollout_ref.actor.optim.lr=1e-3", "trainer.ref_update_freq=3", "trainer.save_freq=2"]
+              "actor_rollout_ref.actor.optim.lr=1e-3", "trainer.ref_update_freq=3", "trainer.save_freq=2",
+              "actor_rollout_ref.actor.micro_pairs=1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={straight}")
     run_cli(tmp_path, *common, "trainer.total_training_steps=2", f"trainer.default_local_dir={resumed}")
