@@ -45,6 +45,7 @@ def run(cfg: RunConfig) -> dict:
     resume_from = run_state.resolve_resume(t.resume, run_dir)
 
     with parts.cluster as cluster:
+        parts.reward = cluster.reward
         if resume_from is not None:
             state = resume(cluster, parts.loader, resume_from)
             version, iteration, first = state["weight_version"], state["spin_iteration"], state["step"] + 1

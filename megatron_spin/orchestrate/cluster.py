@@ -72,13 +72,14 @@ class Placement:
 
 class TrainerCluster:
     def __init__(self, placement: Placement, worker_spec: WorkerSpec, engine_spec: EngineSpec, sync_cfg: SyncConfig,
-                 arch, *, ray_address: Optional[str] = None, timeout_s: float = 3600.0):
+                 arch, *, reward_cfg=None, ray_address: Optional[str] = None, timeout_s: float = 3600.0):
         self.placement, self.worker_spec, self.engine_spec = placement, worker_spec, engine_spec
         self.sync_cfg, self.arch, self.ray_address, self.timeout_s = sync_cfg, arch, ray_address, timeout_s
         self.workers: list = []
         self.engines: list = []
         self.fleet: Optional[RolloutFleet] = None
         self.coordinator: Optional[PushCoordinator] = None
+        self.reward_cfg, self.reward = reward_cfg, None
         self._started_ray = False
         self._pg = None
 
@@ -128,6 +129,10 @@ class TrainerCluster:
         self.fleet = RolloutFleet([EngineClient(u, api_key=self.engine_spec.api_key) for u in urls])
         side = os.path.join(self.worker_spec.megatron_dir, "hf")
         self.coordinator = PushCoordinator(self.sync_cfg, self.arch, self.fleet, self.sync_cfg.build_transport(side))
+        if self.reward_cfg is not None:  # reward-model workers are Ray actors too
+            from megatron_spin.orchestrate.rewards import build_reward_pool
+
+            self.reward = build_reward_pool(self.reward_cfg, gpus=bool(p.gpus_per_node), timeout_s=self.timeout_s)
         return self
 
     def stop(self) -> None:
@@ -145,6 +150,8 @@ class TrainerCluster:
                 log.warning("engine stop: %s", exc)
         if self.fleet is not None:
             self.fleet.close()
+        if self.reward is not None:
+            self.reward.close()
         for a in self.workers + self.engines:
             ray.kill(a)
         self.workers, self.engines = [], []

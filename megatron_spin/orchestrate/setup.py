@@ -24,7 +24,7 @@ class RunParts:
     tokenizer: Any
     loader: PromptLoader
     val: list[EncodedPrompt]
-    reward: Any
+    reward: Any  # set once the cluster has started (reward-model workers are Ray actors)
     logger: Any
     cluster: Any
     pairs_multiple: int  # pairs per update must be a multiple of this (DP x micro-batch)
@@ -69,7 +69,6 @@ def build_run(cfg: RunConfig, run_dir: Path) -> RunParts:
     from megatron_spin.orchestrate.engines import EngineSpec, engine_log_dir
     from megatron_spin.orchestrate.worker import WorkerSpec
     from megatron_spin.parallel.layout import ParallelLayout, validate_layout
-    from megatron_spin.reward import build_reward
     from megatron_spin.rollout.launcher import AUTO_KEY
     from megatron_spin.sync.push import SyncConfig
     import secrets
@@ -99,9 +98,10 @@ def build_run(cfg: RunConfig, run_dir: Path) -> RunParts:
                         api_key=api_key, log_dir=engine_log_dir(str(run_dir)), threads=r.threads or threads,
                         tp_size=r.tp_size, mem_fraction_static=r.mem_fraction_static,
                         enable_memory_saver=r.placement == "colocated" and r.engine == "sglang")
-    cluster = TrainerCluster(placement, spec, engine, sync, arch, ray_address=t.ray_address, timeout_s=t.timeout_s)
+    cluster = TrainerCluster(placement, spec, engine, sync, arch, reward_cfg=cfg.reward_model, ray_address=t.ray_address,
+                             timeout_s=t.timeout_s)
     resume_from = run_state.resolve_resume(t.resume, run_dir)
     logger = MetricLogger(run_dir, t.logger, project=t.project_name, experiment=t.experiment_name, config=to_dict(cfg),
                           resume_step=None if resume_from is None else run_state.read_state(resume_from)["step"])
-    return RunParts(hf_dir, megatron_dir, tokenizer, loader, val, build_reward(cfg.reward_model), logger, cluster,
+    return RunParts(hf_dir, megatron_dir, tokenizer, loader, val, None, logger, cluster,
                     pairs_multiple=dp * a.micro_pairs)
