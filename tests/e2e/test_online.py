@@ -146,3 +146,36 @@ def test_resume_continues_exactly(tiny_chat_model, tmp_path):
         if isinstance(final_a[k], torch.Tensor):
             assert torch.equal(final_a[k], final_b[k]), k
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
+
+
+def test_joins_an_existing_ray_cluster(tiny_chat_model, tmp_path):
+    """``trainer.ray_address`` joins a running cluster (here a head started with ``ray start``)."""
+    import os
+    import shutil
+    import socket
+
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    started = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
+                              "--disable-usage-stats", f"--temp-dir={temp}"], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        train = write_prompts(tmp_path / "train.jsonl", 4)
+        run_dir = tmp_path / "joined"
+        done = run_cli(tmp_path, f"actor_rollout_ref.model.path={tiny_chat_model}", f"data.train_files=[{train}]",
+                       f"data.val_files=[{train}]", "data.val_size=1", "data.train_batch_size=2",
+                       "data.max_response_length=8", "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.actor.micro_pairs=1",
+                       "reward_model.type=function", "reward_model.function=tests.e2e.test_online:length_reward",
+                       "trainer.total_training_steps=1", f"trainer.ray_address=127.0.0.1:{port}",
+                       f"trainer.default_local_dir={run_dir}")
+        assert "Connected to Ray cluster" in done.stdout + done.stderr
+        assert [r["step"] for r in records(run_dir, "train")] == [1]
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120,
+                       env={**os.environ, "RAY_TMPDIR": str(temp)})
+        shutil.rmtree(temp, ignore_errors=True)
