@@ -49,12 +49,13 @@ def write_prompts(path, n, with_truth=False):
     return path
 
 
-def run_cli(tmp_path, *overrides):
+def run_cli(tmp_path, *overrides, env=None):
     env_cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "megatron_spin.main", *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=800, cwd=tmp_path,
                           env={**__import__("os").environ, "MEGATRON_SPIN_CACHE": str(env_cache),
-                               "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[2])})
+                               "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[2]),
+                               **(env or {})})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
@@ -161,8 +162,11 @@ def test_joins_an_existing_ray_cluster(tiny_chat_model, tmp_path):
     import tempfile
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    # A test-only cluster on loopback: token auth off on both sides (the head and the run).
+    ray_env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     started = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
-                              "--disable-usage-stats", f"--temp-dir={temp}"], capture_output=True, text=True, timeout=120)
+                              "--disable-usage-stats", f"--temp-dir={temp}"], capture_output=True, text=True,
+                             timeout=120, env=ray_env)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
         train = write_prompts(tmp_path / "train.jsonl", 4)
@@ -172,10 +176,10 @@ def test_joins_an_existing_ray_cluster(tiny_chat_model, tmp_path):
                        "data.max_response_length=8", "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.actor.micro_pairs=1",
                        "reward_model.type=function", "reward_model.function=tests.e2e.test_online:length_reward",
                        "trainer.total_training_steps=1", f"trainer.ray_address=127.0.0.1:{port}",
-                       f"trainer.default_local_dir={run_dir}")
+                       f"trainer.default_local_dir={run_dir}", env={"RAY_AUTH_MODE": "disabled"})
         assert "Connected to Ray cluster" in done.stdout + done.stderr
         assert [r["step"] for r in records(run_dir, "train")] == [1]
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120,
-                       env={**os.environ, "RAY_TMPDIR": str(temp)})
+                       env={**ray_env, "RAY_TMPDIR": str(temp)})
         shutil.rmtree(temp, ignore_errors=True)
