@@ -153,22 +153,30 @@ def test_joins_an_existing_ray_cluster(tiny_chat_model, tmp_path):
     """``trainer.ray_address`` joins a running cluster (here a head started with ``ray start``)."""
     import os
     import shutil
+    import signal
     import socket
+    import tempfile
+    import time
 
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    import tempfile
-
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
-    # A test-only cluster on loopback: token auth off on both sides (the head and the run).
+    # A test-only head on loopback, token auth off on both sides; in its own process group, so
+    # that stopping it (killing the group) touches no other Ray on the machine (`ray stop` would).
     ray_env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    started = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
-                              "--disable-usage-stats", f"--temp-dir={temp}"], capture_output=True, text=True,
-                             timeout=120, env=ray_env)
-    assert started.returncode == 0, started.stderr[-2000:]
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ray_env, start_new_session=True)
     try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert head.poll() is None, "ray start exited"
+            time.sleep(0.5)
         train = write_prompts(tmp_path / "train.jsonl", 4)
         run_dir = tmp_path / "joined"
         done = run_cli(tmp_path, f"actor_rollout_ref.model.path={tiny_chat_model}", f"data.train_files=[{train}]",
@@ -180,6 +188,9 @@ def test_joins_an_existing_ray_cluster(tiny_chat_model, tmp_path):
         assert "Connected to Ray cluster" in done.stdout + done.stderr
         assert [r["step"] for r in records(run_dir, "train")] == [1]
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120,
-                       env={**ray_env, "RAY_TMPDIR": str(temp)})
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
