@@ -21,6 +21,7 @@ if __name__ == "__main__":
     val = write_data(root / "data" / "val.jsonl", 32, seed=4)
     run_with([f"data.train_files=[{train}]", f"data.val_files=[{val}]", "data.embedded=null",
               "data.max_response_length=24", "reward_model.type=math", "actor_rollout_ref.rollout.n=4",
-              "actor_rollout_ref.rollout.temperature=1.0", "trainer.total_training_steps=8", "trainer.test_freq=4",
+              "actor_rollout_ref.rollout.temperature=1.0", "actor_rollout_ref.actor.micro_pairs=1",
+              "trainer.total_training_steps=8", "trainer.test_freq=4",
               "actor_rollout_ref.actor.optim.lr=5e-6", f"trainer.default_local_dir={root / 'run'}",
               "trainer.experiment_name=math_reward"])

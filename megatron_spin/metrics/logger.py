@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-CONSOLE_KEYS = ("reward/mean", "loss", "accuracy", "pairs/kept", "timing/step")
+CONSOLE_KEYS = ("reward/mean", "loss", "reward_accuracy", "pairs/kept", "timing/step", "timing/checkpoint")
 
 
 class MetricLogger:
