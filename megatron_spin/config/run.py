@@ -22,6 +22,7 @@ from typing import Any, Mapping, Optional
 
 from megatron_spin.config.algorithm import LossConfig
 from megatron_spin.config.optim import ConfigError, OptimConfig
+from megatron_spin.models.precision import FP8Settings, Precision
 from megatron_spin.pairs.builder import PairStrategy, SpinSelection
 from megatron_spin.reward import RewardConfig
 
@@ -72,6 +73,7 @@ class ActorConfig:
     vpp: Optional[int] = None
     micro_pairs: int = 1  # pairs per micro-batch
     precision: str = "fp32"
+    fp8: Optional[FP8Settings] = None  # TransformerEngine FP8 (GPU only): format, recipe, amax history/algorithm
     recompute: bool = False
     optim: OptimConfig = OptimConfig(lr=1e-6)
 
@@ -79,6 +81,9 @@ class ActorConfig:
         for key in ("tp", "pp", "micro_pairs"):
             _check(getattr(self, key) >= 1, f"{w}.{key}", f"must be >= 1, got {getattr(self, key)}")
         _check(self.precision in ("fp32", "bf16", "fp16"), f"{w}.precision", f"fp32, bf16 or fp16, got {self.precision!r}")
+
+    def model_precision(self) -> Precision:
+        return Precision({"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.precision], fp8=self.fp8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +223,11 @@ class RunConfig:
         if self.trainer.n_gpus_per_node == 0:
             _check(self.rollout.engine == "embedded", "actor_rollout_ref.rollout.engine",
                    "sglang needs GPUs (trainer.n_gpus_per_node > 0); use the embedded engine on the CPU")
+            # The ranks themselves refuse FP8 without TE + CUDA when they build the model; on CPU ranks
+            # it can never work, so say so before anything starts.
+            _check(self.actor.fp8 is None, "actor_rollout_ref.actor.fp8",
+                   "FP8 needs TransformerEngine on CUDA GPUs; this run has CPU ranks (trainer.n_gpus_per_node=0). "
+                   "Remove actor.fp8, or run on GPUs with `pip install .[gpu]`")
         return self
 
 
@@ -263,7 +273,7 @@ def _build(cls, mapping: Any, prefix: str):
         kwargs[name] = _convert(hints[name], mapping[name], key)
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
+    except ValueError as exc:  # ConfigError and the records' own errors (e.g. PrecisionError)
         msg = str(exc)
         # The records' own rules name keys relative to their section: anchor them at ``prefix``.
         short = prefix.rsplit(".", 1)[-1] if prefix else ""
@@ -272,8 +282,6 @@ def _build(cls, mapping: Any, prefix: str):
         elif prefix and not msg.startswith(prefix):
             msg = f"{prefix}: {msg}"
         raise ConfigError(msg) from None
-    except ValueError as exc:
-        raise ConfigError(f"{prefix}: {exc}") from None
 
 
 def load_run_config(cfg: Any) -> RunConfig:

@@ -63,13 +63,11 @@ def build_run(cfg: RunConfig, run_dir: Path) -> RunParts:
 
     from megatron_spin.ckpt.streaming import read_arch
     from megatron_spin.metrics.logger import MetricLogger
-    from megatron_spin.models.precision import Precision
     from megatron_spin.models.prepare import prepare_model
     from megatron_spin.orchestrate.cluster import Placement, TrainerCluster
     from megatron_spin.orchestrate.engines import EngineSpec, engine_log_dir
     from megatron_spin.orchestrate.worker import WorkerSpec
     from megatron_spin.parallel.layout import ParallelLayout, validate_layout
-    from megatron_spin.rollout.launcher import AUTO_KEY
     from megatron_spin.sync.push import SyncConfig
     import secrets
 
@@ -91,7 +89,7 @@ def build_run(cfg: RunConfig, run_dir: Path) -> RunParts:
     cpu_ranks = placement.trainer_world + placement.engines
     threads = max(1, (os.cpu_count() or 1) // cpu_ranks) if not t.n_gpus_per_node else 0
     spec = WorkerSpec(str(megatron_dir), layout, a.optim, cfg.algorithm.loss(), sync, micro_pairs=a.micro_pairs,
-                      precision=Precision({"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[a.precision]), recompute=a.recompute,
+                      precision=a.model_precision(), recompute=a.recompute,
                       ref_offload=cfg.actor_rollout_ref.ref.offload, seed=t.seed, threads=threads,
                       timeout_s=t.timeout_s)
     engine = EngineSpec(str(hf_dir), kind=r.engine, host="127.0.0.1" if t.nnodes == 1 else "0.0.0.0",

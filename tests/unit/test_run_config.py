@@ -48,7 +48,18 @@ def test_overrides_reach_the_typed_records():
     ("trainer.logger=[console,mlflow]", r"trainer\.logger: unknown logger"),
     ("trainer.total_training_steps=0", r"trainer\.total_training_steps: must be >= 1"),
     ("data.embedded=null", r"data\.train_files: give prompt files"),
+    ("actor_rollout_ref.actor.fp8={format:hybrid}", r"actor_rollout_ref\.actor\.fp8: FP8 needs TransformerEngine"),
+    ("actor_rollout_ref.actor.fp8={recipe:fast}", r"actor_rollout_ref\.actor\.fp8\.recipe='fast' is not one of"),
 ])
 def test_bad_values_are_refused_at_start_up_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(composed(override))
+
+
+def test_fp8_keys_map_onto_the_model_precision():
+    cfg = load_run_config(composed("trainer.n_gpus_per_node=8", "actor_rollout_ref.rollout.engine=sglang",
+                                   "actor_rollout_ref.actor.precision=bf16",
+                                   "actor_rollout_ref.actor.fp8={format:e4m3,recipe:blockwise,amax_history_len:16}"))
+    kw = cfg.actor.model_precision().transformer_config_kwargs()
+    assert kw["bf16"] and kw["fp8"] == "e4m3" and kw["fp8_recipe"] == "blockwise" and kw["fp8_amax_history_len"] == 16
+    assert load_run_config(composed()).actor.model_precision().fp8 is None
