@@ -34,10 +34,10 @@ HF_SIDE_FILES = (
 )
 
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -89,7 +89,7 @@ class HFReader:
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype, read from the header without loading the tensor."""
-        return _SAFETENSORS_DTYPES[self._handle(name).get_slice(name).get_dtype()]
+        return SAFETENSORS_DTYPES[self._handle(name).get_slice(name).get_dtype()]
 
     def file_paths(self) -> list[Path]:
         return sorted({self.dir / f for f in self._file_of.values()})

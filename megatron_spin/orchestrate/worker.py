@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
 import time
 from typing import Optional, Sequence
 
 from megatron_spin.config.algorithm import LossConfig
 from megatron_spin.config.optim import BatchConfig, OptimConfig
 from megatron_spin.models.precision import Precision
+from megatron_spin.parallel.launch import free_port
 from megatron_spin.parallel.layout import ParallelLayout
 from megatron_spin.sync.push import PushPlan, SyncConfig
 
@@ -52,12 +52,6 @@ def node_address() -> str:
         return ray.util.get_node_ip_address()
     except Exception:  # outside Ray (tests): loopback
         return "127.0.0.1"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class TrainerWorker:

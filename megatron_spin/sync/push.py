@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch.distributed as dist
 
@@ -215,13 +215,17 @@ class StageSender:
     """
 
     def __init__(self, cfg: SyncConfig, arch: ModelArch, pctx, side_files: Optional[str] = None,
-                 transport: Optional[Transport] = None):
+                 transport: Optional[Transport] = None, clients: Sequence[EngineClient] = ()):
+        """``clients``: engine clients owned elsewhere (a fleet's) to use instead of opening new ones."""
         self.cfg, self.arch, self.pctx = cfg, arch, pctx
         self.is_pusher = pctx.dp_rank == 0 and pctx.tp_rank == 0
         self.transport = (transport or cfg.build_transport(side_files)) if self.is_pusher else None
+        self._borrowed = {c.url: c for c in clients}
         self._clients: dict[str, EngineClient] = {}
 
     def client(self, url: str) -> EngineClient:
+        if url in self._borrowed:
+            return self._borrowed[url]
         if url not in self._clients:
             self._clients[url] = EngineClient(url, api_key=self.cfg.api_key)
         return self._clients[url]
@@ -277,10 +281,9 @@ class WeightSync:
         if pctx.rank == 0 and fleet is None:
             raise ValueError("WeightSync needs the rollout fleet on rank 0")
         self.pctx = pctx
-        self.sender = StageSender(cfg, arch, pctx, side_files, transport)
+        clients = [s.client for s in fleet.slots] if pctx.rank == 0 else []  # rank 0 reuses the fleet's
+        self.sender = StageSender(cfg, arch, pctx, side_files, transport, clients=clients)
         if pctx.rank == 0:
-            for slot in fleet.slots:  # the sender talks to the fleet's own clients (same keys)
-                self.sender._clients[slot.client.url] = slot.client
             self.coordinator = PushCoordinator(cfg, arch, fleet, self.sender.transport)
 
     def push(self, modules: list, version: int | str) -> SyncReport:
@@ -308,6 +311,4 @@ class WeightSync:
         return outcome[0]
 
     def close(self) -> None:
-        if self.pctx.rank == 0:
-            self.sender._clients.clear()  # the fleet's clients: the fleet's owner closes them
-        self.sender.close()
+        self.sender.close()  # borrowed fleet clients stay open: the fleet's owner closes them

@@ -215,8 +215,7 @@ class EmbeddedEngine:
         except KeyError:
             raise ProtocolError(f"no parameter named {name!r}") from None
         with self._worker.exclusive():
-            return p.detach().reshape(-1)[:truncate_size].tolist() if p.dim() == 1 else \
-                p.detach()[:truncate_size].tolist()
+            return p.detach()[:truncate_size].tolist()  # SGLang's convention: the first rows
 
     # -- control ----------------------------------------------------------------------------
     def pause(self) -> None:

@@ -71,7 +71,15 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
         return JSONResponse({"success": ok, "message": message, "weight_version": engine.weight_version},
                             status_code=status)
 
-    async def run_update(fn, *args) -> JSONResponse:
+    async def run_update(request: Request, parse, fn) -> JSONResponse:
+        """The weight routes: parse the body into ``fn``'s arguments (a bad body is a 400 naming
+        the route), run ``fn`` off the event loop, answer SGLang's ``{"success", "message"}``."""
+        try:
+            args = parse(await body(request))
+        except P.ProtocolError as exc:
+            return update_reply(False, str(exc), 400)
+        except (KeyError, ValueError, TypeError) as exc:
+            return update_reply(False, f"{request.url.path}: bad request ({exc!r})", 400)
         try:
             message = await run_in_threadpool(fn, *args)
         except (PayloadError, P.ProtocolError, ValueError, TypeError) as exc:
@@ -131,53 +139,32 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
     async def flush_cache():
         return PlainTextResponse("Cache flushed (the embedded engine keeps no cache between batches).")
 
-    @app.post(P.UPDATE_FROM_TENSOR)
-    async def update_from_tensor(request: Request):
-        try:
-            d = await body(request)
-        except P.ProtocolError as exc:
-            return update_reply(False, str(exc), 400)
-        return await run_update(engine.update_from_tensor, d.get("serialized_named_tensors"),
-                                d.get("load_format"), d.get("weight_version"))
+    def model_path(d: dict) -> tuple:
+        if not isinstance(d.get("model_path"), str):
+            raise P.ProtocolError(f"{P.UPDATE_FROM_DISK}: missing required field 'model_path'")
+        return d["model_path"], d.get("weight_version")
 
-    @app.post(P.UPDATE_FROM_DISK)
-    async def update_from_disk(request: Request):
-        try:
-            d = await body(request)
-            if not isinstance(d.get("model_path"), str):
-                raise P.ProtocolError(f"{P.UPDATE_FROM_DISK}: missing required field 'model_path'")
-        except P.ProtocolError as exc:
-            return update_reply(False, str(exc), 400)
-        return await run_update(engine.update_from_disk, d["model_path"], d.get("weight_version"))
+    group = "weight_update_group"  # SGLang's default group name
+    routes = {
+        P.UPDATE_FROM_TENSOR: (lambda d: (d.get("serialized_named_tensors"), d.get("load_format"),
+                                          d.get("weight_version")), engine.update_from_tensor),
+        P.UPDATE_FROM_DISK: (model_path, engine.update_from_disk),
+        P.INIT_UPDATE_GROUP: (lambda d: (str(d["master_address"]), int(d["master_port"]), int(d["rank_offset"]),
+                                         int(d["world_size"]), str(d.get("group_name", group)),
+                                         str(d.get("backend", "gloo"))), engine.init_update_group),
+        P.DESTROY_UPDATE_GROUP: (lambda d: (str(d.get("group_name", group)),), engine.destroy_update_group),
+        P.UPDATE_FROM_DISTRIBUTED: (lambda d: (list(d["names"]), list(d["dtypes"]), [list(x) for x in d["shapes"]],
+                                               str(d.get("group_name", group)), d.get("weight_version")),
+                                    engine.update_from_distributed),
+    }
+    def update_handler(parse, fn):
+        async def handler(request: Request):  # only ``request`` in the signature: FastAPI reads it
+            return await run_update(request, parse, fn)
 
-    @app.post(P.INIT_UPDATE_GROUP)
-    async def init_group(request: Request):
-        try:
-            d = await body(request)
-            args = (str(d["master_address"]), int(d["master_port"]), int(d["rank_offset"]),
-                    int(d["world_size"]), str(d.get("group_name", "weight_update_group")),
-                    str(d.get("backend", "gloo")))
-        except (KeyError, ValueError, TypeError, P.ProtocolError) as exc:
-            return update_reply(False, f"{P.INIT_UPDATE_GROUP}: bad request ({exc!r})", 400)
-        return await run_update(engine.init_update_group, *args)
+        return handler
 
-    @app.post(P.DESTROY_UPDATE_GROUP)
-    async def destroy_group(request: Request):
-        try:
-            d = await body(request)
-        except P.ProtocolError as exc:
-            return update_reply(False, str(exc), 400)
-        return await run_update(engine.destroy_update_group, str(d.get("group_name", "weight_update_group")))
-
-    @app.post(P.UPDATE_FROM_DISTRIBUTED)
-    async def update_from_distributed(request: Request):
-        try:
-            d = await body(request)
-            args = (list(d["names"]), list(d["dtypes"]), [list(s) for s in d["shapes"]],
-                    str(d.get("group_name", "weight_update_group")), d.get("weight_version"))
-        except (KeyError, TypeError, P.ProtocolError) as exc:
-            return update_reply(False, f"{P.UPDATE_FROM_DISTRIBUTED}: bad request ({exc!r})", 400)
-        return await run_update(engine.update_from_distributed, *args)
+    for route, (parse, fn) in routes.items():
+        app.add_api_route(route, update_handler(parse, fn), methods=["POST"], name=route.strip("/"))
 
     @app.post(P.UPDATE_WEIGHT_VERSION)
     async def update_weight_version(request: Request):

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from megatron_spin.convert.hf_io import SAFETENSORS_DTYPES
 from megatron_spin.rollout.tensor_payload import PayloadError
 
 _MAX_LISTED = 5
@@ -153,10 +154,6 @@ def load_safetensors_dir(weights: ModelWeights, path: str | os.PathLike) -> int:
     return copied
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
 def _st_dtype(name: str) -> torch.dtype:
-    return _ST_DTYPES.get(name, torch.uint8)
+    # An unknown dtype becomes uint8, which the floating-point check then refuses by name.
+    return SAFETENSORS_DTYPES.get(name, torch.uint8)
