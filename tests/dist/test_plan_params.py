@@ -1,0 +1,78 @@
+"""The planner's per-rank parameter counts equal what Megatron-core actually allocates.
+
+Real GPTModels (the repo's builder, on the meta device: shapes only, no memory) for tiny
+Llama and Qwen2 architectures, tied and untied, at TP1/PP1, TP2/PP1, TP1/PP2, TP2/PP2 and
+PP2×VPP2, all in one 4-rank gloo launch (smaller layouts use data parallelism over the spare
+ranks).  Every rank compares ``sum(p.numel())`` over its chunks with
+``plan.params.rank_params`` for its pipeline stage.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_spin.parallel.launch import launch
+from megatron_spin.parallel.layout import ParallelLayout
+from tests.conftest import make_arch
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
+
+LAYOUTS = {
+    "tp1pp1": ParallelLayout(1, 1),
+    "tp2pp1": ParallelLayout(2, 1),
+    "tp1pp2": ParallelLayout(1, 2),
+    "tp2pp2": ParallelLayout(2, 2),
+    "pp2vpp2": ParallelLayout(1, 2, vpp=2),
+}
+ARCHS = {
+    "llama-untied": make_arch(),
+    "llama-tied": make_arch(tie_word_embeddings=True),
+    "qwen2-tied": make_arch(family="qwen2", hf_architecture="Qwen2ForCausalLM", qkv_bias=True,
+                            tie_word_embeddings=True),
+    "mha-untied": make_arch(num_kv_heads=8, ffn_hidden_size=128),
+}
+
+
+def _count_params(rank, world_size, archs, layouts):
+    """{(arch, layout): (pp_rank, tp_rank, actual numel, planned numel)} on this rank."""
+    from megatron_spin.models.builder import build_model
+    from megatron_spin.parallel.groups import destroy_parallel, init_parallel
+    from megatron_spin.plan.params import rank_params
+
+    out = {}
+    for lname, layout in layouts.items():
+        pctx = init_parallel(layout)
+        for aname, arch in archs.items():
+            chunks = build_model(arch, pctx, init_weights=False, on_meta=True)
+            actual = sum(p.numel() for c in chunks for p in c.parameters())
+            out[(aname, lname)] = (pctx.pp_rank, pctx.tp_rank, actual, rank_params(arch, layout, pctx.pp_rank))
+        destroy_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return launch(_count_params, world_size=4, args=(ARCHS, LAYOUTS), timeout=180)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_rank_params_match_megatron(counts, arch, layout):
+    for rank, per_rank in enumerate(counts):
+        pp_rank, tp_rank, actual, planned = per_rank[(arch, layout)]
+        assert planned == actual, f"rank {rank} (pp {pp_rank}, tp {tp_rank}): planned {planned}, Megatron {actual}"
+
+
+def test_stages_sum_to_the_model_when_untied(counts):
+    """Untied: the stages' parameters (× TP shards) add up to the HF model's unique count."""
+    from megatron_spin.plan.params import model_params
+
+    arch = ARCHS["llama-untied"]
+    for lname, layout in LAYOUTS.items():
+        seen = {}
+        for per_rank in counts:
+            pp_rank, tp_rank, actual, _ = per_rank[("llama-untied", lname)]
+            seen[(pp_rank, tp_rank)] = actual
+        replicated = 2 * arch.hidden_size * arch.num_layers + arch.hidden_size  # norms, held by every TP rank
+        sharded = sum(seen.values()) - replicated * (layout.tp - 1)
+        assert sharded == model_params(arch), lname
