@@ -62,8 +62,12 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    path: str = "embedded"  # an HF model directory, or "embedded" (SmolLM2-135M-Instruct from its package)
+    path: Optional[str] = "embedded"  # an HF model directory, or "embedded" (SmolLM2-135M-Instruct from its package)
     megatron_dir: Optional[str] = None  # converted checkpoint (default: converted into the cache on first use)
+
+    def validate(self, w: str) -> None:
+        _check(bool(self.path), f"{w}.path", "required: an HF model directory, or 'embedded' (the presets leave it "
+               "to you: actor_rollout_ref.model.path=/models/...)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,7 @@ class RolloutConfig:
     mem_fraction_static: Optional[float] = None  # SGLang
     threads: int = 0  # embedded engine: torch threads per engine (0: torch's default)
     max_off_policy_steps: int = 0  # accept samples this many pushes old
+    quantization: Optional[str] = None  # sglang: "fp8" = serve FP8 weights, quantised from the bf16 pushes
     sync: SyncSection = SyncSection()
 
     def validate(self, w: str) -> None:
@@ -129,6 +134,11 @@ class RolloutConfig:
         _check(math.isfinite(self.temperature) and self.temperature >= 0, f"{w}.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, f"{w}.top_p", "must be in (0, 1]")
         _check(self.max_off_policy_steps in (0, 1), f"{w}.max_off_policy_steps", "0 (on-policy) or 1")
+        _check(self.quantization in (None, "fp8"), f"{w}.quantization", f"null or fp8, got {self.quantization!r}")
+        _check(self.quantization is None or self.engine == "sglang", f"{w}.quantization",
+               "only SGLang engines quantise (the embedded engine serves the trainer's dtype)")
+        _check(self.quantization is None or self.sync.dtype in (None, "bfloat16", "float16"), f"{w}.sync.dtype",
+               "an FP8-serving engine quantises what it receives: send bfloat16 (or float16)")
         self.sync.validate(f"{w}.sync")
 
 
@@ -192,6 +202,9 @@ class TrainerConfig:
             _check(getattr(self, key) >= 1, f"{w}.{key}", f"must be >= 1, got {getattr(self, key)}")
         for key in ("n_gpus_per_node", "save_freq", "test_freq", "ref_update_freq"):
             _check(getattr(self, key) >= 0, f"{w}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(self.nnodes == 1 or self.ray_address is not None, f"{w}.ray_address",
+               f"a run on trainer.nnodes={self.nnodes} nodes joins a Ray cluster spanning them: give its address "
+               "(slurm/launch.sh starts one and sets it)")
         bad = [x for x in self.logger if x not in LOGGERS]
         _check(not bad, f"{w}.logger", f"unknown logger(s) {bad}; choose from {LOGGERS}")
 
@@ -214,6 +227,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         self.data.validate()
+        self.actor_rollout_ref.model.validate("actor_rollout_ref.model")
         self.actor.validate("actor_rollout_ref.actor")
         self.rollout.validate("actor_rollout_ref.rollout")
         self.algorithm.validate()
@@ -290,6 +304,11 @@ def load_run_config(cfg: Any) -> RunConfig:
         from omegaconf import DictConfig, OmegaConf
 
         if isinstance(cfg, DictConfig):
+            # Presets leave site-specific keys (model path, data files) as ``???``: name them all.
+            missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+            if missing:
+                raise ConfigError(f"{missing[0]}: required, the preset leaves it to you (give it on the command "
+                                  f"line, e.g. {missing[0]}=...); all missing: {', '.join(missing)}")
             cfg = OmegaConf.to_container(cfg, resolve=True)
             cfg.pop("hydra", None)  # Hydra's own settings, not the run's
     except ImportError:  # pragma: no cover - hydra-core is a dependency

@@ -26,6 +26,7 @@ class EngineSpec:
     tp_size: int = 1  # sglang
     mem_fraction_static: Optional[float] = None  # sglang
     enable_memory_saver: bool = False  # sglang, colocated mode
+    quantization: Optional[str] = None  # sglang: "fp8" serves FP8 weights quantised on load
     port: int = 0  # sglang needs a fixed port (0: 30000 + index)
 
 
@@ -39,7 +40,8 @@ class EngineHost:
             self.server = launch_sglang(spec.model_path, host=spec.host, port=spec.port or 30000 + index,
                                         log_path=log, api_key=spec.api_key, tp_size=spec.tp_size,
                                         mem_fraction_static=spec.mem_fraction_static,
-                                        enable_memory_saver=spec.enable_memory_saver)
+                                        enable_memory_saver=spec.enable_memory_saver,
+                                        quantization=spec.quantization)
 
     def url(self) -> str:
         return self.server.url

@@ -159,8 +159,13 @@ def launch_embedded(
 def sglang_command(model_path: str, *, tp_size: int = 1, host: str = "127.0.0.1", port: int = 30000,
                    mem_fraction_static: Optional[float] = None, api_key: Optional[str] = None,
                    dtype: str = "auto", weight_version: str = "default", enable_memory_saver: bool = False,
-                   extra: Sequence[str] = ()) -> list[str]:
-    """The ``sglang.launch_server`` command line for one engine."""
+                   quantization: Optional[str] = None, extra: Sequence[str] = ()) -> list[str]:
+    """The ``sglang.launch_server`` command line for one engine.
+
+    ``quantization="fp8"``: the engine serves FP8 weights it quantises itself from the bf16
+    checkpoint and from every bf16 weight update (SGLang's online FP8; unverified on GPU), so
+    the trainer always sends bf16 and the one converter table stays dtype-agnostic.
+    """
     if tp_size < 1:
         raise ValueError(f"rollout tp_size must be >= 1, got {tp_size}")
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
@@ -172,6 +177,8 @@ def sglang_command(model_path: str, *, tp_size: int = 1, host: str = "127.0.0.1"
         cmd += ["--mem-fraction-static", str(mem_fraction_static)]
     if api_key:
         cmd += ["--api-key", api_key]
+    if quantization:
+        cmd += ["--quantization", quantization]
     if enable_memory_saver:
         cmd += ["--enable-memory-saver"]  # needed for release/resume_memory_occupation (colocated mode)
     return cmd + list(extra)

@@ -63,3 +63,59 @@ def test_fp8_keys_map_onto_the_model_precision():
     kw = cfg.actor.model_precision().transformer_config_kwargs()
     assert kw["bf16"] and kw["fp8"] == "e4m3" and kw["fp8_recipe"] == "blockwise" and kw["fp8_amax_history_len"] == 16
     assert load_run_config(composed()).actor.model_precision().fp8 is None
+
+
+def preset(name, *overrides):
+    with initialize_config_module(config_module="megatron_spin.config.conf", version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+SITE = ("actor_rollout_ref.model.path=/models/llama", "data.train_files=[/data/p.jsonl]", "reward_model.path=/models/rm",
+        "trainer.ray_address=head:6379")
+
+
+@pytest.mark.parametrize("name,tp,pp,nodes", [("spin_8b", 2, 2, 1), ("spin_70b", 8, 4, 8)])
+def test_gpu_presets_validate_once_site_keys_are_given(name, tp, pp, nodes):
+    cfg = load_run_config(preset(name, *SITE))
+    assert (cfg.actor.tp, cfg.actor.pp, cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (tp, pp, nodes, 8)
+    assert cfg.rollout.engine == "sglang" and cfg.actor.precision == "bf16" and cfg.actor.optim.use_distributed_optimizer
+    assert cfg.rollout.sync.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("missing,message", [
+    ("actor_rollout_ref.model.path", r"actor_rollout_ref\.model\.path: required"),
+    ("data.train_files", r"data\.train_files: give prompt files"),
+    ("reward_model.path", r"reward_model\.path is required"),
+    ("trainer.ray_address", r"trainer\.ray_address: a run on trainer\.nnodes=8 nodes joins a Ray cluster"),
+])
+def test_a_preset_names_each_site_key_it_leaves_to_the_user(missing, message):
+    given = [s for s in SITE if not s.startswith(missing)]
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(preset("spin_70b", *given))
+
+
+def test_a_missing_mandatory_value_is_named():
+    with pytest.raises(ConfigError, match=r"data\.prompt_key: required, the preset leaves it to you"):
+        load_run_config(composed("data.prompt_key=???"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("actor_rollout_ref.rollout.quantization=int4",), r"rollout\.quantization: null or fp8"),
+    (("actor_rollout_ref.rollout.quantization=fp8",), r"rollout\.quantization: only SGLang engines quantise"),
+    (("actor_rollout_ref.rollout.quantization=fp8", "actor_rollout_ref.rollout.sync.dtype=float32",
+      "actor_rollout_ref.rollout.engine=sglang", "trainer.n_gpus_per_node=8"),
+     r"rollout\.sync\.dtype: an FP8-serving engine quantises what it receives"),
+])
+def test_rollout_quantization_rules(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(composed(*overrides))
+
+
+def test_fp8_serving_reaches_the_sglang_command():
+    from megatron_spin.rollout.launcher import sglang_command
+
+    cfg = load_run_config(preset("spin_70b", *SITE))
+    assert cfg.rollout.quantization == "fp8"
+    cmd = sglang_command("/m", tp_size=cfg.rollout.tp_size, quantization=cfg.rollout.quantization)
+    assert cmd[cmd.index("--quantization") + 1] == "fp8" and cmd[cmd.index("--tp-size") + 1] == "8"
+    assert "--quantization" not in sglang_command("/m")
