@@ -72,7 +72,7 @@ def run(cfg: RunConfig) -> dict:
                 t0 = time.monotonic()
                 if rollout.placement == "colocated":
                     cluster.release_engines()  # the engines give their memory back while the actor trains
-                update = cluster.train(pairs, iteration)
+                update = cluster.train(pairs, iteration, step)
                 if rollout.placement == "colocated":
                     cluster.resume_engines()  # empty until the push fills them
                 timing["train_total"], t0 = time.monotonic() - t0, time.monotonic()

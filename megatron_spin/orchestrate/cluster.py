@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any, Optional, Sequence
 
 from megatron_spin.config.optim import ConfigError
@@ -39,19 +40,35 @@ class ClusterError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
+    """Where every trainer rank and engine runs.
+
+    One node: one bundle per actor, packed.  Several nodes: one bundle per node (its GPUs, or on
+    CPU nodes the CPUs of the actors it hosts), strictly spread so bundle ``i`` is node ``i``;
+    trainer ranks fill nodes in rank order (TP groups, the fastest-varying rank index, stay inside
+    a node), disaggregated engines take the GPUs after the trainer's, colocated engines share the
+    trainer's GPUs, and CPU engines sit on the first node beside the driver.
+    """
+
     trainer_world: int
     engines: int
     engine_tp: int
     gpus_per_node: int  # 0: CPU
     colocated: bool
+    nnodes: int = 1
 
     @classmethod
     def plan(cls, *, tp: int, pp: int, nnodes: int, gpus_per_node: int, num_engines: int, engine_tp: int,
              colocated: bool) -> "Placement":
         mp = tp * pp
-        if gpus_per_node == 0:  # CPU: one DP replica; engines beside it
-            return cls(mp, num_engines, 1, 0, colocated)
+        if gpus_per_node == 0:  # CPU: one DP replica spread evenly over the nodes; engines beside it
+            if mp % nnodes:
+                raise ConfigError(f"rule (TP*PP) % trainer.nnodes == 0 violated on CPU nodes: TP*PP={mp}, "
+                                  f"nnodes={nnodes} (each node hosts the same number of ranks)")
+            return cls(mp, num_engines, 1, 0, colocated, nnodes)
         total = nnodes * gpus_per_node
+        if engine_tp > gpus_per_node or gpus_per_node % engine_tp:
+            raise ConfigError(f"rule n_gpus_per_node % rollout.tp_size == 0 violated: {gpus_per_node} GPUs per node, "
+                              f"actor_rollout_ref.rollout.tp_size={engine_tp} (an engine never spans nodes)")
         if colocated:
             world, engines = total, total // engine_tp
         else:
@@ -61,13 +78,57 @@ class Placement:
                                   f"leaves no GPU for training out of {total}")
         if world % mp:
             raise ConfigError(f"rule trainer GPUs % (TP*PP) == 0 violated: {world} GPUs for training, TP*PP={mp}")
-        return cls(world, engines, engine_tp, gpus_per_node, colocated)
+        return cls(world, engines, engine_tp, gpus_per_node, colocated, nnodes)
+
+    # -- which node hosts what -----------------------------------------------------------------
+    def rank_node(self, rank: int) -> int:
+        per_node = self.gpus_per_node or self.trainer_world // self.nnodes
+        return rank // per_node
+
+    def engine_node(self, index: int) -> int:
+        if not self.gpus_per_node:
+            return 0
+        first_gpu = index * self.engine_tp if self.colocated else self.trainer_world + index * self.engine_tp
+        return first_gpu // self.gpus_per_node
+
+    @property
+    def strategy(self) -> str:
+        return "PACK" if self.nnodes == 1 else "STRICT_SPREAD"
 
     def bundles(self) -> list[dict]:
+        if self.nnodes > 1:
+            return [self._node_bundle(n) for n in range(self.nnodes)]
         if self.gpus_per_node == 0:
             return [{"CPU": 1}] * (self.trainer_world + self.engines)
         trainer = [{"CPU": 1, "GPU": 1}] * self.trainer_world
         return trainer if self.colocated else trainer + [{"CPU": 1, "GPU": self.engine_tp}] * self.engines
+
+    def _node_bundle(self, node: int) -> dict:
+        ranks = sum(self.rank_node(r) == node for r in range(self.trainer_world))
+        engines = sum(self.engine_node(i) == node for i in range(self.engines))
+        if not self.gpus_per_node:
+            return {"CPU": ranks + engines}
+        cpus = ranks + (0 if self.colocated else engines)
+        return {"CPU": max(cpus, 1), "GPU": self.gpus_per_node}
+
+    def rank_resources(self, rank: int) -> tuple[int, dict]:
+        """(bundle index, Ray resources) of trainer rank ``rank``."""
+        gpu = 1 if self.gpus_per_node else 0
+        return (self.rank_node(rank) if self.nnodes > 1 else rank), {"num_cpus": 1, "num_gpus": gpu}
+
+    def engine_resources(self, index: int) -> tuple[int, dict]:
+        """(bundle index, Ray resources) of engine ``index``; colocated GPU engines take no GPU of
+        their own (they share the trainer ranks' GPUs and sleep while the actor trains)."""
+        if self.gpus_per_node and self.colocated:
+            res = {"num_cpus": 0, "num_gpus": 0}
+            bundle = self.engine_node(index) if self.nnodes > 1 else index * self.engine_tp
+        elif self.gpus_per_node:
+            res = {"num_cpus": 1, "num_gpus": self.engine_tp}
+            bundle = self.engine_node(index) if self.nnodes > 1 else self.trainer_world + index
+        else:
+            res = {"num_cpus": 1}
+            bundle = 0 if self.nnodes > 1 else self.trainer_world + index
+        return bundle, res
 
 
 class TrainerCluster:
@@ -82,6 +143,7 @@ class TrainerCluster:
         self.reward_cfg, self.reward = reward_cfg, None
         self._started_ray = False
         self._pg = None
+        self.ranks: list[dict] = []  # what each rank reported at set-up (node, TP/PP/DP rank, peak FLOP/s)
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> "TrainerCluster":
@@ -94,38 +156,32 @@ class TrainerCluster:
                 ray.init(address=self.ray_address, log_to_driver=True)
             else:
                 cpus = max(len(self.placement.bundles()) + 1, os.cpu_count() or 1)
-                ray.init(num_cpus=cpus, num_gpus=self.placement.gpus_per_node or None, include_dashboard=False,
-                         log_to_driver=True)
+                # "local": never join a `ray start` cluster that happens to run on this machine.
+                ray.init(address="local", num_cpus=cpus, num_gpus=self.placement.gpus_per_node or None,
+                         include_dashboard=False, log_to_driver=True)
             self._started_ray = True
         bundles = self.placement.bundles()
-        self._pg = placement_group(bundles, strategy="PACK")
+        self._pg = placement_group(bundles, strategy=self.placement.strategy)
         if not self._pg.wait(timeout_seconds=min(self.timeout_s, 600)):
-            raise ClusterError(f"Ray could not place {len(bundles)} bundles {bundles[:2]}...: not enough resources "
-                               f"({ray.cluster_resources()})")
+            raise ClusterError(f"Ray could not place {len(bundles)} bundles {bundles[:2]}... "
+                               f"({self.placement.strategy}): not enough resources or nodes "
+                               f"({len(ray.nodes())} node(s), {ray.cluster_resources()})")
 
-        def at(index: int, **resources):
-            return dict(scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
+        def at(bundle: int, resources: dict) -> dict:
+            return dict(scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle),
                         **resources)
 
         p = self.placement
-        gpu = 1 if p.gpus_per_node else 0
         worker_cls = ray.remote(TrainerWorker)
-        self.workers = [worker_cls.options(**at(r, num_cpus=1, num_gpus=gpu)).remote(r, p.trainer_world, self.worker_spec)
+        self.workers = [worker_cls.options(**at(*p.rank_resources(r))).remote(r, p.trainer_world, self.worker_spec)
                         for r in range(p.trainer_world)]
         engine_cls = ray.remote(EngineHost)
-        self.engines = []
-        for i in range(p.engines):
-            if p.gpus_per_node and p.colocated:  # pragma: no cover - GPU tier, unverified
-                opts = at(i * p.engine_tp, num_cpus=0, num_gpus=0)
-            elif p.gpus_per_node:  # pragma: no cover - GPU tier, unverified
-                opts = at(p.trainer_world + i, num_cpus=1, num_gpus=p.engine_tp)
-            else:
-                opts = at(p.trainer_world + i, num_cpus=1)
-            self.engines.append(engine_cls.options(**opts).remote(i, self.engine_spec))
+        self.engines = [engine_cls.options(**at(*p.engine_resources(i))).remote(i, self.engine_spec)
+                        for i in range(p.engines)]
         urls = self._get([e.url.remote() for e in self.engines], "start the rollout engines")
         master = self._get(self.workers[0].rendezvous.remote(), "rendezvous")
-        ranks = self._get([w.setup.remote(*master) for w in self.workers], "set up the trainer ranks")
-        log.info("trainer ranks: %s", ranks)
+        self.ranks = self._get([w.setup.remote(*master) for w in self.workers], "set up the trainer ranks")
+        log.info("trainer ranks: %s", self.ranks)
         self.fleet = RolloutFleet([EngineClient(u, api_key=self.engine_spec.api_key) for u in urls])
         side = os.path.join(self.worker_spec.megatron_dir, "hf")
         self.coordinator = PushCoordinator(self.sync_cfg, self.arch, self.fleet, self.sync_cfg.build_transport(side))
@@ -185,9 +241,22 @@ class TrainerCluster:
     def call(self, method: str, *args, what: Optional[str] = None) -> list:
         return self._get([getattr(w, method).remote(*args) for w in self.workers], what or method)
 
-    def train(self, pairs: Sequence, iteration: int) -> dict:
-        results = self.call("train", list(pairs), iteration, what="actor update")
-        return next(r for r in results if r is not None)
+    def train(self, pairs: Sequence, iteration: int, step: int = 0) -> dict:
+        """One update on every rank; the reporting rank's metrics plus throughput and MFU."""
+        from megatron_spin.loss.types import REFERENCE_LOSS_TYPES
+        from megatron_spin.metrics.perf import train_perf
+
+        started = time.monotonic()
+        results = self.call("train", list(pairs), iteration, step, what="actor update")
+        seconds = time.monotonic() - started
+        metrics = next(r for r in results if r is not None)
+        spec, p = self.worker_spec, self.placement
+        metrics.update(train_perf(self.arch, tokens=int(metrics.pop("perf/train_tokens")),
+                                  seq_len=int(metrics.pop("perf/seq_len")), seconds=seconds, devices=p.trainer_world,
+                                  peak_flops=self.ranks[0].get("peak_flops") if self.ranks else None,
+                                  recompute=spec.recompute, reference=spec.loss.loss_type in REFERENCE_LOSS_TYPES))
+        metrics["perf/rollout_devices"] = float(p.engines * (p.engine_tp if p.gpus_per_node else 1))
+        return metrics
 
     def push(self, version: int) -> SyncReport:
         plan = self.coordinator.prepare(version)

@@ -91,11 +91,12 @@ def build_run(cfg: RunConfig, run_dir: Path) -> RunParts:
     spec = WorkerSpec(str(megatron_dir), layout, a.optim, cfg.algorithm.loss(), sync, micro_pairs=a.micro_pairs,
                       precision=a.model_precision(), recompute=a.recompute,
                       ref_offload=cfg.actor_rollout_ref.ref.offload, seed=t.seed, threads=threads,
-                      timeout_s=t.timeout_s)
+                      timeout_s=t.timeout_s, metrics_dir=str(run_dir / "ranks"))
     engine = EngineSpec(str(hf_dir), kind=r.engine, host="127.0.0.1" if t.nnodes == 1 else "0.0.0.0",
                         api_key=api_key, log_dir=engine_log_dir(str(run_dir)), threads=r.threads or threads,
                         tp_size=r.tp_size, mem_fraction_static=r.mem_fraction_static,
-                        enable_memory_saver=r.placement == "colocated" and r.engine == "sglang")
+                        enable_memory_saver=r.placement == "colocated" and r.engine == "sglang",
+                        quantization=r.quantization)
     cluster = TrainerCluster(placement, spec, engine, sync, arch, reward_cfg=cfg.reward_model, ray_address=t.ray_address,
                              timeout_s=t.timeout_s)
     resume_from = run_state.resolve_resume(t.resume, run_dir)

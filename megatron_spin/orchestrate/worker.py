@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
+import socket
 import time
 from typing import Optional, Sequence
 
@@ -43,6 +45,13 @@ class WorkerSpec:
     seed: int = 1234
     threads: int = 1  # torch CPU threads per rank
     timeout_s: float = 1800.0  # collectives
+    metrics_dir: Optional[str] = None  # <run_dir>/ranks: one JSONL of timings per rank
+
+
+def node_name() -> str:
+    """The Slurm node this process runs on (srun's tasks carry it; Ray workers inherit it from the
+    raylet), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def node_address() -> str:
@@ -59,6 +68,8 @@ class TrainerWorker:
         self.rank, self.world_size, self.spec = rank, world_size, spec
         self.actor = self.ref = self.sender = self.pctx = None
         self.pad_id = 0
+        self._rank_log = None
+        self._where: dict = {}
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process group."""
@@ -97,15 +108,32 @@ class TrainerWorker:
         self.sender = StageSender(spec.sync, self.arch, self.pctx, side_files=side)
         tok = AutoTokenizer.from_pretrained(side)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return {"rank": self.rank, "tp": self.pctx.tp_rank, "pp": self.pctx.pp_rank, "dp": self.pctx.dp_rank,
-                "host": node_address(), "pid": os.getpid()}
+        self._where = {"rank": self.rank, "node": node_name(), "ray_node_id": _ray_node_id(), "tp": self.pctx.tp_rank,
+                       "pp": self.pctx.pp_rank, "dp": self.pctx.dp_rank}
+        if spec.metrics_dir:
+            os.makedirs(spec.metrics_dir, exist_ok=True)
+            # Appended across resumes; readers keep the last record of a (step, kind).
+            self._rank_log = open(os.path.join(spec.metrics_dir, f"rank_{self.rank:05d}.jsonl"), "a", encoding="utf-8")
+        info = {**self._where, "host": node_address(), "pid": os.getpid()}
+        if self.rank == 0:
+            from megatron_spin.platform.peak import peak_flops
+
+            info["peak_flops"], info["peak_source"] = peak_flops(spec.precision.params_dtype,
+                                                                 fp8=spec.precision.fp8 is not None)
+        return info
+
+    def _log_rank(self, step: int, kind: str, record: dict) -> None:
+        if self._rank_log is not None:
+            self._rank_log.write(json.dumps({"step": step, "kind": kind, **self._where, "time": time.time(),
+                                             **record}) + "\n")
+            self._rank_log.flush()
 
     @property
     def reports(self) -> bool:
         """This rank's metrics are the run's (last stage, TP rank 0, DP replica 0)."""
         return self.pctx.is_last_stage and self.pctx.tp_rank == 0 and self.pctx.dp_rank == 0
 
-    def train(self, pairs: Sequence, iteration: int) -> Optional[dict]:
+    def train(self, pairs: Sequence, iteration: int, step: int = 0) -> Optional[dict]:
         """One update on ``pairs`` (the whole global batch; this rank takes its DP slice)."""
         from megatron_spin.pairs import collate_pairs
         from megatron_spin.train.batching import rank_micro_batches
@@ -118,12 +146,18 @@ class TrainerWorker:
         t1 = time.monotonic()
         metrics = self.actor.train_step(mbs, ref_logps, iteration)
         t2 = time.monotonic()
+        timing = {"timing/ref_logps": t1 - t0, "timing/train": t2 - t1}
+        self._log_rank(step, "train", {**timing, "tokens": sum(mb.tokens.numel() for mb in mbs)})
         if not self.reports:
             return None
-        return {**metrics, "timing/ref_logps": t1 - t0, "timing/train": t2 - t1}
+        # The whole batch's computed (padded) tokens: the driver turns them into model FLOPs.
+        return {**metrics, **timing, "perf/train_tokens": batch.tokens.numel(), "perf/seq_len": batch.tokens.shape[1]}
 
     def send_weights(self, plan: PushPlan):
-        return self.sender.send(self.actor.modules, plan)
+        t0 = time.monotonic()
+        receipt = self.sender.send(self.actor.modules, plan)
+        self._log_rank(int(plan.version) if plan.version.isdigit() else 0, "sync", {"timing/send": time.monotonic() - t0})
+        return receipt
 
     def save_checkpoint(self, staged: str) -> None:
         """Collective: weights (layout-free) and this rank's optimizer/schedule/RNG state."""
@@ -170,6 +204,17 @@ class TrainerWorker:
 
         if self.sender is not None:
             self.sender.close()
+        if self._rank_log is not None:
+            self._rank_log.close()
         destroy_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _ray_node_id() -> Optional[str]:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (tests)
+        return None

@@ -1,0 +1,59 @@
+"""Where trainer ranks and engines go: one node packed, several nodes one bundle per node."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_spin.config.optim import ConfigError
+from megatron_spin.orchestrate.cluster import Placement
+
+
+def plan(**kw):
+    args = dict(tp=1, pp=1, nnodes=1, gpus_per_node=0, num_engines=1, engine_tp=1, colocated=True)
+    return Placement.plan(**{**args, **kw})
+
+
+def test_one_cpu_node_packs_one_bundle_per_actor():
+    p = plan(tp=2, num_engines=2)
+    assert (p.trainer_world, p.engines, p.strategy) == (2, 2, "PACK")
+    assert p.bundles() == [{"CPU": 1}] * 4
+    assert [p.rank_resources(r)[0] for r in range(2)] == [0, 1]
+    assert [p.engine_resources(i)[0] for i in range(2)] == [2, 3]
+
+
+def test_two_cpu_nodes_split_the_ranks_and_keep_engines_on_the_first():
+    p = plan(tp=2, nnodes=2)
+    assert p.strategy == "STRICT_SPREAD"
+    assert p.bundles() == [{"CPU": 2}, {"CPU": 1}]  # node 0: rank 0 + the engine; node 1: rank 1
+    assert [p.rank_resources(r)[0] for r in range(2)] == [0, 1]
+    assert p.engine_resources(0) == (0, {"num_cpus": 1})
+
+
+def test_cpu_ranks_must_divide_over_the_nodes():
+    with pytest.raises(ConfigError, match=r"\(TP\*PP\) % trainer.nnodes"):
+        plan(tp=3, nnodes=2)
+
+
+def test_gpu_colocated_many_nodes_rank_order_fills_nodes():
+    p = plan(tp=8, pp=4, nnodes=8, gpus_per_node=8, engine_tp=8)
+    assert (p.trainer_world, p.engines) == (64, 8)
+    assert p.bundles() == [{"CPU": 8, "GPU": 8}] * 8
+    # A TP group (8 consecutive ranks) sits on one node; engine i shares node i's GPUs.
+    assert {p.rank_node(r) for r in range(8, 16)} == {1}
+    assert p.rank_resources(63) == (7, {"num_cpus": 1, "num_gpus": 1})
+    assert p.engine_resources(5) == (5, {"num_cpus": 0, "num_gpus": 0})
+
+
+def test_gpu_disaggregated_engines_take_the_nodes_after_the_trainer():
+    p = plan(tp=8, pp=2, nnodes=4, gpus_per_node=8, num_engines=2, engine_tp=8, colocated=False)
+    assert (p.trainer_world, p.engines) == (16, 2)
+    assert [p.engine_resources(i) for i in range(2)] == [(2, {"num_cpus": 1, "num_gpus": 8}),
+                                                         (3, {"num_cpus": 1, "num_gpus": 8})]
+    assert p.bundles()[2] == {"CPU": 1, "GPU": 8}
+
+
+def test_an_engine_never_spans_nodes():
+    with pytest.raises(ConfigError, match="n_gpus_per_node % rollout.tp_size"):
+        plan(nnodes=2, gpus_per_node=8, engine_tp=16)
+    with pytest.raises(ConfigError, match="n_gpus_per_node % rollout.tp_size"):
+        plan(nnodes=1, gpus_per_node=6, engine_tp=4)
