@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,7 +121,11 @@ def checkpoint_tensors(path):
 EXACT_KEYS = ("loss", "grad_norm", "logps_chosen", "logps_rejected", "reward/mean", "pairs/kept", "reward_margin", "lr")
 
 
-def test_resume_continues_exactly(tiny_chat_model, tmp_path):
+@pytest.fixture(scope="module")
+def resume_runs(tiny_chat_model, tmp_path_factory):
+    """Four steps straight through, and the same four stopped after step 2 and resumed: (straight, resumed,
+    the resuming run's output).  Module-scoped: the report test reads the same two runs (no extra trainer run)."""
+    tmp_path = tmp_path_factory.mktemp("resume")
     train = write_prompts(tmp_path / "train.jsonl", 10)
     common = [f"actor_rollout_ref.model.path={tiny_chat_model}", "actor_rollout_ref.actor.tp=2",
               f"data.train_files=[{train}]", f"data.val_files=[{train}]", "data.val_size=2",
@@ -132,6 +138,11 @@ def test_resume_continues_exactly(tiny_chat_model, tmp_path):
     run_cli(tmp_path, *common, "trainer.total_training_steps=2", f"trainer.default_local_dir={resumed}")
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={resumed}")
+    return straight, resumed, done
+
+
+def test_resume_continues_exactly(resume_runs):
+    straight, resumed, done = resume_runs
     assert "[resume] from" in done.stdout and "at step 2" in done.stdout
 
     a, b = records(straight, "train"), records(resumed, "train")
@@ -147,6 +158,34 @@ def test_resume_continues_exactly(tiny_chat_model, tmp_path):
         if isinstance(final_a[k], torch.Tensor):
             assert torch.equal(final_a[k], final_b[k]), k
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
+
+
+def test_report_over_two_runs_renders(resume_runs, tmp_path):
+    """``tools/report.py`` on the straight and the resumed run: both named, means filled in, every figure renders."""
+    import matplotlib.image as mpimg
+
+    straight, resumed, _ = resume_runs
+    out = tmp_path / "report"
+    tool = Path(__file__).resolve().parents[2] / "tools" / "report.py"
+    done = subprocess.run([sys.executable, str(tool), str(straight), str(resumed), "--out", str(out),
+                           "--title", "straight vs resumed"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"read {straight}: 4 train steps" in done.stdout and f"read {resumed}: 4 train steps" in done.stdout
+    report = (out / "report.md").read_text()
+    assert report.startswith("# straight vs resumed")
+    time_rows = [line for line in report.split("## Time per step")[1].splitlines() if line.startswith("| `")]
+    generate = sum(r["timing/generate"] for r in records(straight, "train")) / 4
+    assert time_rows[0].startswith(f"| `straight` | {generate:.2f} |") and time_rows[1].startswith("| `resumed` | ")
+    assert "- `straight`: **" in report and "- `resumed`: **" in report  # held-out before → after, each run
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert {"step_time.png", "throughput.png", "sync.png", "reward_loss.png"} <= set(figures)
+    for name in figures:
+        img = mpimg.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] >= 200 and img.shape[1] >= 300, (name, img.shape)
+        assert img[..., :3].std() > 0.01, f"{name} is blank"
+    for run in (straight, resumed):  # per-rank files where the trainer wrote them, a clear note where not
+        section = report.split(f"### `{run.name}`")[1]
+        assert ("Slowest rank" in section) if (run / "ranks").is_dir() else ("No per-rank files" in section)
 
 
 def test_joins_an_existing_ray_cluster(tiny_chat_model, tmp_path):
