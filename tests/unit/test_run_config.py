@@ -119,3 +119,18 @@ def test_fp8_serving_reaches_the_sglang_command():
     cmd = sglang_command("/m", tp_size=cfg.rollout.tp_size, quantization=cfg.rollout.quantization)
     assert cmd[cmd.index("--quantization") + 1] == "fp8" and cmd[cmd.index("--tp-size") + 1] == "8"
     assert "--quantization" not in sglang_command("/m")
+
+
+def test_fp8_on_this_cpu_machine_stops_the_cli_before_anything_starts(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "megatron_spin.main",
+                           "actor_rollout_ref.actor.fp8={format: hybrid, recipe: delayed}",
+                           f"trainer.default_local_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "config error: actor_rollout_ref.actor.fp8: FP8 needs TransformerEngine on CUDA GPUs" in done.stderr
+    # Refused before the run wrote anything (Hydra itself creates the directory and its empty log).
+    run = tmp_path / "run"
+    assert not run.exists() or {p.name for p in run.iterdir()} <= {"main.log"}
