@@ -43,10 +43,11 @@ class Placement:
     """Where every trainer rank and engine runs.
 
     One node: one bundle per actor, packed.  Several nodes: one bundle per node (its GPUs, or on
-    CPU nodes the CPUs of the actors it hosts), strictly spread so bundle ``i`` is node ``i``;
-    trainer ranks fill nodes in rank order (TP groups, the fastest-varying rank index, stay inside
-    a node), disaggregated engines take the GPUs after the trainer's, colocated engines share the
-    trainer's GPUs, and CPU engines sit on the first node beside the driver.
+    CPU nodes the CPUs of the actors it hosts), strictly spread: every bundle is a different node
+    (which node is Ray's choice); trainer ranks fill bundles in rank order (TP groups, the
+    fastest-varying rank index, stay inside a node: n_gpus_per_node % TP == 0), disaggregated
+    engines take the GPUs after the trainer's, colocated engines share the trainer's GPUs, and
+    CPU engines go into the first bundle.
     """
 
     trainer_world: int
@@ -66,6 +67,9 @@ class Placement:
                                   f"nnodes={nnodes} (each node hosts the same number of ranks)")
             return cls(mp, num_engines, 1, 0, colocated, nnodes)
         total = nnodes * gpus_per_node
+        if gpus_per_node % tp:
+            raise ConfigError(f"rule n_gpus_per_node % TP == 0 violated: {gpus_per_node} GPUs per node, "
+                              f"actor_rollout_ref.actor.tp={tp} (a TP group never spans nodes)")
         if engine_tp > gpus_per_node or gpus_per_node % engine_tp:
             raise ConfigError(f"rule n_gpus_per_node % rollout.tp_size == 0 violated: {gpus_per_node} GPUs per node, "
                               f"actor_rollout_ref.rollout.tp_size={engine_tp} (an engine never spans nodes)")
@@ -115,6 +119,25 @@ class Placement:
         """(bundle index, Ray resources) of trainer rank ``rank``."""
         gpu = 1 if self.gpus_per_node else 0
         return (self.rank_node(rank) if self.nnodes > 1 else rank), {"num_cpus": 1, "num_gpus": gpu}
+
+    def engine_gpu_ids(self, index: int) -> Optional[tuple[int, ...]]:
+        """Node-local GPU ids a colocated GPU engine runs on (Ray pins none for a zero-GPU actor,
+        so without these every engine of a node would start on GPU 0); None otherwise."""
+        if not (self.gpus_per_node and self.colocated):
+            return None
+        first = (index * self.engine_tp) % self.gpus_per_node
+        return tuple(range(first, first + self.engine_tp))
+
+    def reward_resources(self, worker: int, workers: int) -> tuple[int, dict, tuple[int, ...]]:
+        """GPU runs: (bundle, Ray resources, pinned GPU id) of reward-model worker ``worker`` of
+        ``workers``.  Every GPU belongs to the trainer (and colocated engines), so reward workers
+        share trainer GPUs, spread evenly and pinned by id like colocated engines."""
+        if workers > self.trainer_world:
+            raise ConfigError(f"reward_model.num_workers={workers} is more than the {self.trainer_world} trainer GPUs "
+                              "the reward workers share")
+        slot = worker * (self.trainer_world // workers)
+        node, gpu = divmod(slot, self.gpus_per_node)
+        return (node if self.nnodes > 1 else slot), {"num_cpus": 0, "num_gpus": 0}, (gpu,)
 
     def engine_resources(self, index: int) -> tuple[int, dict]:
         """(bundle index, Ray resources) of engine ``index``; colocated GPU engines take no GPU of
@@ -176,7 +199,8 @@ class TrainerCluster:
         self.workers = [worker_cls.options(**at(*p.rank_resources(r))).remote(r, p.trainer_world, self.worker_spec)
                         for r in range(p.trainer_world)]
         engine_cls = ray.remote(EngineHost)
-        self.engines = [engine_cls.options(**at(*p.engine_resources(i))).remote(i, self.engine_spec)
+        self.engines = [engine_cls.options(**at(*p.engine_resources(i))).remote(i, self.engine_spec,
+                                                                                p.engine_gpu_ids(i))
                         for i in range(p.engines)]
         urls = self._get([e.url.remote() for e in self.engines], "start the rollout engines")
         master = self._get(self.workers[0].rendezvous.remote(), "rendezvous")
@@ -188,7 +212,12 @@ class TrainerCluster:
         if self.reward_cfg is not None:  # reward-model workers are Ray actors too
             from megatron_spin.orchestrate.rewards import build_reward_pool
 
-            self.reward = build_reward_pool(self.reward_cfg, gpus=bool(p.gpus_per_node), timeout_s=self.timeout_s)
+            placements = None  # CPU runs: one CPU per worker, anywhere
+            if p.gpus_per_node:  # pragma: no cover - GPU tier, unverified
+                workers = self.reward_cfg.num_workers
+                placements = [(at(bundle, res), gpu_ids)
+                              for bundle, res, gpu_ids in (p.reward_resources(k, workers) for k in range(workers))]
+            self.reward = build_reward_pool(self.reward_cfg, self.timeout_s, placements)
         return self
 
     def stop(self) -> None:
@@ -251,7 +280,8 @@ class TrainerCluster:
         seconds = time.monotonic() - started
         metrics = next(r for r in results if r is not None)
         spec, p = self.worker_spec, self.placement
-        metrics.update(train_perf(self.arch, tokens=int(metrics.pop("perf/train_tokens")),
+        real = sum(2 * len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids) for x in pairs)
+        metrics.update(train_perf(self.arch, tokens=real, padded_tokens=int(metrics.pop("perf/train_tokens")),
                                   seq_len=int(metrics.pop("perf/seq_len")), seconds=seconds, devices=p.trainer_world,
                                   peak_flops=self.ranks[0].get("peak_flops") if self.ranks else None,
                                   recompute=spec.recompute, reference=spec.loss.loss_type in REFERENCE_LOSS_TYPES))

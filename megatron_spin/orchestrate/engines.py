@@ -31,8 +31,10 @@ class EngineSpec:
 
 
 class EngineHost:
-    def __init__(self, index: int, spec: EngineSpec):
+    def __init__(self, index: int, spec: EngineSpec, gpu_ids: Optional[tuple[int, ...]] = None):
+        """``gpu_ids``: node-local GPUs of a colocated SGLang engine (None: what Ray gave the actor)."""
         log = Path(spec.log_dir) / f"engine-{index}.log"
+        self.spec = spec
         if spec.kind == "embedded":
             self.server = launch_embedded(spec.model_path, host=spec.host, api_key=spec.api_key, log_path=log,
                                           threads=spec.threads, timeout=600)
@@ -41,10 +43,12 @@ class EngineHost:
                                         log_path=log, api_key=spec.api_key, tp_size=spec.tp_size,
                                         mem_fraction_static=spec.mem_fraction_static,
                                         enable_memory_saver=spec.enable_memory_saver,
-                                        quantization=spec.quantization)
+                                        quantization=spec.quantization, gpu_ids=gpu_ids)
 
     def url(self) -> str:
-        return self.server.url
+        from megatron_spin.orchestrate.worker import node_address
+
+        return reachable_url(self.server.url, self.spec.host, node_address())
 
     def pid(self) -> int:
         return self.server.proc.pid if self.server.proc else -1
@@ -57,6 +61,16 @@ class EngineHost:
             self.server.stop()
         except Exception:
             pass
+
+
+def reachable_url(url: str, bound_host: str, node_ip: str) -> str:
+    """Where other nodes reach a server: one bound to every interface (multi-node runs bind
+    0.0.0.0) is reached at its node's address, never at the wildcard."""
+    if bound_host in ("0.0.0.0", "::", "[::]"):
+        scheme, rest = url.split("://", 1)
+        port = rest.rsplit(":", 1)[1]
+        return f"{scheme}://{node_ip}:{port}"
+    return url
 
 
 def engine_log_dir(run_dir: str) -> str:

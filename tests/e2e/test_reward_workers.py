@@ -26,13 +26,13 @@ def test_reward_pool_matches_direct_scoring(smollm2_dir, tmp_path):
     cfg = RewardConfig(type="hf", path=str(tmp_path / "rm"), batch_size=2, num_workers=2)
     inputs = [RewardInput(f"prompt {i}", "word " * (i % 4 + 1) + str(i)) for i in range(7)]
     direct = build_reward(cfg)(inputs)
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # never a `ray start` cluster on the host
     try:
-        pool = build_reward_pool(cfg, gpus=False, timeout_s=120)
+        pool = build_reward_pool(cfg, timeout_s=120)
         assert isinstance(pool, RewardPool) and len(pool.workers) == 2
         assert pool(inputs) == pytest.approx(direct, abs=1e-5)
         assert pool(inputs[:1]) == pytest.approx(direct[:1], abs=1e-5)  # fewer samples than workers
         pool.close()
-        assert not isinstance(build_reward_pool(RewardConfig(type="vader"), gpus=False, timeout_s=1), RewardPool)
+        assert not isinstance(build_reward_pool(RewardConfig(type="vader"), timeout_s=1), RewardPool)
     finally:
         ray.shutdown()

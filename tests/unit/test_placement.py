@@ -57,3 +57,36 @@ def test_an_engine_never_spans_nodes():
         plan(nnodes=2, gpus_per_node=8, engine_tp=16)
     with pytest.raises(ConfigError, match="n_gpus_per_node % rollout.tp_size"):
         plan(nnodes=1, gpus_per_node=6, engine_tp=4)
+
+
+def test_a_tp_group_never_spans_gpu_nodes():
+    with pytest.raises(ConfigError, match=r"n_gpus_per_node % TP == 0"):
+        plan(tp=8, nnodes=2, gpus_per_node=4, engine_tp=4)
+
+
+def test_colocated_gpu_engines_are_pinned_to_their_gpus():
+    p = plan(nnodes=2, gpus_per_node=8, engine_tp=2)
+    assert p.engines == 8
+    assert [p.engine_gpu_ids(i) for i in (0, 1, 3, 4, 7)] == [(0, 1), (2, 3), (6, 7), (0, 1), (6, 7)]
+    assert [p.engine_node(i) for i in (3, 4)] == [0, 1]
+    dis = plan(tp=8, nnodes=2, gpus_per_node=8, num_engines=1, engine_tp=8, colocated=False)
+    assert dis.engine_gpu_ids(0) is None  # Ray gives a disaggregated engine its own GPUs
+    assert plan(tp=2).engine_gpu_ids(0) is None
+
+
+def test_reward_workers_share_trainer_gpus_spread_evenly():
+    p = plan(tp=8, pp=4, nnodes=8, gpus_per_node=8, engine_tp=8)
+    assert [p.reward_resources(k, 4) for k in range(4)] == [
+        (0, {"num_cpus": 0, "num_gpus": 0}, (0,)), (2, {"num_cpus": 0, "num_gpus": 0}, (0,)),
+        (4, {"num_cpus": 0, "num_gpus": 0}, (0,)), (6, {"num_cpus": 0, "num_gpus": 0}, (0,))]
+    one = plan(nnodes=1, gpus_per_node=8)
+    assert [one.reward_resources(k, 2)[0::2] for k in range(2)] == [(0, (0,)), (4, (4,))]
+    with pytest.raises(ConfigError, match="reward_model.num_workers=9"):
+        one.reward_resources(0, 9)
+
+
+def test_engines_bound_to_every_interface_are_reached_at_their_node():
+    from megatron_spin.orchestrate.engines import reachable_url
+
+    assert reachable_url("http://0.0.0.0:30001", "0.0.0.0", "10.0.0.7") == "http://10.0.0.7:30001"
+    assert reachable_url("http://127.0.0.1:5000", "127.0.0.1", "10.0.0.7") == "http://127.0.0.1:5000"

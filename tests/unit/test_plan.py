@@ -232,8 +232,10 @@ def test_cli_json_numbers_are_consistent(preset, capsys):
 @pytest.mark.parametrize("args,rule", [
     (["--nodes", "1", "--gpus-per-node", "8", "actor_rollout_ref.actor.tp=8", "actor_rollout_ref.actor.pp=3"],
      "rule trainer GPUs % (TP*PP) == 0 violated"),
-    (["--nodes", "3", "--gpus-per-node", "8", "actor_rollout_ref.actor.tp=3", "actor_rollout_ref.actor.pp=1"],
+    (["--nodes", "4", "--gpus-per-node", "6", "actor_rollout_ref.actor.tp=3", "actor_rollout_ref.actor.pp=1"],
      "rule num_attention_heads % TP == 0 violated"),
+    (["--nodes", "4", "--gpus-per-node", "4", "actor_rollout_ref.actor.tp=8", "actor_rollout_ref.actor.pp=1"],
+     "rule n_gpus_per_node % TP == 0 violated"),
     (["--nodes", "3", "--gpus-per-node", "8", "actor_rollout_ref.actor.tp=1", "actor_rollout_ref.actor.pp=3"],
      "rule num_layers % PP == 0 violated"),
     (["actor_rollout_ref.actor.precision=fp8"], "actor_rollout_ref.actor.precision"),
