@@ -120,10 +120,12 @@ def throughput_section(runs: Sequence[Run], plots: dict) -> list[str]:
              fmt(rollout_per_device(r), ".1f"), fmt(r.mean("perf/train_tokens"), ".0f"), fmt(r.mean("perf/devices"), ".0f"),
              fmt(r.mean("perf/train_tokens_per_s_per_device"), ".1f"), fmt(r.mean("perf/train_flops") / 1e12, ".3g"),
              fmt(r.mean("perf/achieved_tflops_per_device"), ".3g"), fmt(r.mean("perf/peak_flops_per_device") / 1e12, ".3g"),
-             pct(r.mean("perf/mfu"))] for r in runs]
+             pct(r.mean("perf/mfu")), pct(r.mean("perf/hfu"))] for r in runs]
     lines += table(["run", "rollout tok/s", "rollout devices", "rollout tok/s/device", "train tokens/step",
                     "trainer devices", "train tok/s/device", "train TFLOP/step", "achieved TFLOP/s/device",
-                    "peak TFLOP/s/device", "MFU"], rows)
+                    "peak TFLOP/s/device", "MFU", "HFU"], rows)
+    lines += ["MFU: model FLOPs of the real tokens (actor forward + backward, reference forward) over the update's "
+              "time × devices × peak; HFU also counts padding and the recompute forward.", ""]
     no_perf = [r.label for r in runs if not finite(r.mean("perf/train_flops"))]
     no_peak = [r.label for r in runs if r.label not in no_perf and not finite(r.mean("perf/mfu"))]
     if no_perf:

@@ -17,7 +17,8 @@ projections: the score and context matmuls still run over all ``a`` query heads.
 look-ups, norms, softmax, RoPE and biases are not counted (they are not matmuls).
 
 Training = forward + backward (2× forward: gradients w.r.t. inputs and weights) = 3×
-forward; full activation recompute adds one more forward.  The reference model's
+forward; full activation recompute adds one more forward (hardware FLOPs: MFU in the PaLM
+sense leaves recompute out, so callers computing MFU pass ``recompute=False``).  The reference model's
 log-probs are one forward.  Generation: the prompt's forward (prefill) plus one forward per
 sampled token, each attending to the prompt and the tokens before it.
 """

@@ -17,26 +17,28 @@ import torch
 
 from megatron_spin.platform import current
 
-# Dense peak FLOP/s per GPU (vendor data sheets, SXM parts): (bf16/fp16, fp8).
-_GPU_PEAKS = {
-    "H200": (989.4e12, 1978.9e12),
-    "H100": (989.4e12, 1978.9e12),  # SXM; the PCIe part is lower (756 / 1513 TFLOP/s)
-    "A100": (312e12, None),
-    "L40S": (362e12, 733e12),
-}
+# Dense peak FLOP/s per GPU from vendor data sheets: (bf16/fp16, fp8, fp32 without TF32).
+# Matched in order against torch's device name, so the specific variants come first.
+_GPU_PEAKS = (
+    ("H100 NVL", (835e12, 1671e12, 60e12)),
+    ("H100 PCIe", (756e12, 1513e12, 51e12)),
+    ("H200", (989.4e12, 1978.9e12, 67e12)),
+    ("H100", (989.4e12, 1978.9e12, 67e12)),  # SXM
+    ("A100", (312e12, None, 19.5e12)),
+    ("L40S", (362e12, 733e12, 91.6e12)),
+)
 
 
 @functools.lru_cache(maxsize=4)
 def peak_flops(dtype: str = "bfloat16", fp8: bool = False) -> tuple[Optional[float], str]:
-    """(FLOP/s or None, where the number comes from)."""
-    if current().is_cuda:  # pragma: no cover - GPU tier
+    """(FLOP/s or None, where the number comes from).  The CUDA branch is unverified on GPU."""
+    if current().is_cuda:  # pragma: no cover - GPU tier, unverified
         name = torch.cuda.get_device_name()
-        for key, (half, eight) in _GPU_PEAKS.items():
+        for key, (half, eight, single) in _GPU_PEAKS:
             if key in name:
-                if "PCIe" in name and key == "H100":
-                    half, eight = 756e12, 1513e12
-                peak = eight if fp8 and eight else half
-                return (peak / 2 if dtype == "float32" else peak), f"{name} data sheet"
+                if dtype == "float32":  # torch leaves TF32 matmuls off unless asked
+                    return (half / 2 if torch.backends.cuda.matmul.allow_tf32 else single), f"{name} data sheet"
+                return (eight if fp8 and eight else half), f"{name} data sheet"
         return None, f"{name}: unknown peak"
     return _measured_cpu_matmul(), "measured fp32 matmul on this host"
 

@@ -51,6 +51,7 @@ def make_run(root: Path, name: str, *, scale: float, perf: bool, ranks: bool, st
         if perf:
             record.update({"perf/train_tokens": 512.0 * step, "perf/train_flops": 3e12 * step, "perf/devices": 4,
                            "perf/peak_flops_per_device": 989e12, "perf/mfu": 0.3 + 0.02 * step,
+                           "perf/hfu": 0.4 + 0.02 * step,
                            "perf/achieved_tflops_per_device": 300.0 + step,
                            "perf/train_tokens_per_s_per_device": 40.0 + step, "perf/rollout_devices": 2})
         put(step, record)
@@ -143,11 +144,12 @@ def test_mfu_and_per_device_rates_shown_when_logged_dash_when_not(two_runs):
     _, _, report, a, _ = two_runs
     tput = table_rows(report, "## Throughput and MFU")
     mfu = mean(r["perf/mfu"] for r in a["train"])
-    assert tput["tp2"][-1] == f"{100 * mfu:.1f}%" and tput["tp1"][-1] == "-"
+    hfu = mean(r["perf/hfu"] for r in a["train"])
+    assert tput["tp2"][-2:] == [f"{100 * mfu:.1f}%", f"{100 * hfu:.1f}%"] and tput["tp1"][-2:] == ["-", "-"]
     assert tput["tp2"][2] == f"{mean(r['rollout/tokens_per_s'] / 2 for r in a['train']):.1f}"  # per rollout device
     assert tput["tp2"][5] == f"{mean(r['perf/train_tokens_per_s_per_device'] for r in a['train']):.1f}"
     assert tput["tp2"][7] == f"{mean(r['perf/achieved_tflops_per_device'] for r in a['train']):.3g}"
-    assert tput["tp1"][1:] == ["-"] * 9 and tput["tp1"][0] != "-"  # total rollout tokens/s is always logged
+    assert tput["tp1"][1:] == ["-"] * 10 and tput["tp1"][0] != "-"  # total rollout tokens/s is always logged
     summary = table_rows(report, "## Summary")
     assert summary["tp2"][4] == f"{100 * mfu:.1f}%" and summary["tp1"][4] == "-"
 
