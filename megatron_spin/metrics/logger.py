@@ -21,6 +21,21 @@ from typing import Mapping, Optional, Sequence
 CONSOLE_KEYS = ("reward/mean", "loss", "reward_accuracy", "pairs/kept", "timing/step", "timing/checkpoint")
 
 
+def open_jsonl(path: Path, resume_step: Optional[int]):
+    """A JSONL file to append records to: emptied for a fresh run; when resuming from the
+    checkpoint at ``resume_step``, records of later steps (written by the run that crashed) are
+    dropped first (atomically), so every step appears once."""
+    if resume_step is None:
+        return open(path, "w", encoding="utf-8")
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip()
+                and json.loads(line)["step"] <= resume_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return open(path, "a", encoding="utf-8")
+
+
 class MetricLogger:
     def __init__(self, run_dir: str | os.PathLike, backends: Sequence[str], *, project: str = "megatron_spin",
                  experiment: str = "run", config: Optional[Mapping] = None, resume_step: Optional[int] = None):
@@ -31,13 +46,7 @@ class MetricLogger:
         self.backends = tuple(backends)
         resume = resume_step is not None
         path = self.run_dir / "metrics.jsonl"
-        if resume and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip()
-                    and json.loads(line)["step"] <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
-        self._jsonl = open(path, "a" if resume else "w", encoding="utf-8") if "jsonl" in self.backends else None
+        self._jsonl = open_jsonl(path, resume_step) if "jsonl" in self.backends else None
         self._tb = None
         if "tensorboard" in self.backends:
             from torch.utils.tensorboard import SummaryWriter

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from megatron_spin.ckpt import run_state
+from megatron_spin.config.optim import ConfigError
 from megatron_spin.config.run import RunConfig, to_dict
 from megatron_spin.data.prompts import EncodedPrompt, PromptKeys, PromptLoader, encode_prompts, read_prompt_file
 
@@ -67,7 +69,7 @@ def build_run(cfg: RunConfig, run_dir: Path) -> RunParts:
     from megatron_spin.orchestrate.cluster import Placement, TrainerCluster
     from megatron_spin.orchestrate.engines import EngineSpec, engine_log_dir
     from megatron_spin.orchestrate.worker import WorkerSpec
-    from megatron_spin.parallel.layout import ParallelLayout, validate_layout
+    from megatron_spin.parallel.layout import LayoutError, ParallelLayout, validate_layout
     from megatron_spin.sync.push import SyncConfig
     import secrets
 
@@ -77,7 +79,11 @@ def build_run(cfg: RunConfig, run_dir: Path) -> RunParts:
     layout = ParallelLayout(tp=a.tp, pp=a.pp, vpp=a.vpp)
     placement = Placement.plan(tp=a.tp, pp=a.pp, nnodes=t.nnodes, gpus_per_node=t.n_gpus_per_node,
                                num_engines=r.num_engines, engine_tp=r.tp_size, colocated=r.placement == "colocated")
-    validate_layout(arch, layout, world_size=placement.trainer_world)
+    try:
+        validate_layout(arch, layout, world_size=placement.trainer_world)
+    except LayoutError as exc:  # a start-up rule of the config, named as such
+        raise ConfigError(f"actor_rollout_ref.actor (tp={a.tp}, pp={a.pp}, vpp={a.vpp}) for "
+                          f"{cfg.actor_rollout_ref.model.path}: {exc}") from None
     dp = placement.trainer_world // layout.model_parallel_size
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     train, val = _prompts(cfg, tokenizer)
@@ -88,10 +94,14 @@ def build_run(cfg: RunConfig, run_dir: Path) -> RunParts:
                       api_key=api_key)
     cpu_ranks = placement.trainer_world + placement.engines
     threads = max(1, (os.cpu_count() or 1) // cpu_ranks) if not t.n_gpus_per_node else 0
+    resume_from = run_state.resolve_resume(t.resume, run_dir)
+    resume_step = None if resume_from is None else run_state.read_state(resume_from)["step"]
+    if resume_step is None:  # a fresh run: no rank files of an earlier attempt (or layout) linger
+        shutil.rmtree(run_dir / "ranks", ignore_errors=True)
     spec = WorkerSpec(str(megatron_dir), layout, a.optim, cfg.algorithm.loss(), sync, micro_pairs=a.micro_pairs,
                       precision=a.model_precision(), recompute=a.recompute,
                       ref_offload=cfg.actor_rollout_ref.ref.offload, seed=t.seed, threads=threads,
-                      timeout_s=t.timeout_s, metrics_dir=str(run_dir / "ranks"))
+                      timeout_s=t.timeout_s, metrics_dir=str(run_dir / "ranks"), resume_step=resume_step)
     engine = EngineSpec(str(hf_dir), kind=r.engine, host="127.0.0.1" if t.nnodes == 1 else "0.0.0.0",
                         api_key=api_key, log_dir=engine_log_dir(str(run_dir)), threads=r.threads or threads,
                         tp_size=r.tp_size, mem_fraction_static=r.mem_fraction_static,
@@ -99,8 +109,7 @@ def build_run(cfg: RunConfig, run_dir: Path) -> RunParts:
                         quantization=r.quantization)
     cluster = TrainerCluster(placement, spec, engine, sync, arch, reward_cfg=cfg.reward_model, ray_address=t.ray_address,
                              timeout_s=t.timeout_s)
-    resume_from = run_state.resolve_resume(t.resume, run_dir)
     logger = MetricLogger(run_dir, t.logger, project=t.project_name, experiment=t.experiment_name, config=to_dict(cfg),
-                          resume_step=None if resume_from is None else run_state.read_state(resume_from)["step"])
+                          resume_step=resume_step)
     return RunParts(hf_dir, megatron_dir, tokenizer, loader, val, None, logger, cluster,
                     pairs_multiple=dp * a.micro_pairs)

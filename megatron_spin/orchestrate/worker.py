@@ -46,6 +46,7 @@ class WorkerSpec:
     threads: int = 1  # torch CPU threads per rank
     timeout_s: float = 1800.0  # collectives
     metrics_dir: Optional[str] = None  # <run_dir>/ranks: one JSONL of timings per rank
+    resume_step: Optional[int] = None  # resuming from this step's checkpoint (rank files keep steps <= it)
 
 
 def node_name() -> str:
@@ -70,6 +71,7 @@ class TrainerWorker:
         self.pad_id = 0
         self._rank_log = None
         self._where: dict = {}
+        self._trained_step: Optional[int] = None
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process group."""
@@ -111,9 +113,12 @@ class TrainerWorker:
         self._where = {"rank": self.rank, "node": node_name(), "ray_node_id": _ray_node_id(), "tp": self.pctx.tp_rank,
                        "pp": self.pctx.pp_rank, "dp": self.pctx.dp_rank}
         if spec.metrics_dir:
+            from pathlib import Path
+
+            from megatron_spin.metrics.logger import open_jsonl
+
             os.makedirs(spec.metrics_dir, exist_ok=True)
-            # Appended across resumes; readers keep the last record of a (step, kind).
-            self._rank_log = open(os.path.join(spec.metrics_dir, f"rank_{self.rank:05d}.jsonl"), "a", encoding="utf-8")
+            self._rank_log = open_jsonl(Path(spec.metrics_dir) / f"rank_{self.rank:05d}.jsonl", spec.resume_step)
         info = {**self._where, "host": node_address(), "pid": os.getpid()}
         if self.rank == 0:
             from megatron_spin.platform.peak import peak_flops
@@ -148,6 +153,7 @@ class TrainerWorker:
         t2 = time.monotonic()
         timing = {"timing/ref_logps": t1 - t0, "timing/train": t2 - t1}
         self._log_rank(step, "train", {**timing, "tokens": sum(mb.tokens.numel() for mb in mbs)})
+        self._trained_step = step
         if not self.reports:
             return None
         # The whole batch's computed (padded) tokens: the driver turns them into model FLOPs.
@@ -156,7 +162,8 @@ class TrainerWorker:
     def send_weights(self, plan: PushPlan):
         t0 = time.monotonic()
         receipt = self.sender.send(self.actor.modules, plan)
-        self._log_rank(int(plan.version) if plan.version.isdigit() else 0, "sync", {"timing/send": time.monotonic() - t0})
+        if plan.version == str(self._trained_step):  # the push after an update (not a resume's re-push)
+            self._log_rank(self._trained_step, "sync", {"timing/send": time.monotonic() - t0})
         return receipt
 
     def save_checkpoint(self, staged: str) -> None:
