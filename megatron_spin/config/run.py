@@ -298,6 +298,16 @@ def _build(cls, mapping: Any, prefix: str):
         raise ConfigError(msg) from None
 
 
+def missing_keys(node: Any, prefix: str = "") -> set[str]:
+    """Dotted keys whose value is ``???`` in a plain (unresolved) config tree.  Not
+    ``OmegaConf.missing_keys``: it resolves interpolations and raises on one that points at a
+    missing value (``default_local_dir`` interpolates ``trainer.experiment_name``)."""
+    if node == "???":
+        return {prefix}
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    return set().union(*(missing_keys(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in items))
+
+
 def load_run_config(cfg: Any) -> RunConfig:
     """A validated :class:`RunConfig` from a Hydra ``DictConfig`` (interpolations resolved) or a dict."""
     try:
@@ -305,7 +315,8 @@ def load_run_config(cfg: Any) -> RunConfig:
 
         if isinstance(cfg, DictConfig):
             # Presets leave site-specific keys (model path, data files) as ``???``: name them all.
-            missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+            missing = sorted(k for k in missing_keys(OmegaConf.to_container(cfg, resolve=False))
+                             if not k.startswith("hydra."))
             if missing:
                 raise ConfigError(f"{missing[0]}: required, the preset leaves it to you (give it on the command "
                                   f"line, e.g. {missing[0]}=...); all missing: {', '.join(missing)}")

@@ -18,7 +18,7 @@ import dataclasses
 from typing import Optional
 
 from megatron_spin.config.optim import ConfigError
-from megatron_spin.config.run import RunConfig, load_run_config
+from megatron_spin.config.run import RunConfig, load_run_config, missing_keys
 from megatron_spin.models.arch import ModelArch
 from megatron_spin.orchestrate.cluster import Placement
 from megatron_spin.parallel.layout import ParallelLayout, validate_layout
@@ -84,21 +84,12 @@ def compose_preset(preset: str, overrides: tuple[str, ...] = (), config_dir: Opt
         cfg = compose(config_name=preset, overrides=list(overrides))
     tree = OmegaConf.to_container(cfg, resolve=False)
     filled = []
-    for key in sorted(_missing_keys(tree) | _unset_run_keys(tree)):
+    for key in sorted(missing_keys(tree) | _unset_run_keys(tree)):
         if key not in PLACEHOLDERS:
             raise ConfigError(f"{key}: mandatory in preset {preset!r} (???); give it on the command line as {key}=...")
         OmegaConf.update(cfg, key, PLACEHOLDERS[key][0])
         filled.append(key)
     return cfg, tuple(filled)
-
-
-def _missing_keys(node, prefix: str = "") -> set[str]:
-    """Dotted keys whose value is ``???``, without resolving interpolations (OmegaConf.missing_keys
-    resolves them and raises on one that points at a missing value, e.g. ${trainer.experiment_name})."""
-    if node == "???":
-        return {prefix}
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    return set().union(*(_missing_keys(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in items))
 
 
 def _unset_run_keys(tree: dict) -> set[str]:

@@ -163,8 +163,10 @@ def sglang_command(model_path: str, *, tp_size: int = 1, host: str = "127.0.0.1"
     """The ``sglang.launch_server`` command line for one engine.
 
     ``quantization="fp8"``: the engine serves FP8 weights it quantises itself from the bf16
-    checkpoint and from every bf16 weight update (SGLang's online FP8; unverified on GPU), so
-    the trainer always sends bf16 and the one converter table stays dtype-agnostic.
+    checkpoint (SGLang's online FP8), so the trainer sends bf16 and the one converter table stays
+    dtype-agnostic.  Experimental and unverified on GPU: online quantisation happens at load, and
+    whether a later bf16 weight update is re-quantised depends on the SGLang version (the same
+    path has been broken in vLLM); check the log-prob probe (``sync.verify_every``) before use.
     """
     if tp_size < 1:
         raise ValueError(f"rollout tp_size must be >= 1, got {tp_size}")

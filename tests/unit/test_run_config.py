@@ -114,8 +114,8 @@ def test_rollout_quantization_rules(overrides, message):
 def test_fp8_serving_reaches_the_sglang_command():
     from megatron_spin.rollout.launcher import sglang_command
 
-    cfg = load_run_config(preset("spin_70b", *SITE))
-    assert cfg.rollout.quantization == "fp8"
+    cfg = load_run_config(preset("spin_70b", *SITE, "actor_rollout_ref.rollout.quantization=fp8"))
+    assert cfg.rollout.quantization == "fp8" and load_run_config(preset("spin_70b", *SITE)).rollout.quantization is None
     cmd = sglang_command("/m", tp_size=cfg.rollout.tp_size, quantization=cfg.rollout.quantization)
     assert cmd[cmd.index("--quantization") + 1] == "fp8" and cmd[cmd.index("--tp-size") + 1] == "8"
     assert "--quantization" not in sglang_command("/m")
@@ -134,3 +134,8 @@ def test_fp8_on_this_cpu_machine_stops_the_cli_before_anything_starts(tmp_path):
     # Refused before the run wrote anything (Hydra itself creates the directory and its empty log).
     run = tmp_path / "run"
     assert not run.exists() or {p.name for p in run.iterdir()} <= {"main.log"}
+
+
+def test_a_missing_value_that_another_key_interpolates_is_named_not_a_crash():
+    with pytest.raises(ConfigError, match=r"trainer\.experiment_name: required"):
+        load_run_config(composed("trainer.experiment_name=???"))
