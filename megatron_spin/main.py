@@ -27,7 +27,7 @@ from megatron_spin.metrics.report import write_run_report
 from megatron_spin.rollout.protocol import SamplingParams
 from megatron_spin.rollout.scoring import score_completions
 from megatron_spin.rollout.staleness import check_versions
-from megatron_spin.train.online import Evaluator, make_pairs, resume, save_checkpoint, step_metrics
+from megatron_spin.train.online import Evaluator, StopRequest, make_pairs, resume, save_checkpoint, step_metrics
 
 
 def run(cfg: RunConfig) -> dict:
@@ -43,6 +43,7 @@ def run(cfg: RunConfig) -> dict:
     evaluate = Evaluator(parts, cfg.data.max_response_length)
     version, iteration, first = 0, 0, 1
     resume_from = run_state.resolve_resume(t.resume, run_dir)
+    stop = StopRequest.install()  # SIGUSR1: checkpoint after this step and stop (Slurm time limit)
 
     with parts.cluster as cluster:
         parts.reward = cluster.reward
@@ -88,16 +89,22 @@ def run(cfg: RunConfig) -> dict:
             progress.update(1)
             if t.test_freq and step % t.test_freq == 0 and step != t.total_training_steps:
                 evaluate(step)
-            if (t.save_freq and step % t.save_freq == 0) or step == t.total_training_steps:
+            if (t.save_freq and step % t.save_freq == 0) or step == t.total_training_steps or stop.requested:
                 seconds = save_checkpoint(cluster, run_dir, step, {
                     "weight_version": version, "spin_iteration": iteration, "data": parts.loader.state_dict(),
                     "evals": evaluate.results})
                 parts.logger.log(step, {"timing/checkpoint": seconds}, kind="checkpoint")
+            if stop.requested and step < t.total_training_steps:
+                print(f"[stop] {stop.requested}: checkpoint at step {step} saved; the same command resumes", flush=True)
+                last = step
+                break
+        else:
+            last = t.total_training_steps
         progress.close()
-        if first <= t.total_training_steps or not evaluate.results:
+        if not stop.requested and (first <= t.total_training_steps or not evaluate.results):
             evaluate(t.total_training_steps)
     parts.logger.close()
-    return finish(run_dir, evaluate.results, t.total_training_steps)
+    return finish(run_dir, evaluate.results, last)
 
 
 def finish(run_dir: Path, evals: dict, steps: int) -> dict:
@@ -118,10 +125,9 @@ def main() -> None:
         from megatron_spin.config.optim import ConfigError
 
         try:
-            cfg = load_run_config(hcfg)
-        except ConfigError as exc:
+            run(load_run_config(hcfg))
+        except ConfigError as exc:  # start-up rules, including those that need the model's config
             raise SystemExit(f"config error: {exc}") from None
-        run(cfg)
 
     _entry()
 

@@ -12,8 +12,12 @@
 #      trainer.nnodes=N, trainer.n_gpus_per_node=<GPUs per node of the allocation> and the run
 #      directory, plus every key=value given here (they win over the preset);
 #   4. writes the benchmark report (tools/report.py) into the run directory;
-#   5. tears everything down on exit, failure, scancel or Ctrl-C (trap): driver first, then the
-#      Ray steps (SIGTERM, then SIGKILL after a grace period).
+#   5. tears everything down when the script exits — on success, on a failure, on Ctrl-C, or on
+#      scancel / the time limit (Slurm then also signals every process of the job itself): the
+#      driver first, then all Ray steps together (SIGTERM, SIGKILL after 15 s).
+# SIGUSR1 is forwarded to the driver, which finishes its step, saves a checkpoint and stops:
+# the wrappers ask Slurm for it 15 minutes before the time limit (#SBATCH --signal=B:USR1@900),
+# and `scancel --batch --signal=USR1 JOB` does it by hand; re-submitting resumes the run.
 # Logs: <run dir>/logs/driver.log, ray-head-<node>.log, ray-worker-<node>.log (one per node).
 #
 # Options (flags win over the environment):
@@ -23,6 +27,9 @@
 #   --python PY       default: $SPIN_PYTHON or <repo>/.venv/bin/python
 #   --nodes-timeout S seconds to wait for all nodes to join (default 600)
 # The repository is found from $SPIN_HOME, this script's location, or the submit directory.
+# SPIN_HEAD_IP overrides the head's address (default: the one Ray picks on the first node);
+# SPIN_RAY_TMPDIR Ray's temp dir on every node (default /tmp/ray-spin-<job id>; Ray's own logs).
+# Unverified on GPU clusters: GRES binding of the Ray steps, NCCL between nodes, SGLang engines.
 set -euo pipefail
 
 die() { echo "[launch] error: $*" >&2; exit 2; }
@@ -37,7 +44,7 @@ while (($#)); do
     --ray-port) port="$2"; shift 2 ;;
     --python) py="$2"; shift 2 ;;
     --nodes-timeout) nodes_timeout="$2"; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     --*) die "unknown option $1 (see --help)" ;;
     *) overrides+=("$1"); shift ;;
   esac
@@ -55,6 +62,7 @@ fi
 py="${py:-$home/.venv/bin/python}"
 [[ -x "$py" ]] || die "no Python at $py: run 'bash tools/setup_venv.sh' in $home, or pass --python"
 ray_bin="$(dirname "$py")/ray"
+[[ -x "$ray_bin" ]] || die "no ray executable beside $py (is ray[default] installed in that environment?)"
 [[ -f "$home/megatron_spin/config/conf/$preset.yaml" ]] || die "no preset $preset (megatron_spin/config/conf/$preset.yaml)"
 
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
@@ -77,44 +85,64 @@ say "job $SLURM_JOB_ID: $nnodes node(s) [${nodes[*]}], $gpus GPU(s) and $cpus CP
 say "run directory $run_dir"
 
 head_pid="" driver_pid="" finished=0 worker_pids=()
-stop_pid() {  # stop_pid PID NAME: SIGTERM, a grace period, then SIGKILL
-  local pid="$1" name="$2"
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }; sleep 0.5; done
-  say "$name did not stop within 30 s: killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
+stop_all() {  # stop_all NAME PID...: SIGTERM to all at once, up to 15 s, then SIGKILL
+  local name="$1" pid alive; shift
+  (($#)) || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  for _ in $(seq 30); do
+    alive=0; for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.5
+  done
+  if ((alive)); then say "$name did not stop within 15 s: killing"; kill -KILL "$@" 2>/dev/null || true; fi
+  for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
 }
 teardown() {
   local rc=$?
-  trap - EXIT INT TERM
+  trap - EXIT INT TERM USR1
   [[ $finished == 1 ]] || say "stopping early (exit status $rc): tearing down"
-  stop_pid "$driver_pid" "the driver"
-  local pid
-  for pid in "${worker_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done  # in parallel, then each
-  for pid in "${worker_pids[@]}"; do stop_pid "$pid" "a Ray worker"; done
-  stop_pid "$head_pid" "the Ray head"
+  [[ -n "$driver_pid" ]] && stop_all "the driver" "$driver_pid"
+  # (${a[@]+"${a[@]}"}: an empty array under set -u on bash < 4.4)
+  stop_all "the Ray steps" ${worker_pids[@]+"${worker_pids[@]}"} ${head_pid:+"$head_pid"}
   say "teardown done; logs in $logs"
   exit "$rc"
 }
 trap teardown EXIT
 trap 'say "interrupted"; exit 130' INT
 trap 'say "terminated (scancel or time limit)"; exit 143' TERM
+trap 'say "SIGUSR1: the driver will save a checkpoint after this step and stop"
+      [[ -n "$driver_pid" ]] && kill -USR1 "$driver_pid" 2>/dev/null || true' USR1
 
-has_override() { local k; for k in "${overrides[@]}"; do [[ "$k" == "$1="* ]] && return 0; done; return 1; }
-step() { srun --overlap --nodes="$1" --ntasks="$1" --ntasks-per-node=1 "${@:2}"; }
-node_args=(--num-cpus="$cpus" --num-gpus="$gpus" --disable-usage-stats)
+has_override() {
+  local k
+  for k in ${overrides[@]+"${overrides[@]}"}; do [[ "$k" == "$1="* ]] && return 0; done
+  return 1
+}
+wait_nodes() {  # wait_nodes N: bounded even if Ray's client blocks (no Python signal runs then)
+  timeout $((nodes_timeout + 60)) "$py" -m megatron_spin.orchestrate.ray_nodes --address "$address" --nodes "$1" \
+    --timeout "$nodes_timeout" --alive-pid "$head_pid"
+}
+# Each step asks for the node's CPUs and GPUs explicitly: with task/cgroup a step is confined to
+# what it requested, and Ray's worker processes must see the whole node.
+step_res=(--cpus-per-task="$cpus")
+((gpus > 0)) && step_res+=(--gres="gpu:$gpus")
+step() { srun --overlap --nodes="$1" --ntasks="$1" --ntasks-per-node=1 "${step_res[@]}" "${@:2}"; }
+# A Ray temp dir per job (sessions, logs, the "current cluster" file): jobs sharing a node, or a
+# later plain ray.init() on it, never find this job's cluster.  Short: Ray's socket paths < 108 bytes.
+ray_tmp="${SPIN_RAY_TMPDIR:-/tmp/ray-spin-$SLURM_JOB_ID}"
+node_args=(--num-cpus="$cpus" --num-gpus="$gpus" --disable-usage-stats --temp-dir="$ray_tmp")
 
-head_ip="${SPIN_HEAD_IP:-$(step 1 -w "$head_node" hostname --ip-address | awk '{print $1}')}"
+# The head's address as Ray itself picks it (the interface of the default route), not
+# `hostname --ip-address`, which is 127.0.1.1 on stock Debian/Ubuntu hosts.
+head_ip="${SPIN_HEAD_IP:-$(step 1 -w "$head_node" "$py" -c 'import ray.util; print(ray.util.get_node_ip_address())')}"
+[[ -n "$head_ip" ]] || die "could not find the head node's IP address (set SPIN_HEAD_IP)"
 address="$head_ip:$port"
 say "Ray head on $head_node ($address)"
 step 1 -w "$head_node" --output="$logs/ray-head-$head_node.log" \
   "$ray_bin" start --head --block --node-ip-address="$head_ip" --port="$port" --include-dashboard=false \
   "${node_args[@]}" &
 head_pid=$!
-"$py" -m megatron_spin.orchestrate.ray_nodes --address "$address" --nodes 1 --timeout "$nodes_timeout" \
-  || die "the Ray head did not come up; see $logs/ray-head-$head_node.log"
+wait_nodes 1 || die "the Ray head did not come up; see $logs/ray-head-$head_node.log"
 if ((nnodes > 1)); then
   # One step per worker node, so each node's log carries its Slurm name (srun's %N is the host
   # name, which simulated nodes share).
@@ -124,19 +152,23 @@ if ((nnodes > 1)); then
       "$ray_bin" start --block --address="$address" "${node_args[@]}" &
     worker_pids+=($!)
   done
-  "$py" -m megatron_spin.orchestrate.ray_nodes --address "$address" --nodes "$nnodes" --timeout "$nodes_timeout" \
-    || die "not every node joined the Ray cluster; see $logs/ray-worker-*.log"
+  wait_nodes "$nnodes" || die "not every node joined the Ray cluster; see $logs/ray-worker-*.log"
 fi
 
 args=(--config-name "$preset" "trainer.ray_address=$address" "trainer.default_local_dir=$run_dir")
 has_override trainer.nnodes || args+=("trainer.nnodes=$nnodes")
 has_override trainer.n_gpus_per_node || args+=("trainer.n_gpus_per_node=$gpus")
-say "driver: megatron-spin-train ${args[*]} ${overrides[*]}"
+args+=(${overrides[@]+"${overrides[@]}"})
+say "driver: megatron-spin-train ${args[*]}"
 cd "$home"
-"$py" -m megatron_spin.main "${args[@]}" "${overrides[@]}" > >(tee "$logs/driver.log") 2>&1 &
+"$py" -m megatron_spin.main "${args[@]}" > >(tee "$logs/driver.log") 2>&1 &
 driver_pid=$!
-rc=0
-wait "$driver_pid" || rc=$?
+while :; do  # a trapped signal (USR1) interrupts `wait` with status > 128 while the driver runs on
+  rc=0
+  wait "$driver_pid" || rc=$?
+  ((rc > 128)) && kill -0 "$driver_pid" 2>/dev/null && continue
+  break
+done
 driver_pid=""
 if ((rc != 0)); then
   say "the trainer failed (exit status $rc); see $logs/driver.log"

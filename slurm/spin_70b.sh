@@ -15,5 +15,6 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --signal=B:USR1@900
 set -euo pipefail
 exec bash "${SPIN_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/launch.sh" --preset spin_70b "$@"

@@ -14,5 +14,6 @@
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --signal=B:USR1@900
 set -euo pipefail
 exec bash "${SPIN_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/launch.sh" --preset spin_8b "$@"

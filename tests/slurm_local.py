@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from megatron_spin.parallel.launch import free_ports
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
@@ -42,16 +43,6 @@ def ensure_slurm() -> Optional[str]:
     if done.returncode != 0 or not all(shutil.which(b) for b in BINARIES):
         return f"apt-get could not install Slurm: {done.stderr[-500:]}"
     return None
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class LocalSlurm:
@@ -91,7 +82,7 @@ class LocalSlurm:
                                f"--pid-file={r / 'munge' / 'munged.pid'}", f"--log-file={r / 'log' / 'munged.log'}",
                                f"--seed-file={r / 'munge' / 'munged.seed'}"])
         self._wait_for(lambda: sock.exists(), 20, "munged's socket")
-        ctl_port, *node_ports = _free_ports(1 + len(self.nodes))
+        ctl_port, *node_ports = free_ports(1 + len(self.nodes))
         lines = [
             "ClusterName=spintest", "SlurmctldHost=localhost(127.0.0.1)", f"SlurmctldPort={ctl_port}",
             "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",

@@ -1,19 +1,21 @@
 """Wait until a Ray cluster has all its nodes (used by the Slurm launcher).
 
-    python -m megatron_spin.orchestrate.ray_nodes --address HEAD_IP:PORT --nodes 8 --timeout 600
+    python -m megatron_spin.orchestrate.ray_nodes --address HEAD_IP:PORT --nodes 8 --timeout 600 [--alive-pid P]
 
 Polls the cluster's node table every few seconds, printing how many nodes have joined, and
 exits 0 once ``--nodes`` are alive, 1 when the timeout passes first (naming how many are
-missing).  A hard alarm bounds the whole command: connecting to a head that is shutting down
-can block inside Ray, and a launcher must never wait forever.
+missing) or as soon as process ``--alive-pid`` (the launcher's Ray head step) has exited.
+Connecting to a head that is shutting down can block inside Ray's C++ client, where no Python
+signal handler runs: the launcher bounds this command with ``timeout`` as well.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import sys
 import time
+from typing import Optional
 
 
 def alive_nodes() -> list[dict]:
@@ -22,11 +24,26 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def wait_for_nodes(address: str, nodes: int, timeout: float, poll: float = 2.0) -> int:
+def _gone(pid: Optional[int]) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+
+
+def wait_for_nodes(address: str, nodes: int, timeout: float, poll: float = 2.0, alive_pid: Optional[int] = None) -> int:
     import ray
 
     deadline, last = time.monotonic() + timeout, -1
     while True:  # the head may still be starting
+        if _gone(alive_pid):
+            print(f"[ray] the Ray head (pid {alive_pid}) exited before the cluster came up", file=sys.stderr, flush=True)
+            return 1
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             break
@@ -45,7 +62,7 @@ def wait_for_nodes(address: str, nodes: int, timeout: float, poll: float = 2.0) 
                 last = len(alive)
             if len(alive) >= nodes:
                 return 0
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or _gone(alive_pid):
                 print(f"[ray] only {len(alive)}/{nodes} nodes joined within {timeout:.0f} s; see the per-node "
                       "Ray logs", file=sys.stderr, flush=True)
                 return 1
@@ -59,15 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--address", required=True, help="the Ray head, HOST:PORT")
     ap.add_argument("--nodes", type=int, required=True, help="how many nodes the cluster must have")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    ap.add_argument("--alive-pid", type=int, default=None, help="give up as soon as this process has exited")
     args = ap.parse_args(argv)
-
-    def _alarm(*_):
-        print(f"[ray] no answer from {args.address} within {args.timeout + 60:.0f} s", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(int(args.timeout) + 60)
-    return wait_for_nodes(args.address, args.nodes, args.timeout)
+    return wait_for_nodes(args.address, args.nodes, args.timeout, alive_pid=args.alive_pid)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports (all held open until every one is chosen, so none repeats)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _to_bytes(obj: Any) -> bytes:
     # Tensors put on a multiprocessing queue travel as shared-memory handles that die with
     # the sending process; a rank exits right after reporting, so results travel as bytes.

@@ -5,9 +5,11 @@ Kept here so the loop itself reads as the data flow; each helper is one stage of
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from megatron_spin.ckpt import run_state
 from megatron_spin.config.run import AlgorithmConfig
@@ -37,9 +39,13 @@ class Evaluator:
     def __init__(self, parts, max_new_tokens: int):
         self.parts, self.results = parts, {}
         self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        if not parts.val:
+            print("[data] no held-out prompts (data.val_files): held-out evaluation is off", flush=True)
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int) -> Optional[float]:
         p = self.parts
+        if not p.val:
+            return None
         groups = p.cluster.fleet.generate([x.input_ids for x in p.val], self.sampling)
         scored = score_completions(p.val, groups, p.tokenizer, p.reward, "val:")
         self.results[step] = sum(s[0].reward for s in scored) / len(scored)
@@ -56,6 +62,21 @@ def step_metrics(scored, stats: PairStats, update: dict, timing: dict, *, cut: i
             "spin_iteration": iteration, "weight_version": version,
             "rollout/tokens_per_s": tokens / max(timing["generate"], 1e-9),
             **{f"timing/{k}": v for k, v in timing.items()}}
+
+
+class StopRequest:
+    """Set by SIGUSR1 (Slurm's ``--signal=B:USR1@T`` reaches the driver through the launcher):
+    the loop saves a checkpoint after the step under way and stops, so a time limit costs no work."""
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+
+    @classmethod
+    def install(cls) -> "StopRequest":
+        stop = cls()
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            signal.signal(signal.SIGUSR1, lambda *_: setattr(stop, "requested", "SIGUSR1"))
+        return stop
 
 
 def save_checkpoint(cluster, run_dir: Path, step: int, state: dict) -> float:

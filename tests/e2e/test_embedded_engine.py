@@ -287,12 +287,9 @@ def test_crafted_shared_memory_handles_and_oversized_requests_are_refused(server
 
 
 def test_client_retries_are_bounded_and_name_the_engine():
-    import socket
+    from megatron_spin.parallel.launch import free_port
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens here
+    port = free_port()  # nothing listens here
     client = EngineClient(f"http://127.0.0.1:{port}", retries=2, backoff=0.1)
     started = time.monotonic()
     with pytest.raises(EngineError) as info:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_online import tiny_chat_model, write_prompts  # noqa: F401  (fixture)
-from tests.slurm_local import LocalSlurm, _free_ports, ensure_slurm
+from megatron_spin.parallel.launch import free_port
+from tests.e2e.test_online import write_prompts
+from tests.slurm_local import LocalSlurm, ensure_slurm
 
 pytestmark = [pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
@@ -38,10 +39,10 @@ def _ray_processes(port: int) -> list[str]:
     return [line for line in out.splitlines() if "ray" in line and "pgrep" not in line]
 
 
-def test_launcher_runs_across_two_nodes(slurm, tiny_chat_model, tmp_path):  # noqa: F811
+def test_launcher_runs_across_two_nodes(slurm, tiny_chat_model, tmp_path):
     train = write_prompts(tmp_path / "train.jsonl", 8)
     val = write_prompts(tmp_path / "val.jsonl", 2)
-    run_dir, port = tmp_path / "run", _free_ports(1)[0]
+    run_dir, port = tmp_path / "run", free_port()
     home = tmp_path / "home"  # a fresh home: no Ray token from earlier runs, nothing written to the real one
     home.mkdir()
     env = {"HOME": str(home), "MEGATRON_SPIN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO),
@@ -90,3 +91,95 @@ def test_launcher_runs_across_two_nodes(slurm, tiny_chat_model, tmp_path):  # no
 
     # Teardown: the job's Ray head and worker are gone.
     assert _ray_processes(port) == []
+
+
+def _submit(slurm, tmp_path, tiny_model, run_dir, port, *overrides):
+    train = write_prompts(tmp_path / "train.jsonl", 8)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {"HOME": str(home), "MEGATRON_SPIN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO),
+           "SPIN_PYTHON": os.path.join(REPO, ".venv", "bin", "python")}
+    return slurm.sbatch([
+        "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
+        "slurm/launch.sh", "--preset", "spin_trainer", "--run-dir", str(run_dir), "--ray-port", str(port),
+        "--nodes-timeout", "180", f"actor_rollout_ref.model.path={tiny_model}", "actor_rollout_ref.actor.tp=2",
+        f"data.train_files=[{train}]", "data.val_size=0", "data.train_batch_size=4", "data.max_response_length=8",
+        "actor_rollout_ref.rollout.n=3", "actor_rollout_ref.actor.micro_pairs=1", "reward_model.type=function",
+        "reward_model.function=tests.e2e.test_online:length_reward", "trainer.test_freq=0", *overrides,
+    ], cwd=REPO, env=env)
+
+
+def _gone(port: int, seconds: float = 30.0) -> list[str]:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while (left := _ray_processes(port)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return left
+
+
+def _wait_for_training(slurm, job, run_dir, tmp_path, seconds=400):
+    import time
+
+    deadline = time.monotonic() + seconds
+    metrics = run_dir / "metrics.jsonl"
+    while not metrics.exists() or '"kind": "train"' not in metrics.read_text():
+        assert slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), (tmp_path / "job.out").read_text()
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(2)
+
+
+def test_usr1_saves_a_checkpoint_and_a_resubmission_resumes(slurm, tiny_chat_model, tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    job = _submit(slurm, tmp_path, tiny_chat_model, run_dir, port, "trainer.total_training_steps=500")
+    _wait_for_training(slurm, job, run_dir, tmp_path)
+    # What `#SBATCH --signal=B:USR1@900` does before the time limit.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm.env, check=True)
+    state = slurm.wait(job, timeout=300)
+    out = (tmp_path / "job.out").read_text(errors="replace")
+    assert state == "COMPLETED", f"{state}\n{out[-3000:]}"
+    from megatron_spin.ckpt import run_state
+
+    saved = run_state.latest(run_dir)
+    stopped = run_state.read_state(saved)["step"] if saved is not None else None
+    assert "[stop] SIGUSR1: checkpoint at step" in out and stopped is not None and 1 <= stopped < 500, out[-3000:]
+    assert _gone(port) == []
+
+    # The same command, now for one more step: it resumes from the checkpoint the signal left.
+    job = _submit(slurm, tmp_path, tiny_chat_model, run_dir, free_port(),
+                  f"trainer.total_training_steps={stopped + 1}")
+    state = slurm.wait(job, timeout=400)
+    out = (tmp_path / "job.out").read_text(errors="replace")
+    assert state == "COMPLETED", f"{state}\n{out[-3000:]}"
+    assert "[resume] from" in out and f"at step {stopped}" in out, out[-3000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, stopped + 2))  # every step once, none lost, none repeated
+
+
+def test_scancel_tears_the_job_down(slurm, tiny_chat_model, tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    job = _submit(slurm, tmp_path, tiny_chat_model, run_dir, port, "trainer.total_training_steps=500")
+    _wait_for_training(slurm, job, run_dir, tmp_path)
+    assert _ray_processes(port), "the job's Ray cluster should be up while it trains"
+    subprocess.run(["scancel", job], env=slurm.env, check=True)
+    state = slurm.wait(job, timeout=120)
+    out = (tmp_path / "job.out").read_text(errors="replace")
+    assert state == "CANCELLED", f"{state}\n{out[-3000:]}"
+    assert "terminated (scancel or time limit)" in out and "teardown done" in out, out[-3000:]
+    assert _gone(port) == []
+
+
+def test_a_failing_trainer_fails_the_job_and_still_tears_down(slurm, tiny_chat_model, tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    # A layout the model cannot take: refused at start-up, after the Ray cluster came up.
+    job = _submit(slurm, tmp_path, tiny_chat_model, run_dir, port, "trainer.total_training_steps=2",
+                  "actor_rollout_ref.actor.pp=4")
+    state = slurm.wait(job, timeout=400)
+    out = (tmp_path / "job.out").read_text(errors="replace")
+    assert state == "FAILED", f"{state}\n{out[-3000:]}"
+    assert "2/2 nodes up" in out and "the trainer failed" in out, out[-3000:]
+    driver = (run_dir / "logs" / "driver.log").read_text()
+    assert "config error: actor_rollout_ref.actor (tp=2, pp=4, vpp=None)" in driver, driver[-2000:]
+    assert "rule num_layers % PP == 0 violated" in driver
+    assert _gone(port) == []

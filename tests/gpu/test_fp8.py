@@ -8,8 +8,8 @@ GEMM's relative error is ~2^-4 per element before accumulation), to be tightened
   the FP8 model's error is at most a few times the plain bf16 model's;
 * learning: 30 DPO updates with FP8 drive the loss down like the bf16 run does;
 * rollout weights: the actor's FP8 training keeps bf16 parameters, and the converter stream
-  the weight push uses yields bf16 tensors equal to them (the engines receive bf16 and quantise
-  themselves when ``rollout.quantization=fp8``).
+  the weight push uses yields bf16 tensors holding exactly their values (same element count and
+  total squared norm: the conversion only splits and reorders); engines receive bf16.
 """
 
 from __future__ import annotations
@@ -97,9 +97,13 @@ def _learn(rank, world_size, megatron_dir, precisions, steps):
         mbs = rank_micro_batches(batch, BatchConfig(16, 8), 0, 1)
         ref_logps = ref.logps(mbs)
         losses = [actor.train_step(mbs, ref_logps)["loss"] for _ in range(steps)]
-        params = {n: p.dtype for n, p in actor.modules[0].named_parameters()}
+        params = dict(actor.modules[0].named_parameters())
         sent = {n: t for n, t in iter_hf_weights(actor.modules, arch, pctx, torch.bfloat16)}
-        out[name] = {"losses": losses, "param_dtypes": sorted({str(d) for d in params.values()}),
+        out[name] = {"losses": losses, "param_dtypes": sorted({str(p.dtype) for p in params.values()}),
+                     "param_numel": sum(p.numel() for p in params.values()),
+                     "param_sq": sum(p.detach().double().pow(2).sum().item() for p in params.values()),
+                     "sent_numel": sum(t.numel() for t in sent.values()),
+                     "sent_sq": sum(t.double().pow(2).sum().item() for t in sent.values()),
                      "sent_dtypes": sorted({str(t.dtype) for t in sent.values()}),
                      "sent_finite": all(bool(torch.isfinite(t).all()) for t in sent.values()), "sent": len(sent)}
         destroy_parallel()
@@ -117,3 +121,5 @@ def test_fp8_learns_like_bf16_and_pushes_bf16_weights(ckpt):
     assert res["fp8"]["param_dtypes"] == ["torch.bfloat16"]
     assert res["fp8"]["sent_dtypes"] == ["torch.bfloat16"] and res["fp8"]["sent_finite"]
     assert res["fp8"]["sent"] == res["bf16"]["sent"] > 0
+    assert res["fp8"]["sent_numel"] == res["fp8"]["param_numel"]
+    assert res["fp8"]["sent_sq"] == pytest.approx(res["fp8"]["param_sq"], rel=1e-9)
