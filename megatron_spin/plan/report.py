@@ -95,13 +95,14 @@ def requested_table(inp: PlanInput, c: Candidate) -> list[str]:
 def flops_summary(inp: PlanInput, c: Candidate) -> dict:
     s, run = c.setup, inp.run
     tokens = s.micro_batches * s.micro_seqs * s.seq_len * s.dp
-    train = fl.train_step_flops(inp.arch, tokens, s.seq_len, recompute=s.recompute, reference=False)
+    train = fl.train_step_flops(inp.arch, tokens, s.seq_len, recompute=False, reference=False)
+    recompute = tokens * fl.forward_flops_per_token(inp.arch, s.seq_len) if s.recompute else 0.0
     ref = tokens * fl.forward_flops_per_token(inp.arch, s.seq_len) if s.reference else 0.0
     gen = fl.generation_flops(inp.arch, run.data.train_batch_size, run.data.max_prompt_length,
                               run.data.max_response_length, run.rollout.n)
     return {"tokens_trained": tokens, "forward_flops_per_token": fl.forward_flops_per_token(inp.arch, s.seq_len),
-            "actor_train_flops": train, "reference_flops": ref, "generation_flops": gen,
-            "train_seconds_at_assumed_throughput": (train + ref) / c.world / ACHIEVED_FLOPS}
+            "actor_train_flops": train, "recompute_flops": recompute, "reference_flops": ref, "generation_flops": gen,
+            "train_seconds_at_assumed_throughput": (train + recompute + ref) / c.world / ACHIEVED_FLOPS}
 
 
 def flops_lines(f: dict) -> list[str]:
@@ -110,9 +111,10 @@ def flops_lines(f: dict) -> list[str]:
         f"FLOPs per step (model FLOPs; forward {f['forward_flops_per_token'] / 1e9:.1f} GFLOP per token "
         "at full length)",
         f"  actor forward+backward   {f['actor_train_flops'] / 1e15:10.1f} PFLOP  ({f['tokens_trained']} tokens)",
+        f"  recompute forward        {f['recompute_flops'] / 1e15:10.1f} PFLOP  (hardware FLOPs, not in MFU)",
         f"  reference forward        {f['reference_flops'] / 1e15:10.1f} PFLOP",
         f"  generation (n samples)   {f['generation_flops'] / 1e15:10.1f} PFLOP",
-        f"  train + reference at {ACHIEVED_FLOPS / 1e12:.0f} TFLOP/s per GPU: "
+        f"  train + recompute + reference at {ACHIEVED_FLOPS / 1e12:.0f} TFLOP/s per GPU: "
         f"{f['train_seconds_at_assumed_throughput']:.1f} s",
     ]
 
