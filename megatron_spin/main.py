@@ -33,6 +33,7 @@ from megatron_spin.train.online import Evaluator, StopRequest, make_pairs, resum
 def run(cfg: RunConfig) -> dict:
     from megatron_spin.orchestrate.setup import build_run  # heavy imports stay out of --help
 
+    stop = StopRequest.install()  # SIGUSR1: checkpoint after the step under way and stop (Slurm time limit)
     t, rollout = cfg.trainer, cfg.rollout
     run_dir = Path(t.default_local_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,7 @@ def run(cfg: RunConfig) -> dict:
     evaluate = Evaluator(parts, cfg.data.max_response_length)
     version, iteration, first = 0, 0, 1
     resume_from = run_state.resolve_resume(t.resume, run_dir)
-    stop = StopRequest.install()  # SIGUSR1: checkpoint after this step and stop (Slurm time limit)
+    stopped = False
 
     with parts.cluster as cluster:
         parts.reward = cluster.reward
@@ -89,19 +90,21 @@ def run(cfg: RunConfig) -> dict:
             progress.update(1)
             if t.test_freq and step % t.test_freq == 0 and step != t.total_training_steps:
                 evaluate(step)
-            if (t.save_freq and step % t.save_freq == 0) or step == t.total_training_steps or stop.requested:
+            stopping = stop.requested is not None and step < t.total_training_steps  # read once per step
+            if (t.save_freq and step % t.save_freq == 0) or step == t.total_training_steps or stopping:
                 seconds = save_checkpoint(cluster, run_dir, step, {
                     "weight_version": version, "spin_iteration": iteration, "data": parts.loader.state_dict(),
                     "evals": evaluate.results})
                 parts.logger.log(step, {"timing/checkpoint": seconds}, kind="checkpoint")
-            if stop.requested and step < t.total_training_steps:
-                print(f"[stop] {stop.requested}: checkpoint at step {step} saved; the same command resumes", flush=True)
-                last = step
+            if stopping:
+                print(f"[stop] {stop.requested}: checkpoint at step {step} saved in {run_dir}; the same command "
+                      "(same run directory) resumes", flush=True)
+                last, stopped = step, True
                 break
         else:
             last = t.total_training_steps
         progress.close()
-        if not stop.requested and (first <= t.total_training_steps or not evaluate.results):
+        if not stopped and (first <= t.total_training_steps or not evaluate.results):
             evaluate(t.total_training_steps)
     parts.logger.close()
     return finish(run_dir, evaluate.results, last)
@@ -118,6 +121,7 @@ def finish(run_dir: Path, evals: dict, steps: int) -> dict:
 
 
 def main() -> None:
+    StopRequest.install()  # before Hydra and the heavy imports: a SIGUSR1 this early must not kill us
     import hydra
 
     @hydra.main(config_path="config/conf", config_name="spin_trainer", version_base=None)

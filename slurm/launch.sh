@@ -17,12 +17,14 @@
 #      driver first, then all Ray steps together (SIGTERM, SIGKILL after 15 s).
 # SIGUSR1 is forwarded to the driver, which finishes its step, saves a checkpoint and stops:
 # the wrappers ask Slurm for it 15 minutes before the time limit (#SBATCH --signal=B:USR1@900),
-# and `scancel --batch --signal=USR1 JOB` does it by hand; re-submitting resumes the run.
+# and `scancel --batch --signal=USR1 JOB` does it by hand; re-submitting the same command (same
+# job name or --run-dir: the run directory) resumes the run.
 # Logs: <run dir>/logs/driver.log, ray-head-<node>.log, ray-worker-<node>.log (one per node).
 #
 # Options (flags win over the environment):
 #   --preset NAME     Hydra config under megatron_spin/config/conf (spin_trainer, spin_8b, spin_70b)
-#   --run-dir DIR     default: $SPIN_RUN_DIR or <repo>/runs/<preset>/<job id>
+#   --run-dir DIR     default: $SPIN_RUN_DIR, a trainer.default_local_dir=... given here, or
+#                     <repo>/runs/<preset>/<job name> (stable across resubmissions: they resume)
 #   --ray-port P      default: $SPIN_RAY_PORT or 6379 (the head's GCS port)
 #   --python PY       default: $SPIN_PYTHON or <repo>/.venv/bin/python
 #   --nodes-timeout S seconds to wait for all nodes to join (default 600)
@@ -70,7 +72,11 @@ nnodes=${#nodes[@]}
 head_node="${nodes[0]}"
 gpus="${SLURM_GPUS_ON_NODE:-0}"
 cpus="${SLURM_CPUS_ON_NODE:-$(nproc)}"
-run_dir="${run_dir:-$home/runs/$preset/$SLURM_JOB_ID}"
+for kv in ${overrides[@]+"${overrides[@]}"}; do
+  [[ "$kv" == trainer.default_local_dir=* && -z "$run_dir" ]] && run_dir="${kv#*=}"
+done
+run_dir="${run_dir:-$home/runs/$preset/${SLURM_JOB_NAME:-$SLURM_JOB_ID}}"
+[[ "$run_dir" == /* ]] || run_dir="$home/$run_dir"
 logs="$run_dir/logs"
 mkdir -p "$logs"
 # Ray's token authentication: one token per job, passed to the head, the workers and the driver
@@ -110,7 +116,9 @@ teardown() {
 trap teardown EXIT
 trap 'say "interrupted"; exit 130' INT
 trap 'say "terminated (scancel or time limit)"; exit 143' TERM
-trap 'say "SIGUSR1: the driver will save a checkpoint after this step and stop"
+# USR1 before the driver exists is remembered and delivered as soon as it starts.
+usr1=0 interrupted=0
+trap 'usr1=1 interrupted=1; say "SIGUSR1: the driver will save a checkpoint after its step and stop"
       [[ -n "$driver_pid" ]] && kill -USR1 "$driver_pid" 2>/dev/null || true' USR1
 
 has_override() {
@@ -155,18 +163,24 @@ if ((nnodes > 1)); then
   wait_nodes "$nnodes" || die "not every node joined the Ray cluster; see $logs/ray-worker-*.log"
 fi
 
-args=(--config-name "$preset" "trainer.ray_address=$address" "trainer.default_local_dir=$run_dir")
+args=(--config-name "$preset" "trainer.ray_address=$address")
+has_override trainer.default_local_dir || args+=("trainer.default_local_dir=$run_dir")
 has_override trainer.nnodes || args+=("trainer.nnodes=$nnodes")
 has_override trainer.n_gpus_per_node || args+=("trainer.n_gpus_per_node=$gpus")
 args+=(${overrides[@]+"${overrides[@]}"})
+if ((usr1)); then  # asked for before the driver started: nothing to save, nothing to start
+  finished=1
+  say "SIGUSR1 before training started: not starting the driver"
+  exit 0
+fi
 say "driver: megatron-spin-train ${args[*]}"
 cd "$home"
 "$py" -m megatron_spin.main "${args[@]}" > >(tee "$logs/driver.log") 2>&1 &
 driver_pid=$!
-while :; do  # a trapped signal (USR1) interrupts `wait` with status > 128 while the driver runs on
-  rc=0
+while :; do  # the USR1 trap interrupts `wait`; waiting again returns the driver's own status
+  interrupted=0 rc=0
   wait "$driver_pid" || rc=$?
-  ((rc > 128)) && kill -0 "$driver_pid" 2>/dev/null && continue
+  ((interrupted)) && continue
   break
 done
 driver_pid=""

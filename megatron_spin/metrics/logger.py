@@ -28,8 +28,13 @@ def open_jsonl(path: Path, resume_step: Optional[int]):
     if resume_step is None:
         return open(path, "w", encoding="utf-8")
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip()
-                and json.loads(line)["step"] <= resume_step]
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= resume_step:
+                    kept.append(line)
+            except (ValueError, KeyError):  # blank, or the last line cut short by the crash
+                continue
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)

@@ -213,7 +213,7 @@ class TrainerCluster:
             from megatron_spin.orchestrate.rewards import build_reward_pool
 
             placements = None  # CPU runs: one CPU per worker, anywhere
-            if p.gpus_per_node:  # pragma: no cover - GPU tier, unverified
+            if p.gpus_per_node and self.reward_cfg.type == "hf":  # pragma: no cover - GPU tier, unverified
                 workers = self.reward_cfg.num_workers
                 placements = [(at(bundle, res), gpu_ids)
                               for bundle, res, gpu_ids in (p.reward_resources(k, workers) for k in range(workers))]

@@ -18,7 +18,9 @@ from megatron_spin.reward import RewardConfig, RewardInput, RewardSource, build_
 class _RewardWorker:
     def __init__(self, cfg: RewardConfig, gpu_ids: Optional[Sequence[int]] = None):
         if gpu_ids is not None:  # pragma: no cover - GPU tier: before anything initialises CUDA
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+            from megatron_spin.platform.devices import physical_gpu_ids
+
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpu_ids(gpu_ids))
         self.source = build_reward(cfg)
 
     def score(self, inputs: Sequence[RewardInput]) -> list[float]:

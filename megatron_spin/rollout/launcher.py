@@ -194,8 +194,10 @@ def launch_sglang(model_path: str, *, port: int, log_path: str | os.PathLike, ho
     """Start one SGLang server (GPU tier; unverified on GPU) and wait until it is healthy."""
     cmd = sglang_command(model_path, host=host, port=port, **kwargs)
     env = dict(SGLANG_ENV)
-    if gpu_ids is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+    if gpu_ids is not None:  # node-local indices, mapped through what this process may see
+        from megatron_spin.platform.devices import physical_gpu_ids
+
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpu_ids(gpu_ids))
     server = ServerProcess(cmd, f"http://{host}:{port}", Path(log_path), kwargs.get("api_key"), env).start()
     server.wait_healthy(timeout)
     return server

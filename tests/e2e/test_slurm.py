@@ -93,7 +93,8 @@ def test_launcher_runs_across_two_nodes(slurm, tiny_chat_model, tmp_path):
     assert _ray_processes(port) == []
 
 
-def _submit(slurm, tmp_path, tiny_model, run_dir, port, *overrides):
+def _submit(slurm, tmp_path, tiny_model, run_dir, port, *overrides, job_name=None):
+    """``run_dir=None``: the launcher's default, <repo>/runs/spin_trainer/<job name>."""
     train = write_prompts(tmp_path / "train.jsonl", 8)
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
@@ -101,7 +102,9 @@ def _submit(slurm, tmp_path, tiny_model, run_dir, port, *overrides):
            "SPIN_PYTHON": os.path.join(REPO, ".venv", "bin", "python")}
     return slurm.sbatch([
         "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
-        "slurm/launch.sh", "--preset", "spin_trainer", "--run-dir", str(run_dir), "--ray-port", str(port),
+        *([f"--job-name={job_name}"] if job_name else []),
+        "slurm/launch.sh", "--preset", "spin_trainer", *(["--run-dir", str(run_dir)] if run_dir else []),
+        "--ray-port", str(port),
         "--nodes-timeout", "180", f"actor_rollout_ref.model.path={tiny_model}", "actor_rollout_ref.actor.tp=2",
         f"data.train_files=[{train}]", "data.val_size=0", "data.train_batch_size=4", "data.max_response_length=8",
         "actor_rollout_ref.rollout.n=3", "actor_rollout_ref.actor.micro_pairs=1", "reward_model.type=function",
@@ -129,9 +132,21 @@ def _wait_for_training(slurm, job, run_dir, tmp_path, seconds=400):
         time.sleep(2)
 
 
-def test_usr1_saves_a_checkpoint_and_a_resubmission_resumes(slurm, tiny_chat_model, tmp_path):
-    run_dir, port = tmp_path / "run", free_port()
-    job = _submit(slurm, tmp_path, tiny_chat_model, run_dir, port, "trainer.total_training_steps=500")
+@pytest.fixture
+def default_run_dir(tmp_path):
+    """The launcher's default run directory for a unique job name (removed afterwards)."""
+    import shutil
+
+    name = f"test-usr1-{tmp_path.name}-{os.getpid()}"
+    yield name, REPO / "runs" / "spin_trainer" / name
+    shutil.rmtree(REPO / "runs" / "spin_trainer" / name, ignore_errors=True)
+
+
+def test_usr1_saves_a_checkpoint_and_a_resubmission_resumes(slurm, tiny_chat_model, tmp_path, default_run_dir):
+    # No --run-dir: the default (runs/<preset>/<job name>) must be the same for the resubmission.
+    name, run_dir = default_run_dir
+    port = free_port()
+    job = _submit(slurm, tmp_path, tiny_chat_model, None, port, "trainer.total_training_steps=500", job_name=name)
     _wait_for_training(slurm, job, run_dir, tmp_path)
     # What `#SBATCH --signal=B:USR1@900` does before the time limit.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm.env, check=True)
@@ -146,8 +161,8 @@ def test_usr1_saves_a_checkpoint_and_a_resubmission_resumes(slurm, tiny_chat_mod
     assert _gone(port) == []
 
     # The same command, now for one more step: it resumes from the checkpoint the signal left.
-    job = _submit(slurm, tmp_path, tiny_chat_model, run_dir, free_port(),
-                  f"trainer.total_training_steps={stopped + 1}")
+    job = _submit(slurm, tmp_path, tiny_chat_model, None, free_port(), f"trainer.total_training_steps={stopped + 1}",
+                  job_name=name)
     state = slurm.wait(job, timeout=400)
     out = (tmp_path / "job.out").read_text(errors="replace")
     assert state == "COMPLETED", f"{state}\n{out[-3000:]}"

@@ -38,6 +38,20 @@ def test_resume_drops_records_after_the_checkpoint_and_appends(tmp_path):
     assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
+def test_resume_survives_a_last_line_cut_short_by_the_crash(tmp_path):
+    log = MetricLogger(tmp_path, ["jsonl"])
+    for step in (1, 2):
+        log.log(step, {"loss": float(step)})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "kind": "tr')  # killed mid-write
+    log = MetricLogger(tmp_path, ["jsonl"], resume_step=2)
+    log.log(3, {"loss": 3.0})
+    log.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
 def test_report_states_the_held_out_change(tmp_path):
     log = MetricLogger(tmp_path, ["jsonl"])
     log.log(0, {"reward/mean": 0.2}, kind="eval")

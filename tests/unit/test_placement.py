@@ -90,3 +90,12 @@ def test_engines_bound_to_every_interface_are_reached_at_their_node():
 
     assert reachable_url("http://0.0.0.0:30001", "0.0.0.0", "10.0.0.7") == "http://10.0.0.7:30001"
     assert reachable_url("http://127.0.0.1:5000", "127.0.0.1", "10.0.0.7") == "http://127.0.0.1:5000"
+
+
+def test_pinned_gpu_indices_map_through_the_inherited_visible_devices():
+    from megatron_spin.platform.devices import physical_gpu_ids
+
+    assert physical_gpu_ids([0, 1], {}) == ["0", "1"]
+    assert physical_gpu_ids([2, 3], {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == ["6", "7"]  # Slurm gave GPUs 4-7
+    with pytest.raises(ValueError, match="outside this process's CUDA_VISIBLE_DEVICES=4,5"):
+        physical_gpu_ids([2], {"CUDA_VISIBLE_DEVICES": "4,5"})
