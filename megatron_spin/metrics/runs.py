@@ -179,25 +179,13 @@ def load_run(run_dir: str | Path, label: Optional[str] = None, warmup: int = 0) 
     if (run_dir / "ranks").is_dir():
         rank_records = []
         for path in sorted((run_dir / "ranks").glob("rank_*.jsonl")):
-            recs, rank_bad = read_jsonl_by_rank(path)
+            recs, rank_bad = read_jsonl(path)  # every record names its rank
             rank_records += recs
             bad += rank_bad
     train = by_kind["train"]
     return Run(label=label or run_dir.name, path=run_dir, config=config, all_train=train,
                train=train[warmup:], evals=by_kind["eval"], checkpoints=by_kind["checkpoint"],
                rank_records=rank_records, skipped_lines=bad, warmup=warmup)
-
-
-def read_jsonl_by_rank(path: Path) -> tuple[list[dict], int]:
-    """A rank file's records; a record without ``rank`` takes it from the file name (``rank_00003``)."""
-    recs, bad = read_jsonl(path)
-    try:
-        from_name = int(path.stem.split("_")[-1])
-    except ValueError:
-        from_name = -1
-    for r in recs:
-        r.setdefault("rank", from_name)
-    return recs, bad
 
 
 def cfg_get(config: dict, dotted: str, default=None):
