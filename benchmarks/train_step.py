@@ -70,9 +70,9 @@ def _bench_rank(rank, world_size, ckpt, layout, batch, micro_pairs, steps):
     import torch
     import torch.distributed as dist
 
-    from megatron_spin.ckpt.streaming import read_arch
-    from megatron_spin.config.algorithm import LossConfig
-    from megatron_spin.config.optim import BatchConfig, OptimConfig
+    from megatron_spin.ckpt.metadata import read_arch
+    from megatron_spin.loss.config import LossConfig
+    from megatron_spin.train.config import BatchConfig, OptimConfig
     from megatron_spin.parallel.groups import init_parallel
     from megatron_spin.train.actor import Actor
     from megatron_spin.train.batching import rank_micro_batches
@@ -134,16 +134,16 @@ def main() -> int:
 
     import torch
 
-    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.convert.pipeline import convert_hf_to_megatron
-    from megatron_spin.models.embedded import DEFAULT_EMBEDDED_DIR, materialize_embedded_model
+    from megatron_spin.packaged.smollm2 import default_dir, materialize_smollm2
     from megatron_spin.pairs import PreferencePair, collate_pairs
     from megatron_spin.parallel.launch import launch
     from megatron_spin.parallel.layout import ParallelLayout, validate_layout
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    hf = materialize_embedded_model(DEFAULT_EMBEDDED_DIR)
-    ckpt = (a.workdir or DEFAULT_EMBEDDED_DIR.parent) / "smollm2-135m-instruct-megatron"
+    hf = materialize_smollm2()
+    ckpt = (a.workdir or default_dir().parent) / "smollm2-135m-instruct-megatron"
     if not (ckpt / "metadata.json").exists():  # conversion publishes atomically: present means complete
         convert_hf_to_megatron(hf, ckpt, log=lambda m: print(f"  {m}", file=sys.stderr))
     arch, layout = read_arch(ckpt), ParallelLayout(a.tp, a.pp)

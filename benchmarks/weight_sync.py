@@ -2,13 +2,14 @@
 
 Measured in one run on this machine, each figure beside its baseline:
   * **push**: a random Llama of ``--size-mb`` (default 600 MB, fp32) as a Megatron actor at
-    TP=1 in one rank process, pushed to one embedded engine process by each transport
+    TP=1 on one Ray-placed trainer rank, pushed to one embedded engine by each transport
     (tensor with flat buckets, tensor with (name, tensor) lists, disk, distributed/gloo) and
-    bucket size; the whole ``WeightSync.push`` is timed (pause, flush, gather, convert, send,
-    engine-side check and copy, commit, resume), best of ``--repeats``.
-    Baseline: a plain in-memory copy of the same bytes (every parameter ``copy_`` into a
-    preallocated tensor) in the same process; ratio = push seconds / copy seconds.
-    A log-prob probe after every push asserts the engine really holds the actor's weights.
+    bucket size, each configuration a run's own cluster; what is timed is ``TrainerCluster.push``,
+    the call a run makes after every update (pause, flush, gather, convert, send, engine-side
+    check and copy, commit, resume), best of ``--repeats``.
+    Baseline: a plain in-memory copy of the same bytes (every tensor ``copy_`` into a
+    preallocated tensor) in this process; ratio = push seconds / copy seconds.
+    A log-prob probe after the pushes checks the engine really holds the actor's weights.
   * **generation**: the embedded model (SmolLM2-135M-Instruct) on ``--prompts`` chat prompts,
     ``--new-tokens`` greedy tokens each (``ignore_eos``, so every row makes the same count);
     the embedded engine over HTTP (one batched ``/generate``) against plain ``transformers``
@@ -44,66 +45,41 @@ def _random_llama(out: Path, size_mb: float) -> None:
     mod.build_random_llama(out, size_mb, "fp32")
 
 
-def _push_rank(rank, world_size, ckpt, url, configs, repeats, disk_dir):
+def _copy_seconds(ckpt: Path, repeats: int) -> tuple[int, float]:
+    """Bytes of the model and the best time of a plain in-memory copy of them (the baseline)."""
     import torch
+    from safetensors.torch import load_file
 
-    from megatron_spin.ckpt.model_io import load_model_weights
-    from megatron_spin.ckpt.streaming import read_arch
-    from megatron_spin.models.builder import build_model
-    from megatron_spin.parallel.groups import init_parallel
-    from megatron_spin.parallel.layout import ParallelLayout
-    from megatron_spin.rollout.client import EngineClient
-    from megatron_spin.rollout.fleet import RolloutFleet
-    from megatron_spin.sync.push import SyncConfig, WeightSync
-    from megatron_spin.sync.verify import logprob_gap
-
-    pctx = init_parallel(ParallelLayout())
-    arch = read_arch(ckpt)
-    chunks = build_model(arch, pctx, init_weights=False)
-    load_model_weights(chunks, ckpt)
-    params = [p.detach() for c in chunks for p in c.parameters()]
-    total = sum(p.numel() * p.element_size() for p in params)
-
-    copies = []
+    params = [t for f in sorted(ckpt.glob("*.safetensors")) for t in load_file(f).values()]
     dst = [torch.empty_like(p) for p in params]
+    times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         for d, p in zip(dst, params):
             d.copy_(p)
-        copies.append(time.perf_counter() - t0)
-    del dst
-    copy_s = min(copies[1:])  # the first pass also faults the destination pages in
+        times.append(time.perf_counter() - t0)
+    return sum(p.numel() * p.element_size() for p in params), min(times[1:])  # the first pass faults pages in
 
-    fleet = RolloutFleet([EngineClient(url, timeout=1800)])
-    rows, version = [], 0
-    # Untimed warm-up push: first use of shared memory, the engine's first load, page faults.
-    WeightSync(SyncConfig(transport="tensor"), arch, pctx, fleet).push(chunks, version)
-    for transport, load_format, bucket_mb in configs:
-        cfg = SyncConfig(transport=transport, load_format=load_format, bucket_bytes=int(bucket_mb * MB),
-                         disk_dir=disk_dir)
-        sync = WeightSync(cfg, arch, pctx, fleet)
-        times = []
-        for _ in range(repeats):
-            version += 1
-            with torch.no_grad():  # change the weights a little so every push carries new values
-                for p in params[:2]:
-                    p.mul_(1.0001)
-            report = sync.push(chunks, version)
-            times.append((report.seconds, report.send_seconds, report.commit_seconds, report.buckets))
-        gap = max(logprob_gap(chunks, pctx, fleet, PROBE).values())
-        sync.close()
-        best = min(times)
-        rows.append({"transport": transport if load_format or transport != "tensor" else "tensor-list",
-                     "bucket_mb": bucket_mb, "seconds": best[0], "send_seconds": best[1],
-                     "commit_seconds": best[2], "buckets": best[3], "all_seconds": [t[0] for t in times],
-                     "logprob_gap": gap})
-    return {"bytes": total, "copy_seconds": copy_s, "rows": rows}
+
+def _push_config(hf: Path, mcore: Path, run_dir: Path, transport: str, load_format, bucket_mb: float):
+    """The run config of a one-rank trainer and one embedded engine pushing by ``transport``."""
+    from megatron_spin.config.run import ActorRolloutRefConfig, ModelConfig, RolloutConfig, RunConfig, TrainerConfig
+    from megatron_spin.sync.config import SyncConfig
+
+    sync = SyncConfig(transport=transport, load_format=load_format, bucket_mb=bucket_mb)
+    return RunConfig(actor_rollout_ref=ActorRolloutRefConfig(model=ModelConfig(str(hf), str(mcore)),
+                                                             rollout=RolloutConfig(sync=sync)),
+                     trainer=TrainerConfig(default_local_dir=str(run_dir), timeout_s=1800.0))
 
 
 def bench_pushes(args, work: Path) -> dict:
+    """Each configuration is a real run's cluster (Ray, a trainer rank, an embedded engine): what is
+    timed is ``TrainerCluster.push``, the call a run makes after every update."""
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.convert.pipeline import convert_hf_to_megatron
-    from megatron_spin.parallel.launch import launch
-    from megatron_spin.rollout.launcher import launch_embedded
+    from megatron_spin.convert.prepare import PreparedModel
+    from megatron_spin.orchestrate.cluster import TrainerCluster
+    from megatron_spin.orchestrate.placement import Placement
 
     hf = work / "hf"
     if not (hf / "config.json").exists():
@@ -115,28 +91,36 @@ def bench_pushes(args, work: Path) -> dict:
     configs = []
     for t in args.transports.split(","):
         for b in (float(x) for x in args.buckets_mb.split(",")):
-            if t == "tensor":
-                configs.append(("tensor", "flattened_bucket", b))
-            elif t == "tensor-list":
-                configs.append(("tensor", None, b))
-            else:
-                configs.append((t, None, b))
+            configs.append(("tensor", None if t == "tensor-list" else "flattened_bucket", b) if t.startswith("tensor")
+                           else (t, None, b))
+    total, copy_s = _copy_seconds(hf, args.repeats)
     print(f"[bench] {len(configs)} push configurations x {args.repeats} ...", flush=True)
-    with launch_embedded(hf, log_path=work / "engine.log", timeout=600) as server:
-        (result,) = launch(_push_rank, 1, (str(mcore), server.url, configs, args.repeats, str(work / "disk")),
-                           timeout=7200)
-    return result
+    arch, rows = read_arch(mcore), []
+    placement = Placement.plan(tp=1, pp=1, nnodes=1, gpus_per_node=0, num_engines=1, engine_tp=1, colocated=False)
+    for transport, load_format, bucket_mb in configs:
+        run_dir = work / f"run-{transport}-{load_format}-{bucket_mb:g}"
+        cfg = _push_config(hf, mcore, run_dir, transport, load_format, bucket_mb)
+        with TrainerCluster(cfg, arch, placement, PreparedModel(hf, mcore), run_dir) as cluster:
+            cluster.push(0)  # untimed warm-up: first use of shared memory, the engine's first load, page faults
+            reports = [cluster.push(v) for v in range(1, args.repeats + 1)]
+            gap = cluster.verify_push(PROBE)
+        best = min(reports, key=lambda r: r.seconds)
+        rows.append({"transport": transport if load_format or transport != "tensor" else "tensor-list",
+                     "bucket_mb": bucket_mb, "seconds": best.seconds, "send_seconds": best.send_seconds,
+                     "commit_seconds": best.commit_seconds, "buckets": best.buckets,
+                     "all_seconds": [r.seconds for r in reports], "logprob_gap": max(gap.max_abs.values())})
+    return {"bytes": total, "copy_seconds": copy_s, "rows": rows}
 
 
 def bench_generation(args, work: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_spin.models.embedded import DEFAULT_EMBEDDED_DIR, materialize_embedded_model
+    from megatron_spin.packaged.smollm2 import materialize_smollm2
     from megatron_spin.rollout.launcher import launch_embedded
     from megatron_spin.rollout.protocol import GenerateRequest, SamplingParams
 
-    model_dir = materialize_embedded_model(DEFAULT_EMBEDDED_DIR)
+    model_dir = materialize_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir)
     topics = ["a rainy day", "the ocean", "learning to cook", "a lost key", "city lights", "old books",
               "a mountain trail", "morning coffee", "a quiet library", "the first snow"]

@@ -19,7 +19,7 @@ if __name__ == "__main__":
     root = Path("runs/examples/math_reward")
     train = write_data(root / "data" / "train.jsonl", 256, seed=3)
     val = write_data(root / "data" / "val.jsonl", 32, seed=4)
-    run_with([f"data.train_files=[{train}]", f"data.val_files=[{val}]", "data.embedded=null",
+    run_with([f"data.train_files=[{train}]", f"data.val_files=[{val}]",
               "data.max_response_length=24", "reward_model.type=math", "actor_rollout_ref.rollout.n=4",
               "actor_rollout_ref.rollout.temperature=1.0", "actor_rollout_ref.actor.micro_pairs=1",
               "trainer.total_training_steps=8", "trainer.test_freq=4",

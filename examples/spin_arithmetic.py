@@ -1,4 +1,4 @@
-"""SPIN on the embedded model: ground-truth answers (chosen) against the policy's own answers (rejected).
+"""SPIN on the packaged model: ground-truth answers (chosen) against the policy's own answers (rejected).
 
 Self-play fine-tuning (Chen et al. 2024) needs prompts with reference responses.  This recipe
 writes arithmetic questions from reasoning-gym with a one-sentence ground-truth answer each,
@@ -33,7 +33,7 @@ if __name__ == "__main__":
     root = Path("runs/examples/spin_arithmetic")
     train = write_data(root / "data" / "train.jsonl", 256, seed=1)
     val = write_data(root / "data" / "val.jsonl", 32, seed=2)
-    run_with([f"data.train_files=[{train}]", f"data.val_files=[{val}]", "data.embedded=null",
+    run_with([f"data.train_files=[{train}]", f"data.val_files=[{val}]",
               "data.max_response_length=24", "algorithm.spin=true", "actor_rollout_ref.rollout.n=1",
               "reward_model.type=math", "trainer.ref_update_freq=4", "trainer.total_training_steps=8",
               "trainer.test_freq=4", "actor_rollout_ref.actor.optim.lr=5e-6",

@@ -1,7 +1,7 @@
 """megatron-spin-train: online DPO / SPIN with a Megatron actor and a rollout fleet, placed by Ray.
 
     megatron-spin-train [key=value ...]            # or: python -m megatron_spin.main
-    megatron-spin-train actor_rollout_ref.actor.tp=2 trainer.total_training_steps=2
+    megatron-spin-train actor_rollout_ref.actor.tp=3 trainer.total_training_steps=2
 
 Each step: prompts → the fleet samples n responses each → the reward scores them → pairs
 (best vs worst, or SPIN: ground truth vs sample) → reference log-probs and one actor update
@@ -14,103 +14,99 @@ saved in the run directory with every metric (``metrics.jsonl``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
+from pathlib import Path
 
 from tqdm import tqdm
-from pathlib import Path
 
 from megatron_spin.ckpt import run_state
 from megatron_spin.config.run import RunConfig, load_run_config, to_dict
-from megatron_spin.metrics.report import write_run_report
+from megatron_spin.driver.stop import StopRequest
+from megatron_spin.errors import ConfigError
 from megatron_spin.rollout.protocol import SamplingParams
-from megatron_spin.rollout.scoring import score_completions
-from megatron_spin.rollout.staleness import check_versions
-from megatron_spin.train.online import Evaluator, StopRequest, make_pairs, resume, save_checkpoint, step_metrics
 
 
 def run(cfg: RunConfig) -> dict:
-    from megatron_spin.orchestrate.setup import build_run  # heavy imports stay out of --help
+    # The driver's modules import transformers, Ray and torch: kept out of `--help`.
+    from megatron_spin.driver.build import build_run
+    from megatron_spin.driver.checkpoint import resume, save_checkpoint
+    from megatron_spin.driver.evaluate import Evaluator
+    from megatron_spin.driver.score import score_completions
+    from megatron_spin.driver.state import RunState
+    from megatron_spin.driver.step import StepTimer, generate, make_pairs, step_metrics
 
     stop = StopRequest.install()  # SIGUSR1: checkpoint after the step under way and stop (Slurm time limit)
     t, rollout = cfg.trainer, cfg.rollout
     run_dir = Path(t.default_local_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    parts = build_run(cfg, run_dir)  # models, data, reward, logger, cluster (not started)
+    resume_from = run_state.resolve_resume(t.resume, run_dir)
+    state = RunState.read(resume_from) if resume_from is not None else None
+    parts = build_run(cfg, run_dir, state.step if state else None)  # models, data, logger, cluster (not started)
     sampling = SamplingParams(max_new_tokens=cfg.data.max_response_length, temperature=rollout.temperature,
                               top_p=rollout.top_p, top_k=rollout.top_k, n=rollout.n)
-    evaluate = Evaluator(parts, cfg.data.max_response_length)
-    version, iteration, first = 0, 0, 1
-    resume_from = run_state.resolve_resume(t.resume, run_dir)
-    stopped = False
+    evaluate = Evaluator(parts.val, parts.tokenizer, parts.logger, cfg.data.max_response_length)
+    probe = [p.input_ids for p in (parts.val or parts.loader.prompts)[:4]]  # fixed sequences for the push check
+    version, iteration, first, last = 0, 0, 1, t.total_training_steps
 
     with parts.cluster as cluster:
-        parts.reward = cluster.reward
-        if resume_from is not None:
-            state = resume(cluster, parts.loader, resume_from)
-            version, iteration, first = state["weight_version"], state["spin_iteration"], state["step"] + 1
-            evaluate.results = {int(k): v for k, v in state["evals"].items()}
-            print(f"[resume] from {resume_from} at step {state['step']}", flush=True)
+        if state is not None:
+            resume(cluster, parts.loader, resume_from, state)
+            version, iteration, first = state.weight_version, state.spin_iteration, state.step + 1
+            evaluate.results = dict(state.evals)
         else:
-            cluster.fleet.each(lambda c: c.update_weight_version(str(version)))  # engines hold these weights
-            evaluate(0)
+            cluster.announce_version(version)  # the engines start from the trainer's weights
+            evaluate(0, cluster.fleet, cluster.reward)
         progress = tqdm(total=t.total_training_steps, initial=first - 1, desc="online DPO", unit="step", disable=None)
         for step in range(first, t.total_training_steps + 1):
-            timing, started = {}, time.monotonic()
+            timer, update, gap = StepTimer(), {}, None
             prompts = parts.loader.next_batch()
-            # A seed per step: samples depend only on (seed, step, prompt, weights), so a resumed
-            # run draws exactly what the uninterrupted one would have.
-            step_sampling = dataclasses.replace(sampling, seed=t.seed * 1_000_003 + step)
-            groups = cluster.fleet.generate([p.input_ids for p in prompts], step_sampling, return_logprob=False)
-            check_versions([c for g in groups for c in g], version, rollout.max_off_policy_steps)
-            timing["generate"] = time.monotonic() - started
-            scored = score_completions(prompts, groups, parts.tokenizer, parts.reward)
-            pairs, stats, cut = make_pairs(cfg.algorithm, prompts, scored, parts.pairs_multiple)
-            timing["reward"] = time.monotonic() - started - timing["generate"]
-            update = {}
+            with timer("generate"):
+                groups = generate(cluster.fleet, prompts, sampling, seed=t.seed * 1_000_003 + step, version=version,
+                                  max_lag=rollout.max_off_policy_steps)
+            with timer("reward"):
+                scored = score_completions(prompts, groups, parts.tokenizer, cluster.reward)
+                pairs, stats, cut = make_pairs(cfg.algorithm, prompts, scored, parts.pairs_multiple)
             if pairs:
-                t0 = time.monotonic()
-                if rollout.placement == "colocated":
-                    cluster.release_engines()  # the engines give their memory back while the actor trains
-                update = cluster.train(pairs, iteration, step)
-                if rollout.placement == "colocated":
-                    cluster.resume_engines()  # empty until the push fills them
-                timing["train_total"], t0 = time.monotonic() - t0, time.monotonic()
-                update.update(cluster.push(step).as_metrics())
-                version, timing["sync"] = step, time.monotonic() - t0
+                with timer("train_total"):
+                    update = cluster.train(pairs, iteration, step).as_metrics()
+                with timer("sync"):
+                    update.update(cluster.push(step).as_metrics())
+                version = step
+                if rollout.sync.verify_every and step % rollout.sync.verify_every == 0:
+                    gap = cluster.verify_push(probe)  # checked once the step is logged
+                    update.update(gap.as_metrics())
             if t.ref_update_freq and step % t.ref_update_freq == 0:
                 cluster.refresh_reference()
                 iteration += 1  # a SPIN iteration ends: the reference is the new policy
-            timing["step"] = time.monotonic() - started
-            metrics = step_metrics(scored, stats, update, timing, cut=cut, iteration=iteration, version=version)
+            metrics = step_metrics(scored, stats, update, timer.done(), cut=cut, iteration=iteration, version=version)
             parts.logger.log(step, metrics)
+            if gap is not None:
+                gap.check(rollout.sync.verify_tolerance, str(version))  # the engines do not hold our weights: stop
             progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{update.get('loss', float('nan')):.4f}")
             progress.update(1)
             if t.test_freq and step % t.test_freq == 0 and step != t.total_training_steps:
-                evaluate(step)
+                evaluate(step, cluster.fleet, cluster.reward)
             stopping = stop.requested is not None and step < t.total_training_steps  # read once per step
             if (t.save_freq and step % t.save_freq == 0) or step == t.total_training_steps or stopping:
-                seconds = save_checkpoint(cluster, run_dir, step, {
-                    "weight_version": version, "spin_iteration": iteration, "data": parts.loader.state_dict(),
-                    "evals": evaluate.results})
+                seconds = save_checkpoint(cluster, run_dir, RunState(step, version, iteration, parts.loader.state_dict(),
+                                                                     evaluate.results))
                 parts.logger.log(step, {"timing/checkpoint": seconds}, kind="checkpoint")
             if stopping:
                 print(f"[stop] {stop.requested}: checkpoint at step {step} saved in {run_dir}; the same command "
                       "(same run directory) resumes", flush=True)
-                last, stopped = step, True
+                last = step
                 break
-        else:
-            last = t.total_training_steps
         progress.close()
-        if not stopped and (first <= t.total_training_steps or not evaluate.results):
-            evaluate(t.total_training_steps)
+        if last == t.total_training_steps and (first <= last or not evaluate.results):
+            evaluate(last, cluster.fleet, cluster.reward)
     parts.logger.close()
     return finish(run_dir, evaluate.results, last)
 
 
 def finish(run_dir: Path, evals: dict, steps: int) -> dict:
+    from megatron_spin.metrics.report import write_run_report
+
     report = write_run_report(run_dir)
     if len(evals) >= 2:
         before, after = evals[min(evals)], evals[max(evals)]
@@ -126,8 +122,6 @@ def main() -> None:
 
     @hydra.main(config_path="config/conf", config_name="spin_trainer", version_base=None)
     def _entry(hcfg) -> None:
-        from megatron_spin.config.optim import ConfigError
-
         try:
             run(load_run_config(hcfg))
         except ConfigError as exc:  # start-up rules, including those that need the model's config

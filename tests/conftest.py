@@ -14,7 +14,7 @@ LAUNCH_TIMEOUT = float(os.environ.get("MEGATRON_SPIN_TEST_LAUNCH_TIMEOUT", "300"
 
 def make_arch(**overrides):
     """A ModelArch without an HF config (GQA: 8 heads, 4 KV heads), fields overridable."""
-    from megatron_spin.models.arch import ModelArch
+    from megatron_spin.spec.arch import ModelArch
 
     base = dict(
         family="llama", hf_architecture="LlamaForCausalLM", num_layers=8, hidden_size=64,
@@ -54,7 +54,7 @@ def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: i
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
-    """The embedded SmolLM2-135M-Instruct materialised once per test session."""
-    from megatron_spin.models import embedded
+    """The packaged SmolLM2-135M-Instruct materialised once per test session."""
+    from megatron_spin.packaged import smollm2
 
-    return embedded.materialize_embedded_model(tmp_path_factory.mktemp("embedded") / "smollm2")
+    return smollm2.materialize_smollm2(tmp_path_factory.mktemp("packaged") / "smollm2")

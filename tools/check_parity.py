@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from megatron_spin.models.parity import check_parity, sample_batch
+from megatron_spin.convert.parity import check_parity, sample_batch
 from megatron_spin.parallel.layout import ParallelLayout
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         input_ids = torch.tensor([e + [pad] * (width - len(e)) for e in enc])
     else:
-        from megatron_spin.ckpt.streaming import read_arch
+        from megatron_spin.ckpt.metadata import read_arch
 
         input_ids = sample_batch(read_arch(args.megatron_dir).vocab_size, args.batch, args.seq_len)
     try:

@@ -18,8 +18,9 @@ import argparse
 import json
 import sys
 
-from megatron_spin.config.algorithm import LossConfig
-from megatron_spin.config.optim import BatchConfig, ConfigError, OptimConfig
+from megatron_spin.loss.config import LossConfig
+from megatron_spin.errors import ConfigError
+from megatron_spin.train.config import BatchConfig, OptimConfig
 from megatron_spin.parallel.launch import LaunchError
 from megatron_spin.parallel.layout import ParallelLayout
 from megatron_spin.train.offline import OfflineConfig, train_offline

@@ -1,1 +1,1 @@
-"""Checkpoints: Megatron distributed checkpoints (model weights, later optimizer and run state)."""
+"""Checkpoints: what makes a checkpoint directory, model weights at any layout, run checkpoints, atomic publishing."""

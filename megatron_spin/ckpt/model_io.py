@@ -12,6 +12,9 @@ from pathlib import Path
 
 from torch.distributed.checkpoint import FileSystemReader
 
+from megatron_spin.ckpt.atomic import publish_dir
+from megatron_spin.ckpt.metadata import HF_SUBDIR, SPIN_METADATA
+
 
 def sharded_model_state(chunks: list) -> dict:
     if len(chunks) == 1:
@@ -73,9 +76,6 @@ def publish_model_checkpoint(
     import shutil
 
     import torch.distributed as dist
-
-    from megatron_spin.ckpt.atomic import publish_dir
-    from megatron_spin.ckpt.streaming import HF_SUBDIR, SPIN_METADATA
 
     out, src = Path(out_dir), Path(source_dir)
     tmp = out.parent / f".{out.name}.tmp-save"  # same name on every rank, no broadcast needed

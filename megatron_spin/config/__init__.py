@@ -1,1 +1,2 @@
-"""Typed configuration records, validated at construction (Hydra registration comes with the trainer)."""
+"""The run's configuration: the Hydra presets (``conf/``) and the tree of typed records they are
+read into (:mod:`.run`).  The records themselves belong to the components that use them."""

@@ -1,9 +1,10 @@
-"""HF ↔ Megatron weight conversion: one table per architecture, shared by every transport."""
+"""HF ↔ Megatron weight conversion: one table per architecture, shared by checkpoints and every weight push;
+streaming HF ↔ dist-checkpoint conversion, the parity harness, and resolving the model a run starts from."""
 
 from megatron_spin.convert.llama import LLAMA
 from megatron_spin.convert.qwen2 import QWEN2
 from megatron_spin.convert.table import ConverterTable, Param, canonical_name
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 
 _TABLES = {"llama": LLAMA, "qwen2": QWEN2}
 

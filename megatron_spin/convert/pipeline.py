@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-
-from megatron_spin.ckpt import streaming
 from megatron_spin.ckpt.atomic import publish_dir, tmp_sibling
-from megatron_spin.convert import converter_for
+from megatron_spin.ckpt.metadata import HF_SUBDIR, SPIN_METADATA, read_arch
+from megatron_spin.convert import converter_for, streaming
 from megatron_spin.convert.hf_io import HFCheckpointError, HFReader, HFShardedWriter, copy_side_files
-from megatron_spin.models.arch import arch_from_hf_dir
-from megatron_spin.models.precision import DTYPES
+from megatron_spin.parallel.groups import init_parallel
 from megatron_spin.parallel.launch import launch
 from megatron_spin.parallel.layout import ParallelLayout, validate_layout
+from megatron_spin.spec.arch import arch_from_hf_dir
+from megatron_spin.spec.precision import DTYPES
 
 Progress = Callable[[str], None]
 
@@ -31,8 +31,6 @@ _DTYPE_NAMES = DTYPES
 
 
 def _hf_to_megatron_rank(rank, world_size, hf_dir, tmp, dtype_name, report_every):
-    from megatron_spin.parallel.groups import init_parallel
-
     arch = arch_from_hf_dir(hf_dir)
     reader = HFReader(hf_dir)
     table = converter_for(arch)
@@ -86,7 +84,7 @@ def convert_hf_to_megatron(
     try:
         report_every = max(1, arch.num_layers)
         (chunks,) = launch(_hf_to_megatron_rank, 1, (str(hf_dir), str(tmp), dtype, report_every), timeout=timeout)
-        copy_side_files(hf_dir, tmp / streaming.HF_SUBDIR)
+        copy_side_files(hf_dir, tmp / HF_SUBDIR)
         publish_dir(tmp, out, replace=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,10 +94,8 @@ def convert_hf_to_megatron(
 
 
 def _megatron_to_hf_rank(rank, world_size, megatron_dir, tmp, max_shard_bytes):
-    from megatron_spin.parallel.groups import init_parallel
-
-    arch = streaming.read_arch(megatron_dir)
-    meta = json.loads((Path(megatron_dir) / streaming.SPIN_METADATA).read_text())
+    arch = read_arch(megatron_dir)
+    meta = json.loads((Path(megatron_dir) / SPIN_METADATA).read_text())
     hf_dtypes = {k: _DTYPE_NAMES[v] for k, v in meta.get("hf_dtypes", {}).items()}
     pctx = init_parallel(ParallelLayout())
     table = converter_for(arch)
@@ -124,8 +120,8 @@ def convert_megatron_to_hf(
 ) -> dict:
     """Export a Megatron dist checkpoint (written by megatron_spin) as an HF model directory."""
     src, out = Path(megatron_dir), Path(out_dir)
-    arch = streaming.read_arch(src)
-    side = src / streaming.HF_SUBDIR
+    arch = read_arch(src)
+    side = src / HF_SUBDIR
     if not (side / "config.json").exists():
         raise FileNotFoundError(f"{side}/config.json: missing; cannot write an HF config for this checkpoint")
     if out.exists() and not force:

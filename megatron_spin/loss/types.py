@@ -7,18 +7,28 @@ metrics they log; nothing here is reduced or gathered.
 
 from __future__ import annotations
 
+import enum
 from typing import NamedTuple, Optional
 
 import torch
 
-# The loss families ``preference_loss`` knows; the first is the default everywhere.
-LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "simpo")
+
+class LossType(enum.StrEnum):
+    """The loss families ``preference_loss`` knows (members compare equal to their names)."""
+
+    SIGMOID = "sigmoid"  # DPO; with label smoothing, cDPO
+    IPO = "ipo"
+    HINGE = "hinge"
+    SIMPO = "simpo"  # reference-free, length-normalised
+
+
+LOSS_TYPES: tuple[str, ...] = tuple(t.value for t in LossType)  # the first is the default everywhere
 
 # Loss types that compare the policy with a reference model.  SimPO is reference-free.
-REFERENCE_LOSS_TYPES: frozenset[str] = frozenset({"sigmoid", "ipo", "hinge"})
+REFERENCE_LOSS_TYPES: frozenset[str] = frozenset({LossType.SIGMOID, LossType.IPO, LossType.HINGE})
 
 # Loss types whose form is logistic, so that cDPO-style label smoothing has a meaning.
-SMOOTHABLE_LOSS_TYPES: frozenset[str] = frozenset({"sigmoid", "simpo"})
+SMOOTHABLE_LOSS_TYPES: frozenset[str] = frozenset({LossType.SIGMOID, LossType.SIMPO})
 
 
 class PreferenceLossOutput(NamedTuple):

@@ -11,12 +11,20 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
+
+class LoggerKind(enum.StrEnum):
+    CONSOLE = "console"
+    JSONL = "jsonl"
+    TENSORBOARD = "tensorboard"
+    WANDB = "wandb"
+
 
 CONSOLE_KEYS = ("reward/mean", "loss", "reward_accuracy", "pairs/kept", "timing/step", "timing/checkpoint")
 

@@ -1,7 +1,7 @@
 """Throughput, MFU and HFU of an actor update, from the batch and the measured time.
 
     perf/train_tokens     real (non-pad) tokens of the update: prompt + response, both sides
-    perf/train_flops      model FLOPs (plan.flops): 3 forwards for the actor's forward + backward,
+    perf/train_flops      model FLOPs (spec.flops): 3 forwards for the actor's forward + backward,
                           +1 for the reference log-probs, over the real tokens — recompute excluded
     perf/mfu              train_flops / (seconds × devices × peak per device)   (PaLM's MFU)
     perf/hfu              the same with what the hardware computed: padded tokens and the
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_spin.models.arch import ModelArch
-from megatron_spin.plan.flops import model_flops_utilization, train_step_flops
+from megatron_spin.spec.arch import ModelArch
+from megatron_spin.spec.flops import model_flops_utilization, train_step_flops
 
 
 def train_perf(arch: ModelArch, *, tokens: int, padded_tokens: int, seq_len: int, seconds: float, devices: int,

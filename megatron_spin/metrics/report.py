@@ -67,7 +67,7 @@ def describe(run: Run) -> list[str]:
                f"{f' TP={tp_size}' if tp_size != 1 else ''}, {c('actor_rollout_ref.rollout.placement')}")
     per_step = f"{c('data.train_batch_size')} × {c('actor_rollout_ref.rollout.n')}" + (
         " (SPIN)" if c("algorithm.spin", False) else "")
-    loss = (f"{c('algorithm.dpo_loss_type')} β={c('algorithm.dpo_beta')}, "
+    loss = (f"{c('algorithm.loss.loss_type')} β={c('algorithm.loss.beta')}, "
             f"lr={c('actor_rollout_ref.actor.optim.lr')}")
     return [f"`{run.label}`", f"`{c('actor_rollout_ref.model.path')}`",
             f"{c('actor_rollout_ref.actor.tp')}×{c('actor_rollout_ref.actor.pp')}", where, rollout, per_step,

@@ -17,19 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from megatron_spin import platform
-from megatron_spin.models.arch import ModelArch
-from megatron_spin.models.precision import Precision, PrecisionError
+from megatron_spin.spec.arch import ModelArch
+from megatron_spin.spec.precision import Precision, PrecisionError
 from megatron_spin.parallel.groups import ParallelContext
 from megatron_spin.parallel.layout import ParallelLayout, validate_layout
 
 
 def check_precision(precision: Precision, plat: platform.Platform) -> None:
     if precision.fp8 is not None and not plat.has_te:
-        raise PrecisionError(
-            "fp8 was requested but TransformerEngine with CUDA is not available on this machine "
-            f"(device={plat.device}); remove the fp8 settings or run on a GPU with "
-            "`pip install .[gpu]`"
-        )
+        raise PrecisionError("fp8", "requested, but TransformerEngine with CUDA is not available on this machine "
+                                    f"(device={plat.device}); remove the fp8 settings or run on a GPU with "
+                                    "TransformerEngine installed (see the README's GPU section)")
 
 
 def build_transformer_config(
@@ -38,11 +36,13 @@ def build_transformer_config(
     precision: Precision = Precision(),
     *,
     recompute: bool = False,
+    plat: Optional[platform.Platform] = None,
 ):
-    """The TransformerConfig equal to the HF model's computation (dropout off: RL fine-tuning)."""
+    """The TransformerConfig equal to the HF model's computation (dropout off: RL fine-tuning).
+    ``plat``: the platform to build for (default: this process's)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    plat = platform.current()
+    plat = plat or platform.current()
     validate_layout(arch, layout)
     check_precision(precision, plat)
     fused = plat.is_cuda  # fused kernels exist only on GPU builds
@@ -69,9 +69,12 @@ def build_transformer_config(
         use_cpu_initialization=True,  # identical full weights at every TP size
         bias_activation_fusion=fused and plat.has_te,
         bias_dropout_fusion=fused,
-        masked_softmax_fusion=fused,
+        # The local spec's fused softmax needs kernels the pip wheel does not ship: ask for it only
+        # when they import (with TE, TE's attention does its own softmax).
+        masked_softmax_fusion=fused and plat.has_fused_softmax,
         apply_rope_fusion=fused and plat.has_te,
-        persist_layer_norm=fused,
+        # Only apex's LayerNorm kernel reads it; the local spec's RMSNorm (torch) refuses it outright.
+        persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,

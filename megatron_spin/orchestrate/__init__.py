@@ -1,1 +1,1 @@
-"""Ray placement of trainer ranks and rollout engines; building a run from its config."""
+"""Ray placement of trainer ranks, rollout engines and reward workers; the trainer rank itself."""

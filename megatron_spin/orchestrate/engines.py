@@ -12,43 +12,40 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from megatron_spin.rollout.launcher import launch_embedded, launch_sglang
+from megatron_spin.config.run import RolloutConfig
+from megatron_spin.orchestrate.worker import node_address
+from megatron_spin.rollout.launcher import EngineKind, launch_embedded, launch_sglang
 
 
 @dataclasses.dataclass(frozen=True)
-class EngineSpec:
-    model_path: str
-    kind: str = "embedded"  # embedded | sglang
-    host: str = "127.0.0.1"  # the address the server binds (the node's address on a multi-node run)
+class EngineLaunch:
+    """What an engine is started with beyond the rollout section: facts of this run."""
+
+    model_path: str  # the HF directory the engine loads
+    host: str = "127.0.0.1"  # the address the server binds (0.0.0.0 on a multi-node run)
     api_key: Optional[str] = None
     log_dir: str = "."
-    threads: int = 0  # embedded: torch threads
-    tp_size: int = 1  # sglang
-    mem_fraction_static: Optional[float] = None  # sglang
-    enable_memory_saver: bool = False  # sglang, colocated mode
-    quantization: Optional[str] = None  # sglang: "fp8" serves FP8 weights quantised on load
-    port: int = 0  # sglang needs a fixed port (0: 30000 + index)
+    threads: int = 0  # embedded engine: torch threads (0: torch's default)
 
 
 class EngineHost:
-    def __init__(self, index: int, spec: EngineSpec, gpu_ids: Optional[tuple[int, ...]] = None):
+    def __init__(self, index: int, rollout: RolloutConfig, launch: EngineLaunch,
+                 gpu_ids: Optional[tuple[int, ...]] = None):
         """``gpu_ids``: node-local GPUs of a colocated SGLang engine (None: what Ray gave the actor)."""
-        log = Path(spec.log_dir) / f"engine-{index}.log"
-        self.spec = spec
-        if spec.kind == "embedded":
-            self.server = launch_embedded(spec.model_path, host=spec.host, api_key=spec.api_key, log_path=log,
-                                          threads=spec.threads, timeout=600)
+        log = Path(launch.log_dir) / f"engine-{index}.log"
+        self.launch = launch
+        if rollout.engine == EngineKind.EMBEDDED:
+            self.server = launch_embedded(launch.model_path, host=launch.host, api_key=launch.api_key, log_path=log,
+                                          threads=launch.threads, timeout=600)
         else:  # pragma: no cover - GPU tier, unverified
-            self.server = launch_sglang(spec.model_path, host=spec.host, port=spec.port or 30000 + index,
-                                        log_path=log, api_key=spec.api_key, tp_size=spec.tp_size,
-                                        mem_fraction_static=spec.mem_fraction_static,
-                                        enable_memory_saver=spec.enable_memory_saver,
-                                        quantization=spec.quantization, gpu_ids=gpu_ids)
+            self.server = launch_sglang(launch.model_path, host=launch.host, port=30000 + index, log_path=log,
+                                        api_key=launch.api_key, tp_size=rollout.tp_size,
+                                        mem_fraction_static=rollout.mem_fraction_static,
+                                        enable_memory_saver=rollout.colocated, quantization=rollout.quantization,
+                                        gpu_ids=gpu_ids)
 
     def url(self) -> str:
-        from megatron_spin.orchestrate.worker import node_address
-
-        return reachable_url(self.server.url, self.spec.host, node_address())
+        return reachable_url(self.server.url, self.launch.host, node_address())
 
     def pid(self) -> int:
         return self.server.proc.pid if self.server.proc else -1

@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+from megatron_spin.platform.devices import physical_gpu_ids
 from megatron_spin.reward import RewardConfig, RewardInput, RewardSource, build_reward
 
 
 class _RewardWorker:
     def __init__(self, cfg: RewardConfig, gpu_ids: Optional[Sequence[int]] = None):
         if gpu_ids is not None:  # pragma: no cover - GPU tier: before anything initialises CUDA
-            from megatron_spin.platform.devices import physical_gpu_ids
 
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpu_ids(gpu_ids))
         self.source = build_reward(cfg)

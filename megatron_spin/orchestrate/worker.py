@@ -1,13 +1,13 @@
 """One trainer rank as a Ray actor: the actor model shard, its reference, and its part of a push.
 
-The driver creates ``world_size`` of these (placed by :mod:`.cluster`), tells them where rank 0
+The driver creates ``world_size`` of these (placed by :mod:`.placement`), tells them where rank 0
 listens, and from then on calls every rank with the same arguments:
 
     setup(master_addr, master_port)        # process group, Megatron parallel state, models
-    train(pairs, iteration)                 # reference log-probs + one actor update
-    send_weights(plan)                      # this rank's part of a weight push
-    refresh_reference()                     # reference <- actor, in memory
-    save(dir) / load(dir)                   # checkpoint shards (collective)
+    train(pairs, iteration, step)          # reference log-probs + one actor update
+    send_weights(plan)                     # this rank's part of a weight push
+    refresh_reference()                    # reference <- actor, in memory
+    save_checkpoint(dir) / load_checkpoint(dir)   # checkpoint shards (collective)
 
 Each call is collective across the ranks (Megatron's TP/PP communication), so the driver
 always calls all ranks together and waits for all of them, with a timeout.
@@ -21,32 +21,58 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_spin.config.algorithm import LossConfig
-from megatron_spin.config.optim import BatchConfig, OptimConfig
-from megatron_spin.models.precision import Precision
+import torch
+import torch.distributed as dist
+
+from megatron_spin import platform
+from megatron_spin.ckpt.metadata import HF_SUBDIR, read_arch
+from megatron_spin.ckpt.model_io import load_model_weights, save_model_weights
+from megatron_spin.loss.config import LossConfig
+from megatron_spin.metrics.logger import open_jsonl
+from megatron_spin.pairs import collate_pairs
+from megatron_spin.parallel.groups import destroy_parallel, init_parallel
 from megatron_spin.parallel.launch import free_port
-from megatron_spin.parallel.layout import ParallelLayout
-from megatron_spin.sync.push import PushPlan, SyncConfig
+from megatron_spin.platform.peak import peak_flops
+from megatron_spin.sync.config import PushTarget, SyncConfig
+from megatron_spin.sync.push import PushPlan, StageResult, StageSender
+from megatron_spin.sync.verify import trainer_token_logprobs
+from megatron_spin.train.actor import (
+    Actor,  # megatron-core: imported in the rank, not the driver
+)
+from megatron_spin.train.batching import rank_micro_batches
+from megatron_spin.train.config import ActorConfig, BatchConfig, RefConfig
+from megatron_spin.train.reference import Reference
 
 
 @dataclasses.dataclass(frozen=True)
-class WorkerSpec:
+class RankSpec:
+    """Everything a trainer rank is built from: the run's own config records, plus the facts of
+    this run that are not configuration (paths, the engines' key, threads, the resume step)."""
+
     megatron_dir: str
-    layout: ParallelLayout
-    optim: OptimConfig
+    actor: ActorConfig
+    ref: RefConfig
     loss: LossConfig
     sync: SyncConfig
-    micro_pairs: int = 1
-    precision: Precision = Precision()
-    recompute: bool = False
-    ref_offload: bool = False
+    target: PushTarget
     seed: int = 1234
-    threads: int = 1  # torch CPU threads per rank
+    threads: int = 1  # torch CPU threads per rank (0: torch's default)
     timeout_s: float = 1800.0  # collectives
     metrics_dir: Optional[str] = None  # <run_dir>/ranks: one JSONL of timings per rank
     resume_step: Optional[int] = None  # resuming from this step's checkpoint (rank files keep steps <= it)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankTrainResult:
+    """What one rank reports for an update; ``stats`` only on the rank whose metrics are the run's."""
+    stats: Optional[dict[str, float]]  # loss, reward accuracy/margins, log-probs, grad norm, LR, tokens
+    ref_seconds: float
+    train_seconds: float
+    padded_tokens: int  # tokens the update computed for the whole global batch (padding included)
+    seq_len: int  # the padded sequence length
 
 
 def node_name() -> str:
@@ -56,6 +82,7 @@ def node_name() -> str:
 
 
 def node_address() -> str:
+    """This node's address as other nodes reach it (Ray's view), or loopback outside Ray."""
     try:
         import ray
 
@@ -64,8 +91,17 @@ def node_address() -> str:
         return "127.0.0.1"
 
 
+def _ray_node_id() -> Optional[str]:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (tests)
+        return None
+
+
 class TrainerWorker:
-    def __init__(self, rank: int, world_size: int, spec: WorkerSpec):
+    def __init__(self, rank: int, world_size: int, spec: RankSpec):
         self.rank, self.world_size, self.spec = rank, world_size, spec
         self.actor = self.ref = self.sender = self.pctx = None
         self.pad_id = 0
@@ -79,52 +115,35 @@ class TrainerWorker:
         return host, free_port(host)
 
     def setup(self, master_addr: str, master_port: int) -> dict:
-        import torch
-        import torch.distributed as dist
         from transformers import AutoTokenizer
-
-        from megatron_spin import platform
-        from megatron_spin.ckpt.streaming import HF_SUBDIR, read_arch
-        from megatron_spin.loss.types import REFERENCE_LOSS_TYPES
-        from megatron_spin.parallel.groups import init_parallel
-        from megatron_spin.sync.push import StageSender
-        from megatron_spin.train.actor import Actor
-        from megatron_spin.train.reference import Reference
 
         spec = self.spec
         if spec.threads:
             torch.set_num_threads(spec.threads)
         plat = platform.current()
-        if plat.is_cuda:  # pragma: no cover - GPU tier: Ray sets CUDA_VISIBLE_DEVICES per actor
-            torch.cuda.set_device(0)
+        plat.set_device(0)  # Ray gives each trainer rank its own GPU, seen as device 0
         dist.init_process_group(plat.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world_size, timeout=datetime.timedelta(seconds=spec.timeout_s))
-        self.pctx = init_parallel(spec.layout, seed=spec.seed)
+        self.pctx = init_parallel(spec.actor.layout, seed=spec.seed)
         self.arch = read_arch(spec.megatron_dir)
-        self.actor = Actor.build(self.arch, self.pctx, spec.optim, spec.loss, precision=spec.precision,
-                                 init_from=spec.megatron_dir, recompute=spec.recompute)
-        if spec.loss.loss_type in REFERENCE_LOSS_TYPES:  # SimPO is reference-free
-            self.ref = Reference.build(self.arch, self.pctx, precision=spec.precision, init_from=spec.megatron_dir,
-                                       offload=spec.ref_offload)
+        self.actor = Actor.build(self.arch, self.pctx, spec.actor.optim, spec.loss, precision=spec.actor.precision,
+                                 init_from=spec.megatron_dir, recompute=spec.actor.recompute)
+        if spec.loss.needs_reference:  # SimPO is reference-free
+            self.ref = Reference.build(self.arch, self.pctx, precision=spec.actor.precision,
+                                       init_from=spec.megatron_dir, offload=spec.ref.offload)
         side = os.path.join(spec.megatron_dir, HF_SUBDIR)
-        self.sender = StageSender(spec.sync, self.arch, self.pctx, side_files=side)
+        self.sender = StageSender(spec.sync, spec.target, self.arch, self.pctx, node_address())
         tok = AutoTokenizer.from_pretrained(side)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._where = {"rank": self.rank, "node": node_name(), "ray_node_id": _ray_node_id(), "tp": self.pctx.tp_rank,
                        "pp": self.pctx.pp_rank, "dp": self.pctx.dp_rank}
         if spec.metrics_dir:
-            from pathlib import Path
-
-            from megatron_spin.metrics.logger import open_jsonl
-
             os.makedirs(spec.metrics_dir, exist_ok=True)
             self._rank_log = open_jsonl(Path(spec.metrics_dir) / f"rank_{self.rank:05d}.jsonl", spec.resume_step)
         info = {**self._where, "host": node_address(), "pid": os.getpid()}
         if self.rank == 0:
-            from megatron_spin.platform.peak import peak_flops
-
-            info["peak_flops"], info["peak_source"] = peak_flops(spec.precision.params_dtype,
-                                                                 fp8=spec.precision.fp8 is not None)
+            info["peak_flops"], info["peak_source"] = peak_flops(spec.actor.precision.params_dtype,
+                                                                 fp8=spec.actor.precision.fp8 is not None)
         return info
 
     def _log_rank(self, step: int, kind: str, record: dict) -> None:
@@ -138,60 +157,51 @@ class TrainerWorker:
         """This rank's metrics are the run's (last stage, TP rank 0, DP replica 0)."""
         return self.pctx.is_last_stage and self.pctx.tp_rank == 0 and self.pctx.dp_rank == 0
 
-    def train(self, pairs: Sequence, iteration: int, step: int = 0) -> Optional[dict]:
+    def train(self, pairs: Sequence, iteration: int, step: int = 0) -> RankTrainResult:
         """One update on ``pairs`` (the whole global batch; this rank takes its DP slice)."""
-        from megatron_spin.pairs import collate_pairs
-        from megatron_spin.train.batching import rank_micro_batches
-
         batch = collate_pairs(pairs, pad_id=self.pad_id)
-        mbs = rank_micro_batches(batch, BatchConfig(len(pairs), self.spec.micro_pairs), self.pctx.dp_rank,
+        mbs = rank_micro_batches(batch, BatchConfig(len(pairs), self.spec.actor.micro_pairs), self.pctx.dp_rank,
                                  self.pctx.dp_size)
         t0 = time.monotonic()
         ref_logps = self.ref.logps(mbs) if self.ref is not None else None
         t1 = time.monotonic()
-        metrics = self.actor.train_step(mbs, ref_logps, iteration)
+        stats = self.actor.train_step(mbs, ref_logps, iteration)
         t2 = time.monotonic()
-        timing = {"timing/ref_logps": t1 - t0, "timing/train": t2 - t1}
-        self._log_rank(step, "train", {**timing, "tokens": sum(mb.tokens.numel() for mb in mbs)})
+        self._log_rank(step, "train", {"timing/ref_logps": t1 - t0, "timing/train": t2 - t1,
+                                       "tokens": sum(mb.tokens.numel() for mb in mbs)})
         self._trained_step = step
-        if not self.reports:
-            return None
-        # The whole batch's computed (padded) tokens: the driver turns them into model FLOPs.
-        return {**metrics, **timing, "perf/train_tokens": batch.tokens.numel(), "perf/seq_len": batch.tokens.shape[1]}
+        return RankTrainResult(stats if self.reports else None, t1 - t0, t2 - t1, batch.tokens.numel(),
+                               batch.tokens.shape[1])
 
-    def send_weights(self, plan: PushPlan):
+    def send_weights(self, plan: PushPlan) -> StageResult:
         t0 = time.monotonic()
-        receipt = self.sender.send(self.actor.modules, plan)
+        result = self.sender.send(self.actor.modules, plan)
         if plan.version == str(self._trained_step):  # the push after an update (not a resume's re-push)
             self._log_rank(self._trained_step, "sync", {"timing/send": time.monotonic() - t0})
-        return receipt
+        return result
+
+    def probe_logprobs(self, sequences: Sequence[Sequence[int]]) -> Optional[list[torch.Tensor]]:
+        """The actor's token log-probs of ``sequences`` (collective; returned by one rank)."""
+        return trainer_token_logprobs(self.actor.modules, self.pctx, sequences)
 
     def save_checkpoint(self, staged: str) -> None:
         """Collective: weights (layout-free) and this rank's optimizer/schedule/RNG state."""
-        import torch
-        import torch.distributed as dist
-
-        from megatron_spin.ckpt.model_io import save_model_weights
-
         save_model_weights(self.actor.modules, os.path.join(staged, "actor"))
         if self.ref is not None:
             save_model_weights(self.ref.chunks, os.path.join(staged, "reference"))
         os.makedirs(os.path.join(staged, "optimizer"), exist_ok=True)
         torch.save({"optimizer": self.actor.optimizer.state_dict(), "scheduler": self.actor.scheduler.state_dict(),
-                    "steps": self.actor.steps, "torch_rng": torch.get_rng_state(), "layout": str(self.spec.layout),
-                    "world_size": self.world_size},
+                    "steps": self.actor.steps, "torch_rng": torch.get_rng_state(),
+                    "layout": str(self.spec.actor.layout), "world_size": self.world_size},
                    os.path.join(staged, "optimizer", f"rank_{self.rank:05d}.pt"))
         dist.barrier()
 
     def load_checkpoint(self, path: str) -> None:
-        import torch
-
-        from megatron_spin.ckpt.model_io import load_model_weights
-
         state = torch.load(os.path.join(path, "optimizer", f"rank_{self.rank:05d}.pt"), weights_only=False)
-        if state["layout"] != str(self.spec.layout) or state["world_size"] != self.world_size:
+        layout = str(self.spec.actor.layout)
+        if state["layout"] != layout or state["world_size"] != self.world_size:
             raise RuntimeError(f"{path} was saved at {state['layout']} on {state['world_size']} ranks; this run is "
-                               f"{self.spec.layout} on {self.world_size}: optimizer state resumes at the same layout")
+                               f"{layout} on {self.world_size}: optimizer state resumes at the same layout")
         load_model_weights(self.actor.modules, os.path.join(path, "actor"))
         if self.ref is not None:
             load_model_weights(self.ref.chunks, os.path.join(path, "reference"))
@@ -205,10 +215,6 @@ class TrainerWorker:
             self.ref.refresh_from(self.actor.modules)
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
-        from megatron_spin.parallel.groups import destroy_parallel
-
         if self.sender is not None:
             self.sender.close()
         if self._rank_log is not None:
@@ -216,12 +222,3 @@ class TrainerWorker:
         destroy_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _ray_node_id() -> Optional[str]:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # outside Ray (tests)
-        return None

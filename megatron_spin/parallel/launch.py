@@ -110,8 +110,7 @@ def _rank_main(fn, rank, world_size, port, args, queue, threads, deadline) -> No
     )
     try:
         plat = platform.prepare_megatron()
-        if plat.is_cuda:
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+        plat.set_device(rank)
         dist.init_process_group(plat.backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", _to_bytes(result)))

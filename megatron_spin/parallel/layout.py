@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 
 
 class LayoutError(ValueError):

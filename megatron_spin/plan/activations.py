@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 
 
 @dataclasses.dataclass(frozen=True)

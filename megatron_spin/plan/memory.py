@@ -35,13 +35,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 from megatron_spin.parallel.layout import ParallelLayout
 from megatron_spin.plan import activations as act
 from megatron_spin.plan.params import model_params, rank_params
 
 GIB = 2.0**30  # GPUs are sold in GiB: an "80 GB" H100 holds 80 GiB
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # spec.precision.DType values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ class TrainSetup:
 
     layout: ParallelLayout
     dp: int
-    precision: str  # bf16 | fp16 | fp32
+    precision: str  # bfloat16 | float16 | float32
     optimizer: str  # adam | sgd
     sgd_momentum: float
     distributed_optimizer: bool

@@ -4,7 +4,7 @@ The table holds the published Hugging Face ``config.json`` fields (only those
 :func:`arch_from_hf_config` reads), so a named model goes through exactly the parsing a
 downloaded checkpoint would.  Values checked against the public configs of
 meta-llama/Meta-Llama-3-8B and Meta-Llama-3-70B (untied embeddings, RoPE base 500000,
-8192 positions, no rope_scaling) and of HuggingFaceTB/SmolLM2-135M-Instruct (the embedded
+8192 positions, no rope_scaling) and of HuggingFaceTB/SmolLM2-135M-Instruct (the packaged
 CPU model; tied embeddings).
 """
 
@@ -14,7 +14,7 @@ import json
 import os
 from typing import Optional
 
-from megatron_spin.models.arch import ModelArch, arch_from_hf_config, arch_from_hf_dir
+from megatron_spin.spec.arch import ModelArch, arch_from_hf_config, arch_from_hf_dir
 
 _LLAMA3_COMMON = {
     "architectures": ["LlamaForCausalLM"],
@@ -72,8 +72,8 @@ def resolve_model(model: Optional[str], preset: str, model_path: Optional[str]) 
     if preset in PRESET_MODELS:
         name = PRESET_MODELS[preset]
         return published_arch(name), f"{name} (preset {preset})"
-    if model_path == "embedded":
-        return published_arch("smollm2-135m"), "smollm2-135m (actor_rollout_ref.model.path=embedded)"
+    if model_path == "packaged:smollm2":
+        return published_arch("smollm2-135m"), "smollm2-135m (actor_rollout_ref.model.path=packaged:smollm2)"
     if model_path and os.path.exists(model_path):
         return arch_from_path(model_path), model_path
     raise ModelNotFoundError(

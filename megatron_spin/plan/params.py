@@ -19,7 +19,7 @@ The TE layer spec fuses the norms into the next linear (``layer_norm_weight``): 
 
 from __future__ import annotations
 
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 from megatron_spin.parallel.layout import ParallelLayout
 
 

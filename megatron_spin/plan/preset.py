@@ -17,20 +17,22 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from megatron_spin.config.optim import ConfigError
+from megatron_spin.errors import ConfigError
 from megatron_spin.config.run import RunConfig, load_run_config, missing_keys
-from megatron_spin.models.arch import ModelArch
-from megatron_spin.orchestrate.cluster import Placement
+from megatron_spin.spec.arch import ModelArch
+from megatron_spin.orchestrate.placement import Placement
 from megatron_spin.parallel.layout import ParallelLayout, validate_layout
 from megatron_spin.plan.activations import MEGATRON_GPU, MODELS, ActivationModel
 from megatron_spin.plan.memory import TrainSetup
+from megatron_spin.pairs.builder import PairStrategy, SpinSelection
 from megatron_spin.plan.models import resolve_model
+from megatron_spin.rollout.launcher import EngineKind
 
 CONFIG_MODULE = "megatron_spin.config.conf"
 # Keys a run must give but planning never reads: filled when a preset leaves them for the command
 # line.  Each entry: placeholder, and when the run needs the key (given the composed config).
 PLACEHOLDERS = {
-    "data.train_files": (["<plan-only>.jsonl"], lambda c: c["data"]["embedded"] is None),
+    "data.train_files": (["<plan-only>.jsonl"], lambda c: True),
     "actor_rollout_ref.model.path": ("<plan-only>", lambda c: True),
     "reward_model.path": ("<plan-only>", lambda c: c["reward_model"]["type"] == "hf"),
     "reward_model.url": ("http://plan-only", lambda c: c["reward_model"]["type"] == "http"),
@@ -86,7 +88,7 @@ def compose_preset(preset: str, overrides: tuple[str, ...] = (), config_dir: Opt
     filled = []
     for key in sorted(missing_keys(tree) | _unset_run_keys(tree)):
         if key not in PLACEHOLDERS:
-            raise ConfigError(f"{key}: mandatory in preset {preset!r} (???); give it on the command line as {key}=...")
+            raise ConfigError(key, f"mandatory in preset {preset!r} (???); give it on the command line as {key}=...")
         OmegaConf.update(cfg, key, PLACEHOLDERS[key][0])
         filled.append(key)
     return cfg, tuple(filled)
@@ -94,8 +96,8 @@ def compose_preset(preset: str, overrides: tuple[str, ...] = (), config_dir: Opt
 
 def _unset_run_keys(tree: dict) -> set[str]:
     """Run-only keys the run needs but the preset leaves empty (null, [] or "").  Presets write
-    "required" as an empty value: a ``???`` would not override the base preset's value when Hydra
-    merges ``defaults: [spin_trainer, _self_]``."""
+    "required" as an empty value: OmegaConf's merge keeps the base preset's value under a ``???``
+    (``defaults: [spin_trainer, _self_]``), so ``???`` cannot mark a key the base sets."""
     def value(key: str):
         node = tree
         for part in key.split("."):
@@ -118,7 +120,8 @@ def cluster_overrides(req: PlanRequest) -> tuple[str, ...]:
 def plan_placement(run: RunConfig, tp: int, pp: int) -> Placement:
     r, t = run.rollout, run.trainer
     return Placement.plan(tp=tp, pp=pp, nnodes=t.nnodes, gpus_per_node=t.n_gpus_per_node,
-                          num_engines=r.num_engines, engine_tp=r.tp_size, colocated=r.placement == "colocated")
+                          num_engines=r.num_engines, engine_tp=r.tp_size, colocated=r.colocated,
+                          cpu_ranks=t.cpu_ranks)
 
 
 def load_plan_input(req: PlanRequest) -> PlanInput:
@@ -130,18 +133,18 @@ def load_plan_input(req: PlanRequest) -> PlanInput:
     arch, source = resolve_model(req.model, req.preset, run.actor_rollout_ref.model.path)
     a = run.actor
     placement = plan_placement(run, a.tp, a.pp)
-    layout = ParallelLayout(tp=a.tp, pp=a.pp, vpp=a.vpp)
+    layout = a.layout
     validate_layout(arch, layout, world_size=placement.trainer_world)
     notes = []
     if run.trainer.n_gpus_per_node == 0:
         notes.append("trainer.n_gpus_per_node=0: a CPU run; the numbers are host memory per rank")
     r = run.rollout
-    if r.engine == "sglang" and r.mem_fraction_static is None and run.trainer.n_gpus_per_node:
+    if r.engine == EngineKind.SGLANG and r.mem_fraction_static is None and run.trainer.n_gpus_per_node:
         notes.append(f"actor_rollout_ref.rollout.mem_fraction_static is not set: SGLang picks its own; assumed "
                      f"{SGLANG_DEFAULT_FRACTION}" + (" (set it: a colocated trainer needs the rest of the GPU)"
-                                                     if r.placement == "colocated" else ""))
-    if a.fp8 is not None:
-        notes.append("actor.fp8: estimated as bf16 (FP8 weight caches and fp8-saved activations not modelled)")
+                                                     if r.colocated else ""))
+    if a.precision.fp8 is not None:
+        notes.append("actor.precision.fp8: estimated as bf16 (FP8 weight caches and fp8-saved activations not modelled)")
     return PlanInput(run, arch, source, placement, layout, req.gpu_mem_gib, req.overhead_gib, filled, tuple(notes),
                      MODELS[req.activations])
 
@@ -150,22 +153,20 @@ def pairs_per_step(run: RunConfig) -> int:
     """Most pairs one step can train on: one per prompt, or every sample pair / sample per prompt."""
     alg, n = run.algorithm, run.rollout.n
     if alg.spin:
-        per_prompt = n if alg.spin_selection == "all" else 1
+        per_prompt = n if alg.pairs.spin_selection == SpinSelection.ALL else 1
     else:
-        per_prompt = n * (n - 1) // 2 if alg.pair_strategy == "all_pairs" else 1
+        per_prompt = n * (n - 1) // 2 if alg.pairs.strategy == PairStrategy.ALL_PAIRS else 1
     return run.data.train_batch_size * per_prompt
 
 
 def needs_reference(run: RunConfig) -> bool:
-    from megatron_spin.loss.types import REFERENCE_LOSS_TYPES
-
-    return run.algorithm.dpo_loss_type in REFERENCE_LOSS_TYPES
+    return run.algorithm.loss.needs_reference
 
 
 def engine_fraction(run: RunConfig) -> Optional[float]:
     """SGLang's static share of a trainer GPU when engines are colocated with the trainer, else None."""
     r = run.rollout
-    if r.placement != "colocated" or r.engine != "sglang" or run.trainer.n_gpus_per_node == 0:
+    if not r.colocated or r.engine != EngineKind.SGLANG or run.trainer.n_gpus_per_node == 0:
         return None
     return r.mem_fraction_static if r.mem_fraction_static is not None else SGLANG_DEFAULT_FRACTION
 
@@ -178,7 +179,7 @@ def train_setup(inp: PlanInput, *, layout: Optional[ParallelLayout] = None, dp: 
     layout = layout or inp.layout
     dp = dp or inp.dp
     return TrainSetup(
-        layout=layout, dp=dp, precision=a.precision, optimizer=a.optim.optimizer, sgd_momentum=a.optim.sgd_momentum,
+        layout=layout, dp=dp, precision=a.precision.params_dtype, optimizer=a.optim.optimizer, sgd_momentum=a.optim.sgd_momentum,
         distributed_optimizer=a.optim.use_distributed_optimizer if distributed_optimizer is None
         else distributed_optimizer,
         recompute=a.recompute if recompute is None else recompute,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_spin.plan import flops as fl
+from megatron_spin.spec import flops as fl
 from megatron_spin.plan.memory import GIB, engine_memory, max_engine_fraction
 from megatron_spin.plan.params import model_params
 from megatron_spin.plan.preset import SGLANG_DEFAULT_FRACTION, PlanInput, engine_fraction, pairs_per_step

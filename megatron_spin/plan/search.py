@@ -25,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from megatron_spin.config.optim import ConfigError
+from megatron_spin.errors import ConfigError
 from megatron_spin.parallel.layout import LayoutError, ParallelLayout, validate_layout
-from megatron_spin.plan import flops as fl
+from megatron_spin.spec import flops as fl
 from megatron_spin.plan.memory import DTYPE_BYTES, MemoryEstimate, TrainSetup, estimate
 from megatron_spin.plan.preset import PlanInput, plan_placement, schedule_problems, train_setup
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
+import importlib
 import warnings
 
 import torch
+
+from megatron_spin.platform import cpu_patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,31 +22,53 @@ class Platform:
 
     device: torch device type tensors live on ("cuda" or "cpu").
     backend: torch.distributed backend for collectives ("nccl" or "gloo").
-    has_te: TransformerEngine importable *and* CUDA present (TE needs both).
+    has_te: TransformerEngine's PyTorch module imports *and* CUDA is present (TE needs both; a
+        package that is installed but cannot load its libraries, e.g. cuDNN, does not count).
+    has_fused_softmax: megatron's masked-softmax CUDA kernels import (they come with source
+        builds of Megatron-LM / apex, not with the pip wheel of megatron-core).
     """
 
     device: str
     backend: str
     has_te: bool
+    has_fused_softmax: bool = False
 
     @property
     def is_cuda(self) -> bool:
         return self.device == "cuda"
 
     def local_device(self) -> torch.device:
-        """The device this process computes on (the launcher sets the CUDA device per rank)."""
+        """The device this process computes on (:func:`set_device` chose it)."""
         return torch.device("cuda", torch.cuda.current_device()) if self.is_cuda else torch.device("cpu")
 
+    def set_device(self, local_index: int = 0) -> None:
+        """Bind this process to its GPU: ``local_index`` counts the GPUs it can see (Ray gives each
+        trainer rank one, so 0; a local launch gives rank r the GPU r mod count).  No-op on the CPU."""
+        if self.is_cuda:
+            torch.cuda.set_device(local_index % torch.cuda.device_count())
 
-def _te_importable() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
+    def device_for_backend(self, backend: str) -> torch.device:
+        """Where tensors of a collective on ``backend`` live: NCCL moves device memory, gloo host memory."""
+        return self.local_device() if backend == "nccl" else torch.device("cpu")
+
+
+def _imports(module: str) -> bool:
+    """True if ``module`` really imports (``find_spec`` would also accept a package whose CUDA
+    libraries fail to load at import)."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # ImportError, OSError from a missing shared library, RuntimeError from a CUDA check
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=1)
 def current() -> Platform:
     """Detect the platform once per process."""
     if torch.cuda.is_available():
-        return Platform(device="cuda", backend="nccl", has_te=_te_importable())
+        return Platform(device="cuda", backend="nccl", has_te=_imports("transformer_engine.pytorch"),
+                        has_fused_softmax=all(_imports(m) for m in ("scaled_masked_softmax_cuda",
+                                                                     "scaled_upper_triang_masked_softmax_cuda")))
     return Platform(device="cpu", backend="gloo", has_te=False)
 
 
@@ -67,7 +91,6 @@ def prepare_megatron() -> Platform:
         for pattern in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
                         ".*Transformer Engine is not installed.*", ".*full scope is deprecated.*"):
             warnings.filterwarnings("ignore", message=pattern)
-        from megatron_spin.platform import cpu_patches
 
         cpu_patches.apply()
     return plat

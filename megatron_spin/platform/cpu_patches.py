@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.metadata
 import sys
 import types
 from typing import Any
@@ -230,19 +231,45 @@ def _patch_methods() -> None:
 
 
 _APPLIED = False
+# The releases these patches were written against (module list, method names, the RNG tracker's
+# private hooks).  Another release may have moved any of them: refuse it rather than half-patch.
+SUPPORTED_MEGATRON = ("0.16.",)
+
+
+class UnsupportedMegatronError(RuntimeError):
+    pass
+
+
+def check_megatron_version(version: str | None = None) -> str:
+    """The installed megatron-core version, or :class:`UnsupportedMegatronError` naming the fix."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("megatron-core")
+        except importlib.metadata.PackageNotFoundError:
+            raise UnsupportedMegatronError("megatron-core is not installed; CPU runs need megatron-core==0.16.1 "
+                                           "(bash tools/setup_venv.sh installs it)") from None
+    if not version.startswith(SUPPORTED_MEGATRON):
+        raise UnsupportedMegatronError(
+            f"megatron-core {version} is installed, but megatron_spin's CPU support (platform/cpu_patches.py) is "
+            f"written for {' / '.join(v + 'x' for v in SUPPORTED_MEGATRON)}; install megatron-core==0.16.1 for CPU "
+            "runs (on GPUs nothing is patched and any tested release works)")
+    return version
 
 
 def apply() -> None:
-    """Apply every CPU patch once per process.  Idempotent."""
+    """Apply every CPU patch once per process.  Idempotent.  Refuses a megatron-core release the
+    patches were not written for, and one that lacks a module they patch."""
     global _APPLIED
     if _APPLIED:
         return
+    version = check_megatron_version()
     view = _CpuTorchView()
     for name in _MEGATRON_MODULES:
         try:
             mod = importlib.import_module(name)
-        except ImportError:  # optional module absent in this build: nothing to patch
-            continue
+        except ImportError as exc:
+            raise UnsupportedMegatronError(f"megatron-core {version}: {name} does not import ({exc}); the CPU "
+                                           "patches need it") from None
         if getattr(mod, "torch", None) is torch:
             mod.torch = view
     _patch_rng(sys.modules["megatron.core.tensor_parallel.random"])

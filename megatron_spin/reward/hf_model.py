@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_spin import platform
 from megatron_spin.reward.base import RewardInput, RewardSource
 
 
@@ -22,8 +23,6 @@ class HFRewardModel(RewardSource):
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, label: int = -1,
                  device: Optional[str] = None, dtype: str = "float32"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from megatron_spin import platform
 
         self.device = torch.device(device or platform.current().device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

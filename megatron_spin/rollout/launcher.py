@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import enum
 import os
 import secrets
 import signal
@@ -30,9 +31,24 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_spin.platform.devices import physical_gpu_ids
 from megatron_spin.rollout.client import EngineClient
 
 API_KEY_ENV = "MEGATRON_SPIN_ENGINE_API_KEY"
+
+
+class EngineKind(enum.StrEnum):
+    EMBEDDED = "embedded"  # megatron_spin's own engine: HF transformers behind SGLang's API (CPU)
+    SGLANG = "sglang"  # SGLang servers (GPU)
+
+
+class Colocation(enum.StrEnum):
+    COLOCATED = "colocated"  # engines share the trainer's devices and sleep while the actor trains
+    DISAGGREGATED = "disaggregated"  # engines have devices of their own
+
+
+class Quantization(enum.StrEnum):
+    FP8 = "fp8"  # SGLang serves FP8 weights it quantises from the bf16 pushes (experimental)
 
 
 class ServerStartError(RuntimeError):
@@ -195,7 +211,6 @@ def launch_sglang(model_path: str, *, port: int, log_path: str | os.PathLike, ho
     cmd = sglang_command(model_path, host=host, port=port, **kwargs)
     env = dict(SGLANG_ENV)
     if gpu_ids is not None:  # node-local indices, mapped through what this process may see
-        from megatron_spin.platform.devices import physical_gpu_ids
 
         env["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpu_ids(gpu_ids))
     server = ServerProcess(cmd, f"http://{host}:{port}", Path(log_path), kwargs.get("api_key"), env).start()

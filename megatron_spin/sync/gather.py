@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatron_spin.convert import converter_for
 from megatron_spin.convert.table import canonical_name
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 

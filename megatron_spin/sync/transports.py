@@ -25,7 +25,6 @@ from __future__ import annotations
 import abc
 import concurrent.futures as cf
 import dataclasses
-import datetime
 import json
 import os
 import secrets
@@ -35,17 +34,17 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from megatron_spin import platform
 from megatron_spin.rollout.client import EngineClient, EngineError
-from megatron_spin.rollout.tensor_payload import FLATTENED_BUCKET, encode_named_tensors
-from megatron_spin.sync.bucket import NamedTensors, flat_layout, flatten, nbytes
-
-TRANSPORTS = ("tensor", "disk", "distributed")
+from megatron_spin.sync.config import PushTarget, SyncConfig, TransportKind
+from megatron_spin.wire.bucket import NamedTensors, flat_layout, flatten, nbytes
+from megatron_spin.wire.tensor_payload import FLATTENED_BUCKET, encode_named_tensors
+from megatron_spin.wire.update_group import create_update_group, host_store
 
 
 @dataclasses.dataclass
 class Receipt:
     """What one pusher sent: tensor names in order, bytes, buckets, engines that failed."""
-
     stage: int
     names: list[str] = dataclasses.field(default_factory=list)
     bytes: int = 0
@@ -89,7 +88,6 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None: ...
-
     def close(self) -> Receipt:
         return self.receipt
 
@@ -231,7 +229,6 @@ class DistributedTransport(Transport):
 
     def _form_group(self, stage: int) -> None:
         """A fresh group of this pusher (rank 0) and every engine rank, on a port the store picks."""
-        from megatron_spin.sync.update_group import create_update_group, host_store
 
         self._generation += 1
         # Unique across pusher restarts too: an engine may still hold a group of an earlier run.
@@ -299,8 +296,14 @@ class DistributedTransport(Transport):
         super().shutdown()
 
 
-def make_transport(kind: str, **kwargs) -> Transport:
-    classes = {"tensor": TensorTransport, "disk": DiskTransport, "distributed": DistributedTransport}
-    if kind not in classes:
-        raise ValueError(f"sync transport must be one of {TRANSPORTS}, got {kind!r}")
-    return classes[kind](**kwargs)
+def make_transport(cfg: SyncConfig, target: PushTarget, address: str = "127.0.0.1") -> Transport:
+    """The configured transport for a push to ``target``; ``address``: where this pusher's node is
+    reached from the engines (a distributed push hosts its group there)."""
+    if cfg.transport == TransportKind.TENSOR:
+        return TensorTransport(load_format=cfg.load_format, engine_tp_size=target.engine_tp_size)
+    if cfg.transport == TransportKind.DISK:
+        if not target.disk_dir:
+            raise ValueError("the disk transport needs a directory every engine can read (PushTarget.disk_dir)")
+        return DiskTransport(target.disk_dir, side_files=target.side_files)
+    return DistributedTransport(master_address=address, backend=platform.current().backend,
+                                engine_tp_size=target.engine_tp_size, timeout_s=cfg.group_timeout_s)

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_spin.ckpt.model_io import load_model_weights
-from megatron_spin.config.algorithm import LossConfig
-from megatron_spin.config.optim import OptimConfig
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.loss.config import LossConfig
+from megatron_spin.train.config import OptimConfig
+from megatron_spin.spec.arch import ModelArch
 from megatron_spin.models.builder import build_model
-from megatron_spin.models.precision import Precision
+from megatron_spin.spec.precision import Precision
 from megatron_spin.parallel.groups import ParallelContext
 from megatron_spin.train import step
 from megatron_spin.train.optim import build_optimizer, wrap_ddp

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from megatron_spin.config.optim import BatchConfig, ConfigError
+from megatron_spin.errors import ConfigError
+from megatron_spin.train.config import BatchConfig
 from megatron_spin.pairs import PreferenceBatch
 
 
@@ -15,7 +16,7 @@ def rank_micro_batches(batch: PreferenceBatch, cfg: BatchConfig, dp_rank: int, d
     """
     cfg.micro_batches_per_rank(dp_size)  # raises naming the divisibility rule
     if batch.num_pairs != cfg.global_pairs:
-        raise ConfigError(f"batch holds {batch.num_pairs} pairs, batch.global_pairs={cfg.global_pairs}")
+        raise ConfigError("global_pairs", f"the batch holds {batch.num_pairs} pairs, global_pairs={cfg.global_pairs}")
     per_rank = cfg.global_pairs // dp_size
     mine = batch.select_pairs(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
     return mine.split_micro_batches(cfg.micro_pairs)

@@ -6,7 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_spin.config.algorithm import LossConfig
+from megatron_spin.loss import preference_loss
+from megatron_spin.loss.config import LossConfig
 
 
 def preference_metrics(
@@ -21,7 +22,6 @@ def preference_metrics(
     Inputs are the per-micro-batch ``[2k]`` log-probs (chosen first) from
     ``forward_logps`` of the actor and the reference.
     """
-    from megatron_spin.loss import preference_loss
 
     if policy_logps is None:
         return {}

@@ -16,9 +16,21 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from megatron_spin.config.algorithm import LossConfig
-from megatron_spin.config.optim import BatchConfig, ConfigError, OptimConfig
-from megatron_spin.parallel.layout import ParallelLayout
+from megatron_spin.ckpt.metadata import HF_SUBDIR, read_arch
+from megatron_spin.ckpt.model_io import publish_model_checkpoint
+from megatron_spin.data.preference_file import read_preference_jsonl, tokenize_preferences
+from megatron_spin.errors import ConfigError
+from megatron_spin.loss.config import LossConfig
+from megatron_spin.loss.types import REFERENCE_LOSS_TYPES
+from megatron_spin.pairs import collate_pairs
+from megatron_spin.parallel.groups import init_parallel
+from megatron_spin.parallel.launch import launch
+from megatron_spin.parallel.layout import ParallelLayout, validate_layout
+from megatron_spin.train.actor import Actor
+from megatron_spin.train.batching import rank_micro_batches
+from megatron_spin.train.config import BatchConfig, OptimConfig
+from megatron_spin.train.evaluate import preference_metrics
+from megatron_spin.train.reference import Reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,23 +50,11 @@ class OfflineConfig:
 
 
 def _pairs(path, tokenizer, max_length):
-    from megatron_spin.data.preference_file import read_preference_jsonl, tokenize_preferences
-
     return tokenize_preferences(read_preference_jsonl(path), tokenizer, max_length=max_length)
 
 
 def _offline_rank(rank, world_size, cfg: OfflineConfig):
     from transformers import AutoTokenizer
-
-    from megatron_spin.ckpt.model_io import publish_model_checkpoint
-    from megatron_spin.ckpt.streaming import HF_SUBDIR, read_arch
-    from megatron_spin.loss.types import REFERENCE_LOSS_TYPES
-    from megatron_spin.pairs import collate_pairs
-    from megatron_spin.parallel.groups import init_parallel
-    from megatron_spin.train.actor import Actor
-    from megatron_spin.train.batching import rank_micro_batches
-    from megatron_spin.train.evaluate import preference_metrics
-    from megatron_spin.train.reference import Reference
 
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.megatron_dir) / HF_SUBDIR)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -112,16 +112,11 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
 
 def train_offline(cfg: OfflineConfig, timeout: float = 3600) -> list[dict]:
     """Run offline training on ``cfg.layout.model_parallel_size`` local ranks; returns metric records."""
-    from megatron_spin.ckpt.streaming import read_arch
-    from megatron_spin.parallel.launch import launch
-    from megatron_spin.parallel.layout import validate_layout
-
     world = cfg.layout.model_parallel_size
     validate_layout(read_arch(cfg.megatron_dir), cfg.layout, world_size=world)
     micro = cfg.batch.micro_batches_per_rank(1)
     if (cfg.layout.vpp or 1) > 1 and micro % cfg.layout.pp:
-        raise ConfigError(
-            f"rule micro-batches per step % PP == 0 with virtual PP violated: {micro} micro-batches, PP={cfg.layout.pp}"
-        )
+        raise ConfigError("batch", f"rule micro-batches per step % PP == 0 with virtual PP violated: {micro} "
+                                   f"micro-batches, PP={cfg.layout.pp}")
     (history,) = [h for h in launch(_offline_rank, world, (cfg,), timeout=timeout) if h is not None]
     return history

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_spin.config.optim import OptimConfig
+from megatron_spin.train.config import OptimConfig
 
 
 def wrap_ddp(chunks: list, use_distributed_optimizer: bool) -> list:

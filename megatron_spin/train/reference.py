@@ -15,9 +15,9 @@ import torch
 
 from megatron_spin import platform
 from megatron_spin.ckpt.model_io import load_model_weights
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 from megatron_spin.models.builder import build_model
-from megatron_spin.models.precision import Precision
+from megatron_spin.spec.precision import Precision
 from megatron_spin.parallel.groups import ParallelContext
 from megatron_spin.train import step
 

@@ -12,11 +12,13 @@ pipeline sends activations of a fixed shape between stages).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from megatron_spin.config.algorithm import LossConfig
+from megatron_spin.loss import preference_loss
+from megatron_spin.loss.config import LossConfig
+from megatron_spin.loss.types import REFERENCE_LOSS_TYPES
 from megatron_spin.train.logprobs import model_token_nll, sequence_logps
 
 
@@ -80,8 +82,6 @@ def preference_forward_backward(
     mean loss over the global batch of pairs, whatever the number of ranks.
     Returns per-micro-batch statistics (last stage only; empty elsewhere).
     """
-    from megatron_spin.loss import preference_loss
-    from megatron_spin.loss.types import REFERENCE_LOSS_TYPES
 
     rows, seq_len = _geometry(micro_batches)
     device = next(chunks[0].parameters()).device

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_spin.convert.pipeline import convert_hf_to_megatron
-from megatron_spin.models.parity import sample_batch
+from megatron_spin.convert.parity import sample_batch
 from megatron_spin.parallel.launch import launch
 from megatron_spin.parallel.layout import ParallelLayout
 from tests.conftest import LAUNCH_TIMEOUT, make_tiny_hf
@@ -36,7 +36,7 @@ def _hop(rank, world_size, arch, layout, src, dst, input_ids):
 
 def _read_all(rank, world_size, arch, ckpts):
     """Every stored weight (full TP=1 tensors) of each checkpoint."""
-    from megatron_spin.ckpt.streaming import iter_megatron_checkpoint
+    from megatron_spin.convert.streaming import iter_megatron_checkpoint
     from megatron_spin.parallel.groups import init_parallel
 
     pctx = init_parallel(ParallelLayout())
@@ -50,7 +50,7 @@ def _logits(results):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_save_tp2_load_pp2_load_tp1(tmp_path, tied):
-    from megatron_spin.models.arch import arch_from_hf_dir
+    from megatron_spin.spec.arch import arch_from_hf_dir
 
     hf = make_tiny_hf(tmp_path / "hf", "qwen2", tied=tied, layers=2)
     arch = arch_from_hf_dir(hf)
@@ -70,7 +70,7 @@ def test_save_tp2_load_pp2_load_tp1(tmp_path, tied):
 
 def test_converted_checkpoint_loads_and_resaves_at_tp2(tmp_path):
     """A converted (streamed) checkpoint and one Megatron saved from it hold the same weights."""
-    from megatron_spin.models.arch import arch_from_hf_dir
+    from megatron_spin.spec.arch import arch_from_hf_dir
 
     hf = make_tiny_hf(tmp_path / "hf", "llama", tied=False)
     arch = arch_from_hf_dir(hf)

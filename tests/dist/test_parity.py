@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_spin.convert.pipeline import convert_hf_to_megatron
-from megatron_spin.models.parity import compare, hf_logits, megatron_logits_many, sample_batch
+from megatron_spin.convert.parity import compare, hf_logits, megatron_logits_many, sample_batch
 from megatron_spin.parallel.layout import ParallelLayout
 from tests.conftest import LAUNCH_TIMEOUT, make_tiny_hf
 

@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from megatron_spin.config.algorithm import LossConfig
-from megatron_spin.config.optim import BatchConfig, OptimConfig
+from megatron_spin.loss.config import LossConfig
+from megatron_spin.train.config import BatchConfig, OptimConfig
 from megatron_spin.convert.pipeline import convert_hf_to_megatron
 from megatron_spin.pairs import PreferencePair, collate_pairs
 from megatron_spin.parallel.launch import launch
@@ -52,7 +52,7 @@ def tiny_ckpt(tmp_path_factory):
 def _train_jobs(rank, world_size, ckpt, jobs, batch, out_root):
     """For each (name, layout, optim, micro_pairs): 2 updates from ``ckpt``, save the weights."""
     from megatron_spin.ckpt.model_io import save_model_weights
-    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.parallel.groups import destroy_parallel, init_parallel
     from megatron_spin.train.actor import Actor
     from megatron_spin.train.batching import rank_micro_batches
@@ -75,7 +75,8 @@ def _train_jobs(rank, world_size, ckpt, jobs, batch, out_root):
 
 
 def _read_weights(rank, world_size, ckpt_dirs, arch_from):
-    from megatron_spin.ckpt.streaming import iter_megatron_checkpoint, read_arch
+    from megatron_spin.ckpt.metadata import read_arch
+    from megatron_spin.convert.streaming import iter_megatron_checkpoint
     from megatron_spin.parallel.groups import init_parallel
 
     arch = read_arch(arch_from)
@@ -119,7 +120,7 @@ def test_update_is_layout_independent(tiny_ckpt, tmp_path):
 
 
 def _learn(rank, world_size, ckpt, train_batch, held_out, steps):
-    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.parallel.groups import init_parallel
     from megatron_spin.train.actor import Actor
     from megatron_spin.train.batching import rank_micro_batches
@@ -172,7 +173,7 @@ def _masked_rank(rank, world_size, ckpt, batch):
     """DP=2 where rank 1's micro-batch has no response token at all."""
     from types import SimpleNamespace
 
-    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.parallel.groups import init_parallel
     from megatron_spin.train.actor import Actor
     from megatron_spin.train.reference import Reference
@@ -200,7 +201,7 @@ def test_no_nan_when_a_rank_has_only_masked_tokens(tiny_ckpt):
 
 def _megatron_logps(rank, world_size, ckpt, layouts, batch):
     from megatron_spin.ckpt.model_io import load_model_weights
-    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.models.builder import build_model
     from megatron_spin.parallel.groups import destroy_parallel, init_parallel
     from megatron_spin.train.step import forward_logps
@@ -219,7 +220,7 @@ def _megatron_logps(rank, world_size, ckpt, layouts, batch):
 
 def test_response_logps_equal_hf(tiny_ckpt):
     """Vocab-parallel response log-probs (TP=2, PP=2) equal HF's for the same weights."""
-    from megatron_spin.models.parity import hf_logits
+    from megatron_spin.convert.parity import hf_logits
 
     pairs = synthetic_pairs(2, seed=4)
     batch = collate_pairs(pairs, pad_id=0)

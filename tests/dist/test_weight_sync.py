@@ -28,6 +28,71 @@ from tests.conftest import LAUNCH_TIMEOUT, make_tiny_hf
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
 
+
+class Push:
+    """The run's push path — :class:`PushCoordinator` beside the fleet, a :class:`StageSender` on
+    every rank — with rank 0 playing the driver: the plan and the ranks' results travel over this
+    launch's gloo group instead of Ray calls (``TrainerCluster.push`` does prepare → every rank
+    sends → finish).  Every rank returns the same report or raises the same SyncError."""
+
+    def __init__(self, cfg, target, arch, pctx, fleet, transport=None):
+        from megatron_spin.sync.push import PushCoordinator, StageSender
+        from megatron_spin.sync.transports import make_transport
+
+        self.pctx = pctx
+        self.sender = StageSender(cfg, target, arch, pctx, "127.0.0.1", transport=transport)
+        self.coordinator = PushCoordinator(arch, fleet, make_transport(cfg, target)) if pctx.rank == 0 else None
+
+    def push(self, modules, version):
+        from megatron_spin.rollout.client import EngineError
+        from megatron_spin.sync.push import SyncError
+
+        plan: list = [None]
+        if self.pctx.rank == 0:
+            try:
+                plan[0] = self.coordinator.prepare(version)
+            except (SyncError, EngineError) as exc:
+                plan[0] = str(exc)
+        torch.distributed.broadcast_object_list(plan, src=0)
+        if isinstance(plan[0], str):
+            raise SyncError(plan[0])
+        results: list = [None] * self.pctx.world_size
+        torch.distributed.all_gather_object(results, self.sender.send(modules, plan[0]))
+        outcome: list = [None]
+        if self.pctx.rank == 0:
+            try:
+                outcome[0] = self.coordinator.finish(plan[0], results)
+            except SyncError as exc:
+                outcome[0] = str(exc)
+        torch.distributed.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], str):
+            raise SyncError(outcome[0])
+        return outcome[0]
+
+    def close(self):
+        self.sender.close()
+
+
+def trainer_logprobs(modules, pctx, sequences):
+    """The actor's token log-probs of ``sequences`` on every rank (the forward is collective)."""
+    from megatron_spin.sync.verify import trainer_token_logprobs
+
+    gathered: list = [None] * pctx.world_size
+    torch.distributed.all_gather_object(gathered, trainer_token_logprobs(modules, pctx, sequences))
+    return next(g for g in gathered if g is not None)
+
+
+def logprob_gap(modules, pctx, fleet, sequences):
+    """Max |engine - trainer| token log-prob per serving engine, the same dict on every rank."""
+    from megatron_spin.sync.verify import probe_gap
+
+    ours = trainer_logprobs(modules, pctx, sequences)
+    result: list = [None]
+    if pctx.rank == 0:
+        result[0] = probe_gap(ours, [s.client for s in fleet.serving], sequences).max_abs
+    torch.distributed.broadcast_object_list(result, src=0)
+    return result[0]
+
 API_KEY = "sync-test-key"
 TP2, PP2 = ParallelLayout(tp=2), ParallelLayout(pp=2)
 PROBE = [[5, 17, 33, 2, 90, 41, 7, 64, 128, 3, 11], [200, 4, 4, 9, 150, 77]]
@@ -46,14 +111,13 @@ def checkpoints(tmp_path_factory):
 
 def _sync_jobs(rank, world_size, urls, jobs, disk_dir):
     from megatron_spin.ckpt.model_io import load_model_weights
-    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.models.builder import build_model
     from megatron_spin.parallel.groups import destroy_parallel, init_parallel
     from megatron_spin.rollout.client import EngineClient
     from megatron_spin.rollout.fleet import RolloutFleet
     from megatron_spin.rollout.protocol import SamplingParams
-    from megatron_spin.sync.push import SyncConfig, WeightSync
-    from megatron_spin.sync.verify import logprob_gap, trainer_token_logprobs
+    from megatron_spin.sync.config import PushTarget, SyncConfig
 
     fleet = RolloutFleet([EngineClient(url, API_KEY) for url in urls]) if rank == 0 else None
     results = []
@@ -62,8 +126,8 @@ def _sync_jobs(rank, world_size, urls, jobs, disk_dir):
         arch = read_arch(ckpt)
         chunks = build_model(arch, pctx, init_weights=False)
         load_model_weights(chunks, ckpt)
-        cfg = SyncConfig(transport=transport, bucket_bytes=bucket_bytes, disk_dir=disk_dir, api_key=API_KEY)
-        sync = WeightSync(cfg, arch, pctx, fleet)
+        cfg = SyncConfig(transport=transport, bucket_mb=bucket_bytes / 1e6)
+        sync = Push(cfg, PushTarget(api_key=API_KEY, disk_dir=disk_dir), arch, pctx, fleet)
         before = logprob_gap(chunks, pctx, fleet, PROBE)
         report = sync.push(chunks, version)
         after = logprob_gap(chunks, pctx, fleet, PROBE)
@@ -74,7 +138,7 @@ def _sync_jobs(rank, world_size, urls, jobs, disk_dir):
             samples[0] = [(list(PROBE[c.prompt_index][:4]) + list(c.output_ids), c.output_logprobs, c.weight_version)
                           for r in replies for c in r]
         torch.distributed.broadcast_object_list(samples, src=0)
-        ours = trainer_token_logprobs(chunks, pctx, [s for s, _, _ in samples[0]])
+        ours = trainer_logprobs(chunks, pctx, [s for s, _, _ in samples[0]])
         sample_gap = None
         if rank == 0:
             sample_gap = max(float((o[-len(lp):] - torch.tensor(lp)).abs().max()) for o, (_, lp, _) in zip(ours, samples[0]))
@@ -174,15 +238,15 @@ class MisnamingTransport:
 
 def _fault_jobs(rank, world_size, url, mcore):
     from megatron_spin.ckpt.model_io import load_model_weights
-    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.models.builder import build_model
     from megatron_spin.parallel.groups import init_parallel
     from megatron_spin.rollout.client import EngineClient
     from megatron_spin.rollout.fleet import RolloutFleet
     from megatron_spin.rollout.protocol import SamplingParams
     from megatron_spin.rollout.staleness import StaleSamplesError, check_versions
-    from megatron_spin.sync.push import SyncConfig, SyncError, WeightSync
-    from megatron_spin.sync.verify import logprob_gap
+    from megatron_spin.sync.config import PushTarget, SyncConfig
+    from megatron_spin.sync.push import SyncError
 
     fleet = RolloutFleet([EngineClient(url, API_KEY)]) if rank == 0 else None
     pctx = init_parallel(TP2)
@@ -192,10 +256,17 @@ def _fault_jobs(rank, world_size, url, mcore):
         chunks = build_model(arch, pctx, init_weights=False)
         load_model_weights(chunks, ckpt)
         models.append(chunks)
-    cfg = SyncConfig(bucket_bytes=64 * 1024, api_key=API_KEY)
+    cfg, target = SyncConfig(bucket_mb=64 * 1024 / 1e6), PushTarget(api_key=API_KEY)
     out = {}
 
-    WeightSync(cfg, arch, pctx, fleet).push(models[1], 1)
+    def push(modules, version, transport=None, config=cfg):
+        sync = Push(config, target, arch, pctx, fleet, transport if rank == 0 else None)
+        try:
+            return sync.push(modules, version)
+        finally:
+            sync.close()
+
+    push(models[1], 1)
     out["gap_v1"] = max(logprob_gap(models[1], pctx, fleet, PROBE).values())
 
     # 1. Skipped push: the trainer moved to version 2, the engines did not.
@@ -209,48 +280,44 @@ def _fault_jobs(rank, world_size, url, mcore):
         check_versions([c for r in replies for c in r], trainer_version=2, max_lag=1)  # one step off: allowed
 
     # 2. A bucket lost after being reported sent: only the log-prob probe can see it.
-    WeightSync(cfg, arch, pctx, fleet, transport=LosingTransport()).push(models[0], 2)
+    push(models[0], 2, LosingTransport())
     out["gap_lost_bucket"] = max(logprob_gap(models[0], pctx, fleet, PROBE).values())
 
     # 3. A stage leaves tensors out: every rank raises, the version does not advance.
     try:
-        WeightSync(cfg, arch, pctx, fleet, transport=SkippingTransport()).push(models[1], 3)
+        push(models[1], 3, SkippingTransport())
         out["partial_error"] = None
     except SyncError as exc:
         out["partial_error"] = str(exc)
     out["version_after_partial"] = EngineClient(url, API_KEY).weight_version() if rank == 0 else None
 
     # 4. Recovery: a complete push makes the engine serve again with the right weights.
-    WeightSync(cfg, arch, pctx, fleet).push(models[1], 4)
+    push(models[1], 4)
     out["gap_recovered"] = max(logprob_gap(models[1], pctx, fleet, PROBE).values())
 
     # 5. A pusher's transport fails midway: its TP peer keeps gathering with it, every rank
     #    raises the same error at once, and the engine serves nothing until the next push.
     started = time.monotonic()
     try:
-        WeightSync(cfg, arch, pctx, fleet, transport=FailingTransport()).push(models[0], 5)
+        push(models[0], 5, FailingTransport())
         out["failing_error"] = None
     except SyncError as exc:
         out["failing_error"] = str(exc)
     out["failing_seconds"] = time.monotonic() - started
     out["serving_after_failure"] = len(fleet.serving) if rank == 0 else None
-    WeightSync(cfg, arch, pctx, fleet).push(models[0], 6)
+    push(models[0], 6)
     out["gap_after_failure"] = max(logprob_gap(models[0], pctx, fleet, PROBE).values())
 
     # 6. Distributed: an engine refuses an announcement; the broadcast fails after the group
     #    timeout (no hang), the group is torn down, and the next push forms a new one.
-    dcfg = SyncConfig(transport="distributed", bucket_bytes=64 * 1024, api_key=API_KEY, group_timeout_s=5)
-    sync = WeightSync(dcfg, arch, pctx, fleet, transport=MisnamingTransport(timeout_s=5) if rank == 0 else None)
+    dcfg = SyncConfig(transport="distributed", bucket_mb=64 * 1024 / 1e6, group_timeout_s=5)
     try:
-        sync.push(models[1], 7)
+        push(models[1], 7, MisnamingTransport(timeout_s=5), config=dcfg)
         out["refused_error"] = None
     except SyncError as exc:
         out["refused_error"] = str(exc)
-    sync.close()
-    sync = WeightSync(dcfg, arch, pctx, fleet)
-    sync.push(models[1], 8)
+    push(models[1], 8, config=dcfg)
     out["gap_after_refusal"] = max(logprob_gap(models[1], pctx, fleet, PROBE).values())
-    sync.close()
     return out
 
 

@@ -22,8 +22,8 @@ from megatron_spin.rollout import protocol as P
 from megatron_spin.rollout.client import EngineClient, EngineError
 from megatron_spin.rollout.launcher import launch_embedded
 from megatron_spin.rollout.protocol import GenerateRequest, SamplingParams
-from megatron_spin.rollout.tensor_payload import encode_named_tensors
-from megatron_spin.sync.bucket import flatten
+from megatron_spin.wire.tensor_payload import encode_named_tensors
+from megatron_spin.wire.bucket import flatten
 from tests.conftest import make_tiny_hf
 
 pytestmark = [pytest.mark.timeout(300)]

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from megatron_spin.config.algorithm import LossConfig
-from megatron_spin.config.optim import BatchConfig, OptimConfig
+from megatron_spin.loss.config import LossConfig
+from megatron_spin.train.config import BatchConfig, OptimConfig
 from megatron_spin.convert.hf_io import copy_side_files
 from megatron_spin.convert.pipeline import convert_hf_to_megatron
 from megatron_spin.data.preference_file import DataFileError, read_preference_jsonl

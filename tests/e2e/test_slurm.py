@@ -195,6 +195,6 @@ def test_a_failing_trainer_fails_the_job_and_still_tears_down(slurm, tiny_chat_m
     assert state == "FAILED", f"{state}\n{out[-3000:]}"
     assert "2/2 nodes up" in out and "the trainer failed" in out, out[-3000:]
     driver = (run_dir / "logs" / "driver.log").read_text()
-    assert "config error: actor_rollout_ref.actor (tp=2, pp=4, vpp=None)" in driver, driver[-2000:]
+    assert "config error: actor_rollout_ref.actor: tp=2, pp=4, vpp=None" in driver, driver[-2000:]
     assert "rule num_layers % PP == 0 violated" in driver
     assert _gone(port) == []

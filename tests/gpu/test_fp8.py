@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from megatron_spin import platform
-from megatron_spin.config.algorithm import LossConfig
-from megatron_spin.config.optim import BatchConfig, OptimConfig
+from megatron_spin.loss.config import LossConfig
+from megatron_spin.train.config import BatchConfig, OptimConfig
 from megatron_spin.convert.pipeline import convert_hf_to_megatron
-from megatron_spin.models.parity import hf_logits, sample_batch, token_logprobs
-from megatron_spin.models.precision import FP8Settings, Precision
+from megatron_spin.convert.parity import hf_logits, sample_batch, token_logprobs
+from megatron_spin.spec.precision import FP8Settings, Precision
 from megatron_spin.parallel.launch import launch
 from tests.conftest import LAUNCH_TIMEOUT, make_tiny_hf
 from tests.dist.test_train_step import synthetic_pairs
@@ -49,7 +49,7 @@ def ckpt(tmp_path_factory):
 
 def _logits(rank, world_size, megatron_dir, ids, precisions):
     from megatron_spin.ckpt.model_io import load_model_weights
-    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.models.builder import build_model
     from megatron_spin.models.forward import forward_logits
     from megatron_spin.parallel.groups import destroy_parallel, init_parallel
@@ -78,7 +78,7 @@ def test_fp8_forward_stays_close_to_hf_and_bf16(ckpt):
 
 
 def _learn(rank, world_size, megatron_dir, precisions, steps):
-    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.pairs import collate_pairs
     from megatron_spin.parallel.groups import destroy_parallel, init_parallel
     from megatron_spin.parallel.layout import ParallelLayout

@@ -8,12 +8,7 @@ import json
 import pytest
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-from megatron_spin.models.arch import (
-    ModelArch,
-    UnsupportedModelError,
-    arch_from_hf_config,
-    arch_from_hf_dir,
-)
+from megatron_spin.spec.arch import ModelArch, UnsupportedModelError, arch_from_hf_config, arch_from_hf_dir
 
 SHAPE = dict(
     vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,

@@ -11,9 +11,10 @@ import re
 import pytest
 import torch
 
-from megatron_spin.config.optim import BatchConfig, ConfigError
+from megatron_spin.errors import ConfigError
 from megatron_spin.pairs import PreferenceBatch, PreferencePair, collate_pairs
 from megatron_spin.train.batching import rank_micro_batches
+from megatron_spin.train.config import BatchConfig
 
 PAD = 7
 
@@ -157,9 +158,10 @@ def test_input_batch_not_modified():
 @pytest.mark.parametrize("batch_pairs, global_pairs", [(8, 4), (4, 8), (6, 8), (8, 16)])
 def test_global_pairs_mismatch(batch_pairs, global_pairs):
     _, batch = make_batch(batch_pairs)
-    with pytest.raises(ConfigError, match=re.escape("batch.global_pairs")) as info:
+    with pytest.raises(ConfigError, match=re.escape(f"global_pairs: the batch holds {batch_pairs} pairs, "
+                                                    f"global_pairs={global_pairs}")) as info:
         rank_micro_batches(batch, BatchConfig(global_pairs, 1), 0, 1)
-    assert str(batch_pairs) in str(info.value) and str(global_pairs) in str(info.value)
+    assert info.value.key == "global_pairs"
 
 
 @pytest.mark.parametrize(
@@ -170,8 +172,11 @@ def test_indivisible_geometry(global_pairs, micro_pairs, dp):
     _, batch = make_batch(global_pairs)
     cfg = BatchConfig(global_pairs, micro_pairs)
     for rank in range(dp):
-        with pytest.raises(ConfigError, match=re.escape("batch.global_pairs % (batch.micro_pairs * DP) == 0")):
+        with pytest.raises(ConfigError, match=re.escape("global_pairs: rule global_pairs % (micro_pairs * DP) == 0 "
+                                                        f"violated: global_pairs={global_pairs}, "
+                                                        f"micro_pairs={micro_pairs}, DP={dp}")) as info:
             rank_micro_batches(batch, cfg, rank, dp)
+        assert info.value.key == "global_pairs"
 
 
 @pytest.mark.parametrize("dp_rank", [-1, 2, 5])

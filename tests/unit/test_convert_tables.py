@@ -14,7 +14,7 @@ from megatron_spin.convert.llama import LLAMA
 from megatron_spin.convert.qwen2 import QWEN2
 from megatron_spin.convert.table import COLUMN, REPLICATED, ROW
 from megatron_spin.convert.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY
-from megatron_spin.models.arch import ModelArch, arch_from_hf_config
+from megatron_spin.spec.arch import ModelArch, arch_from_hf_config
 from tests.conftest import make_arch as tiny_arch
 
 

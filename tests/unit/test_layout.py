@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 from megatron_spin.parallel.layout import LayoutError, ParallelLayout, validate_layout
 from tests.conftest import make_arch
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from megatron_spin.config.optim import ConfigError
-from megatron_spin.orchestrate.cluster import Placement
+from megatron_spin.errors import ConfigError
+from megatron_spin.orchestrate.placement import Placement
 
 
 def plan(**kw):
@@ -29,9 +31,28 @@ def test_two_cpu_nodes_split_the_ranks_and_keep_engines_on_the_first():
     assert p.engine_resources(0) == (0, {"num_cpus": 1})
 
 
+def raises(key: str, message: str):
+    """pytest.raises(ConfigError) keyed ``key`` whose message is ``"<key>: ..."`` containing ``message``."""
+    return pytest.raises(ConfigError, match=re.escape(f"{key}: ") + ".*" + re.escape(message))
+
+
 def test_cpu_ranks_must_divide_over_the_nodes():
-    with pytest.raises(ConfigError, match=r"\(TP\*PP\) % trainer.nnodes"):
+    with raises("trainer.nnodes", "rule trainer ranks % nnodes == 0 violated on CPU nodes: 3 ranks, nnodes=2") as info:
         plan(tp=3, nnodes=2)
+    assert info.value.key == "trainer.nnodes"
+    with raises("trainer.nnodes", "rule trainer ranks % nnodes == 0 violated on CPU nodes: 3 ranks, nnodes=2"):
+        plan(cpu_ranks=3, nnodes=2)
+
+
+def test_cpu_ranks_add_data_parallel_ranks():
+    p = plan(tp=2, cpu_ranks=4, nnodes=2)
+    assert (p.trainer_world, p.strategy) == (4, "STRICT_SPREAD")
+    assert [p.rank_node(r) for r in range(4)] == [0, 0, 1, 1]
+    assert p.bundles() == [{"CPU": 3}, {"CPU": 2}]  # node 0: ranks 0-1 + the engine; node 1: ranks 2-3
+    assert plan(tp=2).trainer_world == 2  # 0: one model replica
+    with raises("trainer.cpu_ranks", "rule cpu_ranks % (TP*PP) == 0 violated: 3 ranks, TP*PP=2") as info:
+        plan(tp=2, cpu_ranks=3)
+    assert info.value.key == "trainer.cpu_ranks"
 
 
 def test_gpu_colocated_many_nodes_rank_order_fills_nodes():
@@ -53,14 +74,16 @@ def test_gpu_disaggregated_engines_take_the_nodes_after_the_trainer():
 
 
 def test_an_engine_never_spans_nodes():
-    with pytest.raises(ConfigError, match="n_gpus_per_node % rollout.tp_size"):
+    with raises("actor_rollout_ref.rollout.tp_size", "rule n_gpus_per_node % rollout.tp_size == 0 violated: "
+                "8 GPUs per node, tp_size=16"):
         plan(nnodes=2, gpus_per_node=8, engine_tp=16)
-    with pytest.raises(ConfigError, match="n_gpus_per_node % rollout.tp_size"):
+    with raises("actor_rollout_ref.rollout.tp_size", "rule n_gpus_per_node % rollout.tp_size == 0 violated: "
+                "6 GPUs per node, tp_size=4"):
         plan(nnodes=1, gpus_per_node=6, engine_tp=4)
 
 
 def test_a_tp_group_never_spans_gpu_nodes():
-    with pytest.raises(ConfigError, match=r"n_gpus_per_node % TP == 0"):
+    with raises("actor_rollout_ref.actor.tp", "rule n_gpus_per_node % TP == 0 violated: 4 GPUs per node, TP=8"):
         plan(tp=8, nnodes=2, gpus_per_node=4, engine_tp=4)
 
 
@@ -81,8 +104,9 @@ def test_reward_workers_share_trainer_gpus_spread_evenly():
         (4, {"num_cpus": 0, "num_gpus": 0}, (0,)), (6, {"num_cpus": 0, "num_gpus": 0}, (0,))]
     one = plan(nnodes=1, gpus_per_node=8)
     assert [one.reward_resources(k, 2)[0::2] for k in range(2)] == [(0, (0,)), (4, (4,))]
-    with pytest.raises(ConfigError, match="reward_model.num_workers=9"):
+    with raises("reward_model.num_workers", "9 workers is more than the 8 trainer GPUs") as info:
         one.reward_resources(0, 9)
+    assert info.value.key == "reward_model.num_workers"
 
 
 def test_engines_bound_to_every_interface_are_reached_at_their_node():

@@ -14,7 +14,7 @@ import pytest
 
 from megatron_spin.parallel.layout import ParallelLayout
 from megatron_spin.plan import activations as act
-from megatron_spin.plan import flops as fl
+from megatron_spin.spec import flops as fl
 from megatron_spin.plan.memory import GIB, TrainSetup, estimate, optimizer_bytes_per_param
 from megatron_spin.plan.models import published_arch
 from megatron_spin.plan.params import layer_params, model_params, rank_params
@@ -33,7 +33,7 @@ def _plan_main():
 
 
 def setup(**kw) -> TrainSetup:
-    base = dict(layout=ParallelLayout(1, 1), dp=1, precision="bf16", optimizer="adam", sgd_momentum=0.0,
+    base = dict(layout=ParallelLayout(1, 1), dp=1, precision="bfloat16", optimizer="adam", sgd_momentum=0.0,
                 distributed_optimizer=False, recompute=False, reference=True, ref_offload=False, seq_len=128,
                 micro_seqs=2, micro_batches=8, gpu_mem_gib=80.0, overhead_gib=0.0)
     return TrainSetup(**{**base, **kw})
@@ -64,10 +64,10 @@ def test_rank_params_ends_of_the_pipeline():
 
 # -- optimizer and static memory ------------------------------------------------------------------
 def test_bytes_per_parameter_by_precision_and_optimizer():
-    assert optimizer_bytes_per_param("bf16", "adam") == 12  # fp32 master + m + v
-    assert optimizer_bytes_per_param("fp32", "adam") == 8  # no master copy
-    assert optimizer_bytes_per_param("bf16", "sgd", 0.9) == 8
-    assert optimizer_bytes_per_param("fp32", "sgd", 0.0) == 0
+    assert optimizer_bytes_per_param("bfloat16", "adam") == 12  # fp32 master + m + v
+    assert optimizer_bytes_per_param("float32", "adam") == 8  # no master copy
+    assert optimizer_bytes_per_param("bfloat16", "sgd", 0.9) == 8
+    assert optimizer_bytes_per_param("float32", "sgd", 0.0) == 0
 
 
 def test_static_items_by_hand():
@@ -78,7 +78,7 @@ def test_static_items_by_hand():
     assert st.items["reference"] == 2 * n  # the 18 bytes/param of mixed-precision Adam, plus the reference
     st = estimate(arch, setup(distributed_optimizer=True, dp=4)).stages[0]
     assert st.items["optimizer"] == 12 * n / 4  # master + moments sharded over DP
-    st = estimate(arch, setup(precision="fp32")).stages[0]
+    st = estimate(arch, setup(precision="float32")).stages[0]
     assert (st.items["weights"], st.items["gradients"], st.items["optimizer"]) == (4 * n, 4 * n, 8 * n)
 
 
@@ -190,12 +190,12 @@ def test_generation_flops_by_hand():
 
 # -- composition: placeholders for run-only mandatory keys -------------------------------------------
 def test_placeholders_fill_only_run_only_keys():
-    from megatron_spin.config.optim import ConfigError
+    from megatron_spin.errors import ConfigError
     from megatron_spin.plan.preset import compose_preset
 
     _, filled = compose_preset("spin_trainer")
-    assert filled == ()  # the CPU preset has its built-in prompts
-    cfg, filled = compose_preset("spin_trainer", ("data.embedded=null", "actor_rollout_ref.model.path=???"))
+    assert filled == ()  # the CPU preset has its packaged model and prompts
+    cfg, filled = compose_preset("spin_trainer", ("data.train_files=[]", "actor_rollout_ref.model.path=???"))
     assert filled == ("actor_rollout_ref.model.path", "data.train_files") and cfg.data.train_files
     _, filled = compose_preset("spin_trainer", ("reward_model.type=hf",))  # the reward model's path
     assert filled == ("reward_model.path",)

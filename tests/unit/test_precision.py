@@ -1,5 +1,9 @@
 """Precision / FP8Settings validation, their TransformerConfig kwargs, and the start-up refusal
-of FP8 where TransformerEngine + CUDA are absent."""
+of FP8 where TransformerEngine + CUDA are absent.
+
+A bad value is a ConfigError keyed by the field (relative to the record: the loader anchors it
+under ``actor_rollout_ref.actor.precision``); a precision this machine cannot run is a
+PrecisionError, itself a ConfigError."""
 
 from __future__ import annotations
 
@@ -10,10 +14,11 @@ import pytest
 import torch
 
 from megatron_spin import platform
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.errors import ConfigError
 from megatron_spin.models.builder import build_transformer_config, check_precision
-from megatron_spin.models.precision import FP8Settings, Precision, PrecisionError
 from megatron_spin.parallel.layout import ParallelLayout
+from megatron_spin.spec.arch import ModelArch
+from megatron_spin.spec.precision import FP8Settings, Precision, PrecisionError
 
 ARCH = ModelArch(
     family="llama", hf_architecture="LlamaForCausalLM", num_layers=2, hidden_size=32,
@@ -35,28 +40,30 @@ def test_params_dtype_accepted(name, dtype):
 
 @pytest.mark.parametrize("bad", ["fp32", "bf16", "float64", "int8", ""])
 def test_bad_params_dtype(bad):
-    with pytest.raises(PrecisionError) as info:
+    with pytest.raises(ConfigError) as info:
         Precision(params_dtype=bad)
-    assert "params_dtype" in str(info.value)
-    assert repr(bad) in str(info.value)
+    assert info.value.key == "params_dtype"
+    assert str(info.value) == f"params_dtype: one of float32, bfloat16, float16; got {bad!r}"
 
 
 @pytest.mark.parametrize(
-    "kwargs,key",
+    "kwargs,rule",
     [
-        (dict(format="e5m2"), "fp8.format"),
-        (dict(format="E4M3"), "fp8.format"),
-        (dict(recipe="per_tensor"), "fp8.recipe"),
-        (dict(amax_compute_algo="mean"), "fp8.amax_compute_algo"),
-        (dict(amax_history_len=0), "fp8.amax_history_len"),
-        (dict(amax_history_len=-3), "fp8.amax_history_len"),
+        (dict(format="e5m2"), "one of e4m3, hybrid; got 'e5m2'"),
+        (dict(format="E4M3"), "one of e4m3, hybrid; got 'E4M3'"),
+        (dict(recipe="per_tensor"), "one of delayed, tensorwise, blockwise, mxfp8; got 'per_tensor'"),
+        (dict(amax_compute_algo="mean"), "one of max, most_recent; got 'mean'"),
+        (dict(amax_history_len=0), "must be >= 1, got 0"),
+        (dict(amax_history_len=-3), "must be >= 1, got -3"),
     ],
 )
-def test_bad_fp8_settings(kwargs, key):
-    with pytest.raises(PrecisionError) as info:
+def test_bad_fp8_settings(kwargs, rule):
+    (key, value), = kwargs.items()
+    with pytest.raises(ConfigError) as info:
         FP8Settings(**kwargs)
-    assert key in str(info.value)
-    assert str(next(iter(kwargs.values()))) in str(info.value)
+    assert info.value.key == key
+    assert str(info.value) == f"{key}: {rule}"
+    assert str(value) in str(info.value)
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise", "mxfp8"])
@@ -120,13 +127,17 @@ def test_this_machine_has_no_te():
     assert plat.device == "cpu" and not plat.has_te  # CPU-only project CI (DESIGN.md)
 
 
+def test_precision_error_is_a_config_error():
+    assert issubclass(PrecisionError, ConfigError)
+
+
 def test_check_precision_refuses_fp8_without_te():
     with pytest.raises(PrecisionError) as info:
         check_precision(Precision(fp8=FP8Settings()), platform.current())
     msg = str(info.value)
+    assert info.value.key == "fp8" and msg.startswith("fp8: ")
     assert "TransformerEngine" in msg
-    assert "fp8" in msg
-    assert "cpu" in msg
+    assert "device=cpu" in msg
 
 
 def test_check_precision_allows_plain_precisions_everywhere():
@@ -138,7 +149,7 @@ def test_check_precision_allows_fp8_with_te():
     gpu = platform.Platform(device="cuda", backend="nccl", has_te=True)
     assert check_precision(Precision(fp8=FP8Settings()), gpu) is None
     cuda_no_te = platform.Platform(device="cuda", backend="nccl", has_te=False)
-    with pytest.raises(PrecisionError, match="TransformerEngine"):
+    with pytest.raises(PrecisionError, match=r"^fp8: .*TransformerEngine.*device=cuda"):
         check_precision(Precision(fp8=FP8Settings()), cuda_no_te)
 
 
@@ -164,7 +175,7 @@ def test_build_transformer_config_refuses_fp8_before_building(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", no_alloc)
     monkeypatch.setattr(torch, "zeros", no_alloc)
-    with pytest.raises(PrecisionError, match="TransformerEngine"):
+    with pytest.raises(PrecisionError, match=r"^fp8: .*TransformerEngine"):
         build_transformer_config(ARCH, ParallelLayout(), Precision(fp8=FP8Settings(recipe="mxfp8")))
     assert constructed == []
 

@@ -26,13 +26,13 @@ PHASES = ("generate", "reward", "ref_logps", "train", "sync")
 
 def make_run(root: Path, name: str, *, scale: float, perf: bool, ranks: bool, steps: int = 4, tp: int = 2) -> dict:
     """A run of ``steps`` steps; returns what it logged: {"train": [...], "checkpoint": [...], "eval": [...]}."""
-    from megatron_spin.config.run import (ActorConfig, ActorRolloutRefConfig, RolloutConfig, RunConfig, TrainerConfig,
-                                          to_dict)
+    from megatron_spin.config.run import ActorRolloutRefConfig, RolloutConfig, RunConfig, TrainerConfig, to_dict
+    from megatron_spin.train.config import ActorConfig
 
     run_dir = root / name
     log = MetricLogger(run_dir, ["jsonl"])
     cfg = RunConfig(actor_rollout_ref=ActorRolloutRefConfig(actor=ActorConfig(tp=tp), rollout=RolloutConfig(n=3)),
-                    trainer=TrainerConfig(nnodes=2))
+                    trainer=TrainerConfig(nnodes=2, ray_address="auto"))  # several nodes: a Ray cluster
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg)))
     logged = {"train": [], "checkpoint": [], "eval": []}
 
@@ -135,7 +135,7 @@ def test_report_names_both_runs_and_tables_hold_their_means(two_runs):
     assert sync["tp2"][3] == f"{mean(r['sync/gbytes_per_s'] for r in a['train']):.3f}"
     assert sync["tp1"][1] == f"{mean(r['sync/seconds'] for r in b['train']):.3f}"
     rewards = table_rows(report, "## Reward and loss")
-    assert rewards["tp2"][0] == f"0.2000 → 0.8000 (+0.6000)" and rewards["tp1"][3] == "16"
+    assert rewards["tp2"][0] == "0.2000 → 0.8000 (+0.6000)" and rewards["tp1"][3] == "16"
     assert "- `tp2`: **0.1000 → 0.4000** (+0.3000) over 4 steps." in report
     assert "- `tp1`: **0.2000 → 0.8000** (+0.6000) over 4 steps." in report
 

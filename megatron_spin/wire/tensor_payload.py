@@ -10,7 +10,7 @@ Two payload shapes, selected by ``load_format``:
   * ``None``: a list of ``(name, tensor)``;
   * ``"flattened_bucket"``: ``{"flattened_tensor": uint8 tensor, "metadata": [entry, ...]}``
     with SGLang's ``FlattenedTensorMetadata`` fields as ``SimpleNamespace``s (byte offsets;
-    see :mod:`megatron_spin.sync.bucket`), which SGLang >= 0.5.10 and the embedded engine
+    see :mod:`megatron_spin.wire.bucket`), which SGLang >= 0.5.10 and the embedded engine
     both read.
 
 Pickle can run code, so the decoder is a restricted unpickler: it resolves only the torch
@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_spin.sync.bucket import FlatEntry, NamedTensors, unflatten
+from megatron_spin.wire.bucket import FlatEntry, NamedTensors, unflatten
 
 FLATTENED_BUCKET = "flattened_bucket"
 LOAD_FORMATS = (None, FLATTENED_BUCKET)

