@@ -32,7 +32,7 @@ from megatron_spin.pairs.config import PairConfig
 from megatron_spin.reward.config import RewardConfig
 from megatron_spin.rollout.launcher import Colocation, EngineKind, Quantization
 from megatron_spin.spec.precision import DType
-from megatron_spin.sync.config import SyncConfig
+from megatron_spin.sync.config import SyncConfig, TransportKind
 from megatron_spin.train.config import ActorConfig, RefConfig
 
 
@@ -165,6 +165,14 @@ class RunConfig:
         else:
             require(self.trainer.cpu_ranks == 0, "trainer.cpu_ranks",
                     "is for CPU runs; on GPUs every GPU of trainer.nnodes x n_gpus_per_node is a trainer rank")
+            transport = self.rollout.sync.transport
+            require(transport != TransportKind.TENSOR or self.rollout.colocated, "actor_rollout_ref.rollout.sync.transport",
+                    "tensor needs colocated engines on GPUs (rollout.placement=colocated): an engine opens CUDA IPC "
+                    "handles only from GPUs it can see; disaggregated engines take disk or distributed")
+            require(transport != TransportKind.DISTRIBUTED or not self.rollout.colocated,
+                    "actor_rollout_ref.rollout.sync.transport",
+                    "distributed with colocated engines would put a pusher and an engine rank on one GPU in one NCCL "
+                    "group, which NCCL refuses (Duplicate GPU detected); colocated engines take tensor")
 
 
 # -- reading a (Hydra / OmegaConf) mapping into the records ------------------------------------

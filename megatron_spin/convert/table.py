@@ -110,6 +110,14 @@ class ConverterTable:
         per_rank = [torch.chunk(s, blocks, dim=dim) for s in shards]  # [rank][block]
         return torch.cat([per_rank[r][b] for b in range(blocks) for r in range(len(shards))], dim=dim)
 
+    @staticmethod
+    def full_shape(param: Param, shard_shape: Sequence[int], tp: int) -> tuple[int, ...]:
+        """The shape :meth:`merge_tp_shards` gives for TP shards of ``shard_shape``."""
+        shape = list(shard_shape)
+        if param.rule.tp_dim is not None and tp > 1:
+            shape[param.rule.tp_dim] *= tp
+        return tuple(shape)
+
     def to_hf(self, arch: ModelArch, param: Param, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """HF tensors (by name) for a full (TP=1) Megatron tensor."""
         parts = param.rule.transform.to_hf(arch, tensor)

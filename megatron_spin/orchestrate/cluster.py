@@ -36,6 +36,7 @@ from megatron_spin.rollout.fleet import RolloutFleet
 from megatron_spin.spec.arch import ModelArch
 from megatron_spin.sync.config import PushTarget, TransportKind
 from megatron_spin.sync.push import PushCoordinator, SyncReport
+from megatron_spin.sync.routing import FeedRoute
 from megatron_spin.sync.transports import make_transport
 from megatron_spin.sync.verify import ProbeGap, probe_gap
 
@@ -69,10 +70,15 @@ class TrainerCluster:
         api_key = secrets.token_urlsafe(24)  # engines accept weights only from this run
         cpu_actors = placement.trainer_world + placement.engines
         threads = max(1, (os.cpu_count() or 1) // cpu_actors) if not placement.gpus_per_node else 0
+        transport = cfg.rollout.sync.transport
+        # Tensor pushes go by device locality: which trainer rank feeds which engine rank.
+        self.route = FeedRoute.for_placement(trainer_world=placement.trainer_world, engines=placement.engines,
+                                             engine_tp=placement.engine_tp, gpus_per_node=placement.gpus_per_node) \
+            if transport == TransportKind.TENSOR else None
         self.target = PushTarget(
             engine_tp_size=cfg.rollout.tp_size, api_key=api_key,
-            disk_dir=str(run_dir / "sync") if cfg.rollout.sync.transport == TransportKind.DISK else None,
-            side_files=str(model.megatron_dir / HF_SUBDIR))
+            disk_dir=str(run_dir / "sync") if transport == TransportKind.DISK else None,
+            side_files=str(model.megatron_dir / HF_SUBDIR), route=self.route)
         self.rank_spec = RankSpec(
             str(model.megatron_dir), cfg.actor, cfg.actor_rollout_ref.ref, cfg.algorithm.loss, cfg.rollout.sync,
             self.target, seed=cfg.trainer.seed, threads=threads, timeout_s=self.timeout_s,
@@ -86,6 +92,7 @@ class TrainerCluster:
         self.coordinator: Optional[PushCoordinator] = None
         self.reward: Optional[RewardSource] = None  # set at start: reward-model workers are Ray actors
         self._started_ray = False
+        self._released_cache = False  # colocated: the engines' KV cache is released until the next push
         self._pg = None
         self.ranks: list[dict] = []  # what each rank reported at set-up (node, TP/PP/DP rank, peak FLOP/s)
 
@@ -119,8 +126,10 @@ class TrainerCluster:
         self.workers = [worker_cls.options(**at(*p.rank_resources(r))).remote(r, p.trainer_world, self.rank_spec)
                         for r in range(p.trainer_world)]
         engine_cls = ray.remote(EngineHost)
-        self.engines = [engine_cls.options(**at(*p.engine_resources(i))).remote(i, self.cfg.rollout, self.engine_launch,
-                                                                                p.engine_gpu_ids(i))
+        simulated = self.route is not None and not p.gpus_per_node  # CPU: simulated devices per engine rank
+        self.engines = [engine_cls.options(**at(*p.engine_resources(i))).remote(
+                            i, self.cfg.rollout, self.engine_launch, p.engine_gpu_ids(i),
+                            self.route.engine_devices(i) if simulated else None)
                         for i in range(p.engines)]
         urls = self._get([e.url.remote() for e in self.engines], "start the rollout engines")
         master = self._get(self.workers[0].rendezvous.remote(), "rendezvous")
@@ -187,15 +196,19 @@ class TrainerCluster:
         return self._get([getattr(w, method).remote(*args) for w in self.workers], what)
 
     def train(self, pairs: Sequence, iteration: int, step: int) -> TrainResult:
-        """One update on every rank.  Colocated engines give their memory back while it runs."""
+        """One update on every rank.  Colocated engines give all their memory back while it runs,
+        then take back room for the weights (the push fills it; the KV cache returns after it)."""
         colocated = self.cfg.rollout.colocated
         if colocated:
-            self.fleet.each(lambda c: c.release_memory())
+            self.fleet.each(lambda c: c.release_memory())  # weights, KV cache, CUDA graphs
+            self._released_cache = True
         started = time.monotonic()
         results: list[RankTrainResult] = self._call("train", list(pairs), iteration, step, what="actor update")
         seconds = time.monotonic() - started
         if colocated:
-            self.fleet.each(lambda c: c.resume_memory())  # empty until the push fills them
+            # The trainer's cached blocks first, or the engines cannot map their memory back.
+            self._call("release_device_cache", what="free the trainer's cached device memory")
+            self.fleet.each(lambda c: c.resume_memory(["weights"]))
         mine = next(r for r in results if r.stats is not None)
         real = sum(2 * len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids) for x in pairs)
         p = self.placement
@@ -207,10 +220,15 @@ class TrainerCluster:
         return TrainResult(mine.stats, mine.ref_seconds, mine.train_seconds, perf)
 
     def push(self, version: int) -> SyncReport:
-        """The actor's weights to every reachable engine, as ``version``."""
+        """The actor's weights to every reachable engine, as ``version``; colocated engines get
+        their KV cache back once the weights are in (SGLang's order: weights, push, cache)."""
         plan = self.coordinator.prepare(version)
         results = self._call("send_weights", plan, what=f"weight push {version}")
-        return self.coordinator.finish(plan, results)
+        report = self.coordinator.finish(plan, results)
+        if self._released_cache:
+            self.fleet.each(lambda c: c.resume_memory(["kv_cache", "cuda_graph"]))
+            self._released_cache = False
+        return report
 
     def verify_push(self, sequences: Sequence[Sequence[int]]) -> ProbeGap:
         """Every serving engine's token log-probs of ``sequences`` against the actor's."""

@@ -30,13 +30,14 @@ class EngineLaunch:
 
 class EngineHost:
     def __init__(self, index: int, rollout: RolloutConfig, launch: EngineLaunch,
-                 gpu_ids: Optional[tuple[int, ...]] = None):
-        """``gpu_ids``: node-local GPUs of a colocated SGLang engine (None: what Ray gave the actor)."""
+                 gpu_ids: Optional[tuple[int, ...]] = None, device_ids: Optional[tuple[str, ...]] = None):
+        """``gpu_ids``: node-local GPUs of a colocated SGLang engine (None: what Ray gave the actor).
+        ``device_ids``: the simulated devices an embedded engine's ranks hold (CPU tensor pushes)."""
         log = Path(launch.log_dir) / f"engine-{index}.log"
         self.launch = launch
         if rollout.engine == EngineKind.EMBEDDED:
             self.server = launch_embedded(launch.model_path, host=launch.host, api_key=launch.api_key, log_path=log,
-                                          threads=launch.threads, timeout=600)
+                                          threads=launch.threads, timeout=600, device_ids=device_ids)
         else:  # pragma: no cover - GPU tier, unverified
             self.server = launch_sglang(launch.model_path, host=launch.host, port=30000 + index, log_path=log,
                                         api_key=launch.api_key, tp_size=rollout.tp_size,

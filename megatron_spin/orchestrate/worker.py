@@ -29,7 +29,6 @@ import torch.distributed as dist
 
 from megatron_spin import platform
 from megatron_spin.ckpt.metadata import HF_SUBDIR, read_arch
-from megatron_spin.ckpt.model_io import load_model_weights, save_model_weights
 from megatron_spin.loss.config import LossConfig
 from megatron_spin.metrics.logger import open_jsonl
 from megatron_spin.pairs import collate_pairs
@@ -43,6 +42,7 @@ from megatron_spin.train.actor import (
     Actor,  # megatron-core: imported in the rank, not the driver
 )
 from megatron_spin.train.batching import rank_micro_batches
+from megatron_spin.train.checkpoint import load_train_state, save_train_state
 from megatron_spin.train.config import ActorConfig, BatchConfig, RefConfig
 from megatron_spin.train.reference import Reference
 
@@ -180,35 +180,20 @@ class TrainerWorker:
             self._log_rank(self._trained_step, "sync", {"timing/send": time.monotonic() - t0})
         return result
 
+    def release_device_cache(self) -> None:
+        """Give the device's cached free blocks back (colocated engines map their memory next)."""
+        platform.current().release_ipc_memory()
+
     def probe_logprobs(self, sequences: Sequence[Sequence[int]]) -> Optional[list[torch.Tensor]]:
         """The actor's token log-probs of ``sequences`` (collective; returned by one rank)."""
         return trainer_token_logprobs(self.actor.modules, self.pctx, sequences)
 
     def save_checkpoint(self, staged: str) -> None:
-        """Collective: weights (layout-free) and this rank's optimizer/schedule/RNG state."""
-        save_model_weights(self.actor.modules, os.path.join(staged, "actor"))
-        if self.ref is not None:
-            save_model_weights(self.ref.chunks, os.path.join(staged, "reference"))
-        os.makedirs(os.path.join(staged, "optimizer"), exist_ok=True)
-        torch.save({"optimizer": self.actor.optimizer.state_dict(), "scheduler": self.actor.scheduler.state_dict(),
-                    "steps": self.actor.steps, "torch_rng": torch.get_rng_state(),
-                    "layout": str(self.spec.actor.layout), "world_size": self.world_size},
-                   os.path.join(staged, "optimizer", f"rank_{self.rank:05d}.pt"))
-        dist.barrier()
+        """Collective: weights (layout-free), optimizer state (sharded), schedule, steps, RNG."""
+        save_train_state(self.actor, self.ref, staged)
 
     def load_checkpoint(self, path: str) -> None:
-        state = torch.load(os.path.join(path, "optimizer", f"rank_{self.rank:05d}.pt"), weights_only=False)
-        layout = str(self.spec.actor.layout)
-        if state["layout"] != layout or state["world_size"] != self.world_size:
-            raise RuntimeError(f"{path} was saved at {state['layout']} on {state['world_size']} ranks; this run is "
-                               f"{layout} on {self.world_size}: optimizer state resumes at the same layout")
-        load_model_weights(self.actor.modules, os.path.join(path, "actor"))
-        if self.ref is not None:
-            load_model_weights(self.ref.chunks, os.path.join(path, "reference"))
-        self.actor.optimizer.load_state_dict(state["optimizer"])
-        self.actor.scheduler.load_state_dict(state["scheduler"])
-        self.actor.steps = state["steps"]
-        torch.set_rng_state(state["torch_rng"])
+        load_train_state(self.actor, self.ref, path)
 
     def refresh_reference(self) -> None:
         if self.ref is not None:

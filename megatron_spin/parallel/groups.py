@@ -29,6 +29,7 @@ class ParallelContext:
     dp_group: Any
     embedding_group: Any
     pp_last_rank: int  # global rank of the last stage in this rank's pipeline group
+    model_parallel_ranks: tuple[int, ...] = ()  # global ranks of this rank's model replica (TP x PP)
 
     @property
     def is_first_stage(self) -> bool:
@@ -79,6 +80,7 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelContext:
         dp_group=ps.get_data_parallel_group(),
         embedding_group=ps.get_embedding_group(check_initialized=False),
         pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
+        model_parallel_ranks=tuple(dist.get_process_group_ranks(ps.get_model_parallel_group())),
     )
 
 

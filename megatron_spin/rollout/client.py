@@ -104,15 +104,36 @@ class EngineClient:
 
     # -- health and state -------------------------------------------------------------------
     def healthy(self, timeout: float = 5.0) -> bool:
+        """Ready to generate (``/health``: SGLang generates a token for it, so it fails while paused)."""
         try:
             self.request("GET", P.HEALTH, timeout=timeout, retries=0)
             return True
         except EngineError:
             return False
 
+    def alive(self, timeout: float = 5.0) -> bool:
+        """The server answers (its model info), whether or not generation is paused: what a dropped
+        engine must show to be re-admitted — it may have been left paused by a failed push."""
+        try:
+            self.model_info(timeout=timeout, retries=0)
+            return True
+        except EngineError:
+            return False
+
+    def model_info(self, timeout: Optional[float] = None, retries: Optional[int] = None) -> dict:
+        try:
+            info = self.request("GET", P.MODEL_INFO, timeout=timeout, retries=retries)
+        except EngineError as exc:
+            if exc.status != 404:
+                raise
+            info = self.request("GET", P.MODEL_INFO_OLD, timeout=timeout, retries=retries)  # SGLang < 0.5.21
+        if not isinstance(info, dict):
+            raise EngineError(self.url, P.MODEL_INFO, f"expected a JSON object, got {str(info)[:200]!r}")
+        return info
+
     def weight_version(self) -> str:
-        info = self.request("GET", P.MODEL_INFO)
-        if isinstance(info, dict) and info.get("weight_version") is not None:
+        info = self.model_info()
+        if info.get("weight_version") is not None:
             return str(info["weight_version"])
         return str(self.request("GET", P.WEIGHT_VERSION)["weight_version"])  # SGLang <= 0.5.20
 
@@ -137,16 +158,22 @@ class EngineClient:
 
     # -- weights ----------------------------------------------------------------------------
     def begin_weight_update(self) -> None:
-        """Open SGLang's (>= 0.5.21) weight-update session; a no-op for engines without one."""
+        """Open SGLang's (>= 0.5.21) weight-update session; a no-op for engines without one.  A
+        session a failed push left open (400 "already open") is closed and opened afresh."""
         if self.has_update_session is False:
             return
         try:
             self.request("POST", P.BEGIN_WEIGHT_UPDATE, {"selector": "all"}, retries=0)
             self.has_update_session = True
         except EngineError as exc:
-            if exc.status != 404:
+            if exc.status == 404:
+                self.has_update_session = False
+            elif exc.status == 400 and "already open" in str(exc):
+                self.request("POST", P.END_WEIGHT_UPDATE, {}, retries=0)
+                self.request("POST", P.BEGIN_WEIGHT_UPDATE, {"selector": "all"}, retries=0)
+                self.has_update_session = True
+            else:
                 raise
-            self.has_update_session = False
 
     def end_weight_update(self) -> None:
         if self.has_update_session:
@@ -160,7 +187,10 @@ class EngineClient:
         })
 
     def update_weights_from_disk(self, model_path: str, weight_version: Optional[str] = None) -> P.WeightUpdateResult:
-        return self._update(P.UPDATE_FROM_DISK, {"model_path": model_path, "weight_version": weight_version})
+        # flush_cache defaults to true in SGLang, and a refused flush after the load kills 0.5.21's
+        # scheduler; the coordinator flushed before the push.
+        return self._update(P.UPDATE_FROM_DISK, {"model_path": model_path, "weight_version": weight_version,
+                                                 "flush_cache": False})
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str, backend: str, timeout: Optional[float] = None) -> P.WeightUpdateResult:

@@ -10,7 +10,7 @@ client's own retries) is dropped and its share is re-sent to the others; only wh
 engine is left does generation fail.
 
 A dropped engine missed weight pushes, so it is *not* re-added just because it answers
-``/health`` again: :meth:`probe` re-admits it as ``needs_sync``, the next weight push
+again: :meth:`probe` re-admits it as ``needs_sync``, the next weight push
 updates it with the others, and it serves again once its ``weight_version`` matches.
 """
 
@@ -128,10 +128,11 @@ class RolloutFleet:
         return out
 
     def probe(self) -> list[str]:
-        """Re-admit dropped engines that answer ``/health`` (they need a weight push to serve)."""
+        """Re-admit dropped engines whose server answers (they need a weight push to serve).  Not
+        ``/health``: on SGLang it generates, and an engine a failed push left paused never passes it."""
         back = []
         for s in self.slots:
-            if not s.healthy and s.client.healthy():
+            if not s.healthy and s.client.alive():
                 with self._lock:
                     s.healthy, s.needs_sync = True, True
                 back.append(s.client.url)

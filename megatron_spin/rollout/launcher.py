@@ -145,11 +145,14 @@ def launch_embedded(
     model_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 0, api_key: Optional[str] = AUTO_KEY,
     log_path: Optional[str | os.PathLike] = None, threads: int = 0, weight_version: str = "default",
     max_batch_tokens: int = 16384, timeout: float = 300.0, wait: bool = True,
+    device_ids: Optional[Sequence[str]] = None, device: str = "cpu", dtype: str = "float32",
 ) -> ServerProcess:
     """Start the embedded engine on ``model_path`` and (by default) wait until it is healthy.
 
     ``api_key="auto"`` (the default) makes a random key, known to ``server.client()``: even on
     loopback, other local users must not be able to push weights.  ``None`` runs without one.
+    ``device_ids``: the engine simulates one TP rank per id, holding that device (CPU tests of
+    device locality).  ``device``/``dtype``: where and in what the model runs (cuda: the GPU check).
     """
     if api_key == AUTO_KEY:
         api_key = secrets.token_urlsafe(24)
@@ -160,6 +163,10 @@ def launch_embedded(
            "--weight-version", weight_version, "--max-batch-tokens", str(max_batch_tokens)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if device_ids:
+        cmd += ["--device-ids", ",".join(device_ids)]
+    if device != "cpu" or dtype != "float32":
+        cmd += ["--device", device, "--dtype", dtype]
     log = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"megatron_spin-engine-{port}.log"
     env = {API_KEY_ENV: api_key} if api_key else {}
     server = ServerProcess(cmd, f"http://{host}:{port}", log, api_key, env, pass_fds=(sock.fileno(),))

@@ -22,7 +22,8 @@ GENERATE = "/generate"
 COMPLETIONS = "/v1/completions"
 HEALTH = "/health"
 HEALTH_GENERATE = "/health_generate"
-MODEL_INFO = "/get_model_info"
+MODEL_INFO = "/model_info"  # answers while paused (no generation): the liveness probe
+MODEL_INFO_OLD = "/get_model_info"  # deprecated alias (SGLang logs a warning on every call)
 WEIGHT_VERSION = "/get_weight_version"  # SGLang <= 0.5.20; later ones report it in /get_model_info
 FLUSH_CACHE = "/flush_cache"
 UPDATE_FROM_TENSOR = "/update_weights_from_tensor"

@@ -14,6 +14,7 @@ from typing import Optional
 
 from megatron_spin.errors import coerce_enums, require
 from megatron_spin.spec.precision import DType
+from megatron_spin.sync.routing import FeedRoute
 from megatron_spin.wire.tensor_payload import LOAD_FORMATS
 
 
@@ -56,3 +57,10 @@ class PushTarget:
     api_key: Optional[str] = None  # the engines accept weights only with it
     disk_dir: Optional[str] = None  # disk transport: a directory every engine can read
     side_files: Optional[str] = None  # disk transport: the model's config files, copied beside the weights
+    route: Optional[FeedRoute] = None  # tensor transport: which trainer rank feeds which engine rank
+
+    def __post_init__(self) -> None:
+        if self.engine_tp_size < 1:
+            raise ValueError(f"PushTarget.engine_tp_size must be >= 1, got {self.engine_tp_size}")
+        if self.route is not None and any(len(f) != self.engine_tp_size for f in self.route.feeders):
+            raise ValueError(f"PushTarget.route: every engine needs {self.engine_tp_size} feeders (one per TP rank)")

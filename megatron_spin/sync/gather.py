@@ -8,8 +8,16 @@ virtual-PP offsets) and converts it to HF tensors with the *same* table the chec
 use.  Only the tensor in flight is ever materialised: peak extra memory is one full
 parameter (on TP rank 0) plus one shard per TP rank.
 
-Each stage yields only its own layers; the pusher of every stage sends them itself, so PP
-stages push in parallel and no stage holds another's weights.
+:func:`iter_hf_weights` — the *stage* push (disk and distributed transports): each stage
+yields only its own layers and the pusher of every stage sends them itself, so no stage holds
+another's weights.
+
+:func:`iter_full_hf_weights` — the *feed* push (tensor transport, by device locality): a rank
+that feeds an engine needs every tensor of the model on its own device.  The stages first agree
+on the global parameter list (one object all-gather along the pipeline); then, parameter by
+parameter in that order, the owning stage's TP ranks all-gather and merge it, and it is
+broadcast along each pipeline group to the other stages.  Every rank of a data-parallel replica
+that holds a feeder takes part in every collective; only feeders convert and yield.
 """
 
 from __future__ import annotations
@@ -75,3 +83,52 @@ def iter_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[torch.
         full = table.merge_tp_shards(param, shards)
         del shards
         yield from table.to_hf(arch, param, full).items()
+
+
+def _merged(table, param, shard: torch.Tensor, pctx) -> torch.Tensor:
+    """The full TP=1 tensor of ``param`` from this rank's shard (collective over the TP group)."""
+    if pctx.layout.tp > 1 and param.rule.tp_dim is not None:
+        shards = [torch.empty_like(shard) for _ in range(pctx.layout.tp)]
+        dist.all_gather(shards, shard.contiguous(), group=pctx.tp_group)
+        return table.merge_tp_shards(param, shards)
+    return shard
+
+
+def iter_full_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[torch.dtype], *,
+                         replica_feeds: bool, feeder: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every HF tensor of the model, on every feeder rank, one parameter at a time (see module doc).
+
+    ``replica_feeds``: this rank's data-parallel replica holds a feeder (all its ranks must walk);
+    ``feeder``: this rank feeds an engine (it converts and yields).  Every rank of such a replica
+    must exhaust the iterator: the gathers and broadcasts are collective.
+    """
+    if not replica_feeds:
+        return
+    table = converter_for(arch)
+    mine = [(name, p) for name, p in stage_parameters(modules, arch)]
+    device = mine[0][1].device if mine else torch.device("cpu")
+    dtype_of = (lambda p: dtype) if dtype is not None else (lambda p: p.dtype)
+    # Every stage's (name, full TP=1 shape, dtype), in stage order: the order all ranks walk.
+    local = [(name, tuple(table.full_shape(table.param(name), tuple(p.shape), pctx.layout.tp)), dtype_of(p))
+             for name, p in mine]
+    stages: list = [None] * pctx.layout.pp
+    if pctx.layout.pp > 1:
+        dist.all_gather_object(stages, local, group=pctx.pp_group)
+    else:
+        stages = [local]
+    own = dict(mine)
+    for stage, params in enumerate(stages):
+        for name, shape, pdtype in params:
+            param = table.param(name)
+            if stage == pctx.pp_rank:
+                shard = own[name].detach()
+                full = _merged(table, param, shard if dtype is None else shard.to(dtype), pctx)
+            else:
+                full = torch.empty(shape, dtype=pdtype, device=device)
+            if pctx.layout.pp > 1:
+                # The owning stage's rank of this pipeline group sends; pp_group ranks are in stage order.
+                src = dist.get_global_rank(pctx.pp_group, stage)
+                dist.broadcast(full, src=src, group=pctx.pp_group)
+            if feeder:
+                yield from table.to_hf(arch, param, full).items()
+            del full

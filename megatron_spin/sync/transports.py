@@ -1,14 +1,14 @@
-"""How a bucket of HF tensors reaches the engines: by tensor handle, by disk, by broadcast.
+"""How a stage's buckets of HF tensors reach the engines: by disk or by broadcast.
 
 A transport lives on one *pusher* (TP rank 0 of a pipeline stage of data-parallel replica 0):
 
     transport.open(engines, stage, version)   # per push
     transport.send(bucket)                    # per bucket, in order
     receipt = transport.close()               # what this pusher sent (picklable)
-    transport.commit(engines, version, receipts)  # rank 0, after every stage has closed
+    transport.commit(engines, version, receipts)  # the coordinator, after every stage has closed
 
-* ``TensorTransport`` — ``/update_weights_from_tensor``: the engine maps the pusher's memory
-  (CPU shared memory here, CUDA IPC on GPUs) and copies from it.  Same host only.
+* the ``tensor`` transport does not go through a stage pusher: every engine rank is fed from its
+  own device (:mod:`megatron_spin.sync.feed`); here it only commits the version.
 * ``DiskTransport`` — each stage writes its buckets as safetensors shards into a directory on
   storage the engines can read; rank 0 writes the index and calls ``/update_weights_from_disk``.
   Works across hosts with a shared file system; slowest.
@@ -32,20 +32,21 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import torch
 
 from megatron_spin import platform
 from megatron_spin.rollout.client import EngineClient, EngineError
 from megatron_spin.sync.config import PushTarget, SyncConfig, TransportKind
-from megatron_spin.wire.bucket import NamedTensors, flat_layout, flatten, nbytes
-from megatron_spin.wire.tensor_payload import FLATTENED_BUCKET, encode_named_tensors
+from megatron_spin.wire.bucket import NamedTensors, nbytes
 from megatron_spin.wire.update_group import create_update_group, host_store
 
 
 @dataclasses.dataclass
 class Receipt:
-    """What one pusher sent: tensor names in order, bytes, buckets, engines that failed."""
+    """What one sender delivered: tensor names in order, to which engines, bytes, buckets, and
+    the engines that failed.  ``stage``: the pipeline stage of a stage push (a feeder's rank)."""
+
     stage: int
+    engines: list[str] = dataclasses.field(default_factory=list)  # URLs these tensors went to
     names: list[str] = dataclasses.field(default_factory=list)
     bytes: int = 0
     buckets: int = 0
@@ -67,7 +68,7 @@ class Transport(abc.ABC):
         """Start a push to ``engines``; ``reform``: an engine is new or came back (group transports
         must build their groups afresh)."""
         self.engines, self.version = list(engines), version
-        self.receipt = Receipt(stage=stage)
+        self.receipt = Receipt(stage=stage, engines=[e.url for e in self.engines])
         self._ensure_pool(len(self.engines))
 
     def _ensure_pool(self, engines: int) -> None:
@@ -92,8 +93,13 @@ class Transport(abc.ABC):
         return self.receipt
 
     def commit(self, engines: Sequence[EngineClient], version: str, receipts: Sequence[Receipt]) -> dict[str, str]:
-        """Rank 0, after a complete push: make ``version`` current; returns failed url -> error."""
+        """The coordinator, after a complete push: make ``version`` current; returns failed url -> error."""
         return self._each(engines, lambda e: e.update_weight_version(version))
+
+    @staticmethod
+    def committing_only() -> "Transport":
+        """The coordinator's side of a push whose tensors travel another way (the feed route)."""
+        return _VersionCommit()
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -112,50 +118,6 @@ class Transport(abc.ABC):
 
     def _record(self, failed: dict[str, str]) -> None:
         self.receipt.failed.update(failed)
-
-
-class TensorTransport(Transport):
-    name = "tensor"
-
-    def __init__(self, load_format: Optional[str] = FLATTENED_BUCKET, engine_tp_size: int = 1):
-        super().__init__()
-        self.load_format, self.engine_tp_size = load_format, engine_tp_size
-        self._staging: Optional[torch.Tensor] = None  # CPU: one shared-memory buffer for every bucket
-
-    def _staging_buffer(self, bucket: NamedTensors) -> Optional[torch.Tensor]:
-        """Reused across buckets and pushes: the engine has copied the previous bucket out of it
-        before it replied, and fresh shared memory would cost a page fault per 4 KiB each time."""
-        if not bucket or bucket[0][1].device.type != "cpu":
-            return None  # GPU: CUDA IPC of a fresh buffer (a reused one could be overwritten early)
-        _, total = flat_layout(bucket)
-        if self._staging is None or self._staging.numel() < total:
-            self._staging = None
-            self._staging = torch.empty(total, dtype=torch.uint8).share_memory_()
-        return self._staging
-
-    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:
-        if self.load_format == FLATTENED_BUCKET:
-            flat = flatten(bucket, shared=True, out=self._staging_buffer(bucket))
-
-            def payload() -> str:
-                return encode_named_tensors(bucket, FLATTENED_BUCKET, flat)
-        else:
-            # On the CPU, pickling a tensor for sharing *moves* its storage into shared memory;
-            # the actor's parameters (or the buffer they are views of) must not move: send copies.
-            bucket = [(n, t.clone() if t.device.type == "cpu" else t) for n, t in bucket]
-
-            def payload() -> str:
-                return encode_named_tensors(bucket, None)
-
-        def push(engine: EngineClient):
-            # One pickle per receiving rank: each pickle takes one reference on the shared
-            # memory and each receiver drops one when it opens it, so a pickle read by two
-            # receivers would let the segment be unlinked while still in use.
-            serialized = [payload() for _ in range(self.engine_tp_size)]
-            return engine.update_weights_from_tensor(serialized, self.load_format)
-
-        # ``flat``/``bucket`` stay referenced until every engine has replied: they read this memory.
-        self._record(self._each(engines, push))
 
 
 class DiskTransport(Transport):
@@ -296,11 +258,18 @@ class DistributedTransport(Transport):
         super().shutdown()
 
 
+class _VersionCommit(Transport):
+    name = "commit"
+
+    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:
+        raise RuntimeError("the coordinator's transport only commits")
+
+
 def make_transport(cfg: SyncConfig, target: PushTarget, address: str = "127.0.0.1") -> Transport:
     """The configured transport for a push to ``target``; ``address``: where this pusher's node is
     reached from the engines (a distributed push hosts its group there)."""
     if cfg.transport == TransportKind.TENSOR:
-        return TensorTransport(load_format=cfg.load_format, engine_tp_size=target.engine_tp_size)
+        return Transport.committing_only()
     if cfg.transport == TransportKind.DISK:
         if not target.disk_dir:
             raise ValueError("the disk transport needs a directory every engine can read (PushTarget.disk_dir)")

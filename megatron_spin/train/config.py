@@ -54,6 +54,8 @@ class OptimConfig:
         require(self.lr_decay_steps >= max(1, self.lr_warmup_steps), "lr_decay_steps",
                 f"must be >= max(1, lr_warmup_steps={self.lr_warmup_steps}), got {self.lr_decay_steps}")
         require(self.clip_grad >= 0, "clip_grad", f"must be >= 0, got {self.clip_grad}")
+        require(not (self.use_distributed_optimizer and self.optimizer == Optimizer.SGD), "use_distributed_optimizer",
+                "megatron-core's distributed optimizer supports adam only (optimizer=sgd)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ def build_optimizer(cfg: OptimConfig, ddp_chunks: list):
 
     tcfg = ddp_chunks[0].config
     opt_cfg = OptimizerConfig(
-        optimizer=cfg.optimizer,
+        optimizer=str(cfg.optimizer),
         lr=cfg.lr,
         min_lr=cfg.min_lr,
         weight_decay=cfg.weight_decay,
@@ -58,7 +58,7 @@ def build_optimizer(cfg: OptimConfig, ddp_chunks: list):
         min_lr=cfg.min_lr,
         lr_warmup_steps=cfg.lr_warmup_steps,
         lr_decay_steps=cfg.lr_decay_steps,
-        lr_decay_style=cfg.lr_decay_style,
+        lr_decay_style=str(cfg.lr_decay_style),  # plain: the schedule's state is checkpointed
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
         wd_incr_steps=1,

@@ -50,7 +50,7 @@ class FlatEntry:
     dtype: torch.dtype
     start_idx: int  # bytes into the flat buffer
     end_idx: int
-    numel: int
+    numel: int  # bytes, as SGLang's own producers write it (no reader uses it)
 
     def to_wire(self) -> types.SimpleNamespace:
         # SimpleNamespace: SGLang's restricted unpickler admits it, and it needs no import of ours.
@@ -103,12 +103,13 @@ def flatten(named: Sequence[tuple[str, torch.Tensor]], shared: bool = False,
     for (name, t), start in zip(named, offsets):
         size = nbytes(t)
         flat[start:start + size].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
-        entries.append(FlatEntry(name, tuple(t.shape), t.dtype, start, start + size, t.numel()))
+        entries.append(FlatEntry(name, tuple(t.shape), t.dtype, start, start + size, size))
     return flat, entries
 
 
 def unflatten(flat: torch.Tensor, entries: Sequence[FlatEntry]) -> NamedTensors:
-    """Views into ``flat`` for each entry; raises ValueError on an inconsistent table."""
+    """Views into ``flat`` for each entry; raises ValueError on an inconsistent table.  ``numel``
+    is not read (SGLang's producers write bytes there, ours too; older ones wrote elements)."""
     if flat.dtype != torch.uint8 or flat.dim() != 1:
         raise ValueError(f"flat bucket must be a 1-D uint8 tensor, got {flat.dtype} {tuple(flat.shape)}")
     out = []
@@ -120,8 +121,7 @@ def unflatten(flat: torch.Tensor, entries: Sequence[FlatEntry]) -> NamedTensors:
             numel *= s
         itemsize = torch.empty((), dtype=e.dtype).element_size()
         size = e.end_idx - e.start_idx
-        if (numel != e.numel or size != numel * itemsize or e.start_idx < 0 or e.end_idx > flat.numel()
-                or e.start_idx % itemsize):
+        if size != numel * itemsize or e.start_idx < 0 or e.end_idx > flat.numel() or e.start_idx % itemsize:
             raise ValueError(f"{e.name}: entry (bytes {e.start_idx}:{e.end_idx}, shape {e.shape}, {e.dtype}) "
                              f"does not fit a {flat.numel()}-byte bucket")
         out.append((e.name, flat[e.start_idx:e.end_idx].view(e.dtype).reshape(e.shape)))

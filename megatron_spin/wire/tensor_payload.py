@@ -18,6 +18,14 @@ functions that rebuild shared tensors, torch dtypes and ``torch.Size``; anything
 :class:`PayloadError`.  Between CPU processes the sender must use torch's ``file_system``
 sharing strategy (a file-descriptor handle cannot cross unrelated processes; the pickle's
 authentication fails).
+
+Devices: a CUDA handle names its GPU by the device's **UUID**, not its index (SGLang's
+convention: the engine may see the GPUs numbered differently under its own
+``CUDA_VISIBLE_DEVICES``).  The sender writes the UUID itself (no SGLang needed in the trainer);
+the pickle still names torch's ``rebuild_cuda_tensor``, which an SGLang engine has patched to
+read UUIDs and the embedded engine's decoder resolves here.  A flattened bucket also carries
+the sender's device id (``megatron_spin_device``; SGLang ignores the key), which the embedded
+engine checks against the devices it holds when it simulates them on the CPU.
 """
 
 from __future__ import annotations
@@ -27,14 +35,18 @@ import binascii
 import io
 import pickle
 import re
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Optional
 
 import torch
+from torch.multiprocessing import reductions
 
 from megatron_spin.wire.bucket import FlatEntry, NamedTensors, unflatten
 
 FLATTENED_BUCKET = "flattened_bucket"
 LOAD_FORMATS = (None, FLATTENED_BUCKET)
+DEVICE_KEY = "megatron_spin_device"  # a flattened bucket's sender device (ignored by SGLang)
+_CUDA_DEVICE_ARG = 6  # rebuild_cuda_tensor(tensor_cls, size, stride, offset, storage_cls, dtype, device, ...)
 
 
 class PayloadError(ValueError):
@@ -75,12 +87,29 @@ _ALLOWED_GLOBALS = {
 }
 
 
+def _rebuild_cuda_tensor_by_uuid(*args):
+    """torch's rebuild, with the device named by UUID (or index) mapped onto this process's GPUs;
+    a GPU this process cannot see is a :class:`PayloadError`, not a crash."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    device = args[_CUDA_DEVICE_ARG]
+    if isinstance(device, str):
+        visible = {str(torch.cuda.get_device_properties(i).uuid): i for i in range(torch.cuda.device_count())}
+        if device not in visible:
+            raise PayloadError(f"serialized_named_tensors: a CUDA handle from GPU {device}, which this engine "
+                               f"cannot see (it sees {sorted(visible) or 'no GPU'})")
+        args = args[:_CUDA_DEVICE_ARG] + (visible[device],) + args[_CUDA_DEVICE_ARG + 1:]
+    return rebuild_cuda_tensor(*args)
+
+
 class _TensorUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if (module, name) == ("torch.multiprocessing.reductions", "rebuild_storage_filename"):
             return _checked_rebuild_storage_filename
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+            return _rebuild_cuda_tensor_by_uuid
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise PayloadError(f"serialized_named_tensors: refusing to load {module}.{name} (only tensors are accepted)")
@@ -94,32 +123,29 @@ def use_file_system_sharing() -> None:
         tmp.set_sharing_strategy("file_system")
 
 
+def _cuda_device_uuid(device) -> str:
+    return device if isinstance(device, str) else str(torch.cuda.get_device_properties(device).uuid)
+
+
+class _Pickler(ForkingPickler):
+    """ForkingPickler whose CUDA tensors name their GPU by UUID (see the module docstring)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor) and obj.is_cuda:
+            fn, args = reductions.reduce_tensor(obj)
+            return fn, args[:_CUDA_DEVICE_ARG] + (_cuda_device_uuid(args[_CUDA_DEVICE_ARG]),) + \
+                args[_CUDA_DEVICE_ARG + 1:]
+        return NotImplemented
+
+
 def encode(payload: Any) -> str:
-    """base64 ForkingPickler dump of ``payload`` (the sender keeps the tensors alive until the
-    engine has replied: the engine reads the sender's memory)."""
-    from multiprocessing.reduction import ForkingPickler
-
-    devices = {t.device.type for t in _tensors_in(payload)}
-    if "cpu" in devices:
+    """base64 pickle of ``payload`` (the sender keeps the tensors alive until the engine has
+    replied: the engine reads the sender's memory)."""
+    if any(t.device.type == "cpu" for t in _tensors_in(payload)):
         use_file_system_sharing()
-    if "cuda" in devices:  # pragma: no cover - GPU tier
-        _sglang_cuda_reductions()
     buf = io.BytesIO()
-    ForkingPickler(buf).dump(payload)
+    _Pickler(buf).dump(payload)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _sglang_cuda_reductions() -> None:  # pragma: no cover - GPU tier, unverified
-    """SGLang's engines rebuild CUDA IPC handles by device *UUID* (their process may see the GPUs
-    renumbered by CUDA_VISIBLE_DEVICES); the sender must pickle with the same patched reducers."""
-    try:
-        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
-    except ImportError:
-        try:
-            from sglang.srt.patch_torch import monkey_patch_torch_reductions
-        except ImportError:
-            return  # no SGLang here: same-numbering IPC (the embedded engine never sees CUDA)
-    monkey_patch_torch_reductions()
 
 
 def _tensors_in(payload: Any):
@@ -133,18 +159,26 @@ def _tensors_in(payload: Any):
             yield from _tensors_in(v)
 
 
-def encode_named_tensors(named: NamedTensors, load_format: Optional[str] = None, flat=None) -> str:
-    """The payload for one engine TP rank.  For ``flattened_bucket`` pass ``flat=(buffer, entries)``."""
+def encode_named_tensors(named: NamedTensors, load_format: Optional[str] = None, flat=None,
+                         device: Optional[str] = None) -> str:
+    """The payload for one engine TP rank.  For ``flattened_bucket`` pass ``flat=(buffer, entries)``;
+    ``device``: the sender's device id, carried by a flattened bucket."""
     if load_format is None:
         return encode([(n, t.detach()) for n, t in named])
     if load_format == FLATTENED_BUCKET:
         buffer, entries = flat
-        return encode({"flattened_tensor": buffer, "metadata": [e.to_wire() for e in entries]})
+        payload = {"flattened_tensor": buffer, "metadata": [e.to_wire() for e in entries]}
+        if device is not None:
+            payload[DEVICE_KEY] = device
+        return encode(payload)
     raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
 
 
-def decode_named_tensors(data: Any, load_format: Optional[str]) -> NamedTensors:
-    """Inverse of :func:`encode_named_tensors`; every failure is a :class:`PayloadError`."""
+def decode_named_tensors(data: Any, load_format: Optional[str],
+                         held_devices: Optional[frozenset[str]] = None) -> NamedTensors:
+    """Inverse of :func:`encode_named_tensors`; every failure is a :class:`PayloadError`.
+    ``held_devices``: the (simulated) devices this receiver holds; a flattened bucket from any
+    other device is refused, as SGLang refuses a handle from a GPU it cannot see."""
     if load_format not in LOAD_FORMATS:
         raise PayloadError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     if not isinstance(data, str):
@@ -160,6 +194,9 @@ def decode_named_tensors(data: Any, load_format: Optional[str]) -> NamedTensors:
     if load_format == FLATTENED_BUCKET:
         if not isinstance(obj, dict) or not isinstance(obj.get("flattened_tensor"), torch.Tensor):
             raise PayloadError("flattened_bucket payload must be {'flattened_tensor': tensor, 'metadata': [...]}")
+        if held_devices is not None and obj.get(DEVICE_KEY) not in held_devices:
+            raise PayloadError(f"serialized_named_tensors: a bucket from device {obj.get(DEVICE_KEY)!r}, which this "
+                               f"engine rank does not hold (it holds {sorted(held_devices)})")
         try:
             entries = [FlatEntry.from_wire(e) for e in obj.get("metadata") or []]
             return unflatten(obj["flattened_tensor"], entries)

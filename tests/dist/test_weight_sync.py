@@ -1,15 +1,23 @@
-"""Weight sync from a Megatron actor (TP=2, PP=2) into a real embedded engine over HTTP.
+"""Weight sync from a Megatron actor (TP=2, PP=2) into real embedded engines over HTTP.
 
-One 2-rank launch runs every (layout, transport) job in turn against one engine process.
-Jobs alternate between two different checkpoints, so each push really changes the engine's
-weights: before the push the engine's log-probs are far from the actor's, after it they
-agree within 1e-4 (fp32) — for scored fixed sequences and for the engine's own samples,
-which also carry the new ``weight_version``.
+One 2-rank launch runs every (layout, transport) job in turn against two engine processes.
+Jobs alternate between two different checkpoints, so each push really changes the engines'
+weights: before the push the engines' log-probs are far from the actor's, after it they
+agree within 1e-4 (fp32) — for scored fixed sequences and for the engines' own samples,
+which also carry the new ``weight_version``.  The engines hold simulated devices (``cpu:0``,
+``cpu:1``), so the tensor jobs show the feed route delivers each engine rank from its own
+device (with PP=2, stage 1's rank feeds an engine: stage 0's tensors reach it first).
 
-The same launch shows that a bad push is detected: a skipped push leaves the engines on the
-old version (the staleness check refuses their samples); a stage that leaves tensors out is
-a SyncError on every rank with the version not advanced; a transport that loses a bucket
-after reporting it sent (a simulated fault, named as such) is caught by the log-prob probe.
+Device locality on its own: an engine simulating two TP ranks is fed by both trainer ranks
+(handles gathered to the leader); a route that feeds a rank from the wrong device is refused
+by the engine, as SGLang refuses a CUDA handle from a GPU it cannot see.
+
+Faults: a skipped push leaves the engines on the old version (the staleness check refuses
+their samples); a stage that leaves tensors out is a SyncError on every rank with the version
+not advanced; a bucket lost after being reported sent (a simulated fault, named as such) is
+caught by the log-prob probe; a push that fails half-way leaves the engines' weight-update
+sessions closed (the engines behave like SGLang: a second ``begin`` is refused), so the next
+push succeeds.
 """
 
 from __future__ import annotations
@@ -109,6 +117,12 @@ def checkpoints(tmp_path_factory):
     return root, hf, mcore
 
 
+def _route(world: int, engines: int, engine_tp: int = 1):
+    from megatron_spin.sync.routing import FeedRoute
+
+    return FeedRoute.for_placement(trainer_world=world, engines=engines, engine_tp=engine_tp, gpus_per_node=0)
+
+
 def _sync_jobs(rank, world_size, urls, jobs, disk_dir):
     from megatron_spin.ckpt.model_io import load_model_weights
     from megatron_spin.ckpt.metadata import read_arch
@@ -127,7 +141,8 @@ def _sync_jobs(rank, world_size, urls, jobs, disk_dir):
         chunks = build_model(arch, pctx, init_weights=False)
         load_model_weights(chunks, ckpt)
         cfg = SyncConfig(transport=transport, bucket_mb=bucket_bytes / 1e6)
-        sync = Push(cfg, PushTarget(api_key=API_KEY, disk_dir=disk_dir), arch, pctx, fleet)
+        target = PushTarget(api_key=API_KEY, disk_dir=disk_dir, route=_route(world_size, len(urls)))
+        sync = Push(cfg, target, arch, pctx, fleet)
         before = logprob_gap(chunks, pctx, fleet, PROBE)
         report = sync.push(chunks, version)
         after = logprob_gap(chunks, pctx, fleet, PROBE)
@@ -159,9 +174,9 @@ def test_push_matches_trainer_logprobs_tp2_pp2_all_transports(checkpoints, tmp_p
         (PP2, "distributed", mcore[0], 64 * 1024),
         (TP2, "distributed", mcore[1], 0),  # bucket_bytes 0: one tensor per bucket
     ]
-    # Two engines: every push reaches both (the distributed transport broadcasts to both at once).
-    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "a.log", threads=1) as a, \
-            launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "b.log", threads=1) as b:
+    # Two engines, holding the simulated devices of trainer ranks 0 and 1: every push reaches both.
+    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "a.log", threads=1, device_ids=["cpu:0"]) as a, \
+            launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "b.log", threads=1, device_ids=["cpu:1"]) as b:
         per_rank = launch(_sync_jobs, 2, ([a.url, b.url], jobs, str(tmp_path / "weights")), timeout=LAUNCH_TIMEOUT)
     results = per_rank[0]
     assert [r["version"] for r in results] == ["1", "2", "3", "4", "5"]
@@ -176,49 +191,46 @@ def test_push_matches_trainer_logprobs_tp2_pp2_all_transports(checkpoints, tmp_p
     assert results[0]["buckets"] < results[0]["tensors"]
 
 
-class LosingTransport:
-    """SIMULATED FAULT: a tensor transport that reports bucket 1 sent but never delivers it."""
+def lose_second_bucket(feed):
+    """SIMULATED FAULT: a feed that reports its second bucket delivered but never sends it."""
+    original, seen = feed._feed_bucket, []
 
-    def __new__(cls, **kw):
-        from megatron_spin.sync.transports import TensorTransport
+    def feed_bucket(engine, bucket, *args):
+        seen.append(engine)
+        return None if len(seen) == 2 else original(engine, bucket, *args)
 
-        class _Losing(TensorTransport):
-            def _send(self, bucket, engines):
-                if self.receipt.buckets != 1:
-                    super()._send(bucket, engines)
-
-        return _Losing(**kw)
+    feed._feed_bucket = feed_bucket
 
 
 class SkippingTransport:
-    """SIMULATED FAULT: a transport that silently leaves bucket 1 out (a stage missing tensors)."""
+    """SIMULATED FAULT: a disk transport that silently leaves bucket 1 out (a stage missing tensors)."""
 
-    def __new__(cls, **kw):
-        from megatron_spin.sync.transports import TensorTransport
+    def __new__(cls, *args, **kw):
+        from megatron_spin.sync.transports import DiskTransport
 
-        class _Skipping(TensorTransport):
+        class _Skipping(DiskTransport):
             def send(self, bucket):
                 if self.receipt.buckets == 1 and not getattr(self, "_skipped", False):
                     self._skipped = True
                     return
                 super().send(bucket)
 
-        return _Skipping(**kw)
+        return _Skipping(*args, **kw)
 
 
 class FailingTransport:
-    """SIMULATED FAULT: the pusher's transport raises at bucket 2 (e.g. a disk full, a 401)."""
+    """SIMULATED FAULT: the pusher's disk transport raises at bucket 2 (e.g. a disk full)."""
 
-    def __new__(cls, **kw):
-        from megatron_spin.sync.transports import TensorTransport
+    def __new__(cls, *args, **kw):
+        from megatron_spin.sync.transports import DiskTransport
 
-        class _Failing(TensorTransport):
+        class _Failing(DiskTransport):
             def _send(self, bucket, engines):
                 if self.receipt.buckets == 2:
                     raise OSError("simulated transport failure")
                 super()._send(bucket, engines)
 
-        return _Failing(**kw)
+        return _Failing(*args, **kw)
 
 
 class MisnamingTransport:
@@ -236,7 +248,7 @@ class MisnamingTransport:
         return _Misnaming(**kw)
 
 
-def _fault_jobs(rank, world_size, url, mcore):
+def _fault_jobs(rank, world_size, url, mcore, disk_dir):
     from megatron_spin.ckpt.model_io import load_model_weights
     from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.models.builder import build_model
@@ -256,11 +268,15 @@ def _fault_jobs(rank, world_size, url, mcore):
         chunks = build_model(arch, pctx, init_weights=False)
         load_model_weights(chunks, ckpt)
         models.append(chunks)
-    cfg, target = SyncConfig(bucket_mb=64 * 1024 / 1e6), PushTarget(api_key=API_KEY)
+    cfg = SyncConfig(bucket_mb=64 * 1024 / 1e6)
+    disk = SyncConfig(transport="disk", bucket_mb=64 * 1024 / 1e6)
+    target = PushTarget(api_key=API_KEY, disk_dir=disk_dir, route=_route(world_size, 1))
     out = {}
 
-    def push(modules, version, transport=None, config=cfg):
+    def push(modules, version, transport=None, config=cfg, fault=None):
         sync = Push(config, target, arch, pctx, fleet, transport if rank == 0 else None)
+        if fault is not None:
+            fault(sync.sender.feed)
         try:
             return sync.push(modules, version)
         finally:
@@ -280,12 +296,12 @@ def _fault_jobs(rank, world_size, url, mcore):
         check_versions([c for r in replies for c in r], trainer_version=2, max_lag=1)  # one step off: allowed
 
     # 2. A bucket lost after being reported sent: only the log-prob probe can see it.
-    push(models[0], 2, LosingTransport())
+    push(models[0], 2, fault=lose_second_bucket)
     out["gap_lost_bucket"] = max(logprob_gap(models[0], pctx, fleet, PROBE).values())
 
     # 3. A stage leaves tensors out: every rank raises, the version does not advance.
     try:
-        push(models[1], 3, SkippingTransport())
+        push(models[1], 3, SkippingTransport(disk_dir), config=disk)
         out["partial_error"] = None
     except SyncError as exc:
         out["partial_error"] = str(exc)
@@ -299,12 +315,15 @@ def _fault_jobs(rank, world_size, url, mcore):
     #    raises the same error at once, and the engine serves nothing until the next push.
     started = time.monotonic()
     try:
-        push(models[0], 5, FailingTransport())
+        push(models[0], 5, FailingTransport(disk_dir), config=disk)
         out["failing_error"] = None
     except SyncError as exc:
         out["failing_error"] = str(exc)
     out["failing_seconds"] = time.monotonic() - started
     out["serving_after_failure"] = len(fleet.serving) if rank == 0 else None
+    # The failed push closed the engine's weight-update session and let generation continue (an
+    # SGLang engine refuses a second begin and fails /health while paused).
+    out["engine_after_failure"] = fleet.slots[0].client.request("GET", "/get_server_info") if rank == 0 else None
     push(models[0], 6)
     out["gap_after_failure"] = max(logprob_gap(models[0], pctx, fleet, PROBE).values())
 
@@ -323,20 +342,78 @@ def _fault_jobs(rank, world_size, url, mcore):
 
 def test_skipped_lost_and_partial_pushes_are_detected(checkpoints, tmp_path):
     root, hf, mcore = checkpoints
-    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "engine.log", threads=1) as server:
-        per_rank = launch(_fault_jobs, 2, (server.url, mcore), timeout=LAUNCH_TIMEOUT)
+    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "engine.log", threads=1,
+                         device_ids=["cpu:0"]) as server:
+        per_rank = launch(_fault_jobs, 2, (server.url, mcore, str(tmp_path / "weights")), timeout=LAUNCH_TIMEOUT)
     out, other = per_rank
     assert out["gap_v1"] <= 1e-4
     assert out["stale_refused"] and "weight versions ['1']" in out["stale_refused"], out
     assert out["gap_lost_bucket"] > 1e-2, out
-    assert out["partial_error"] and re.search(r"partial push: [1-9]\d* tensors missing", out["partial_error"]), out
+    assert out["partial_error"] and re.search(r"partial push to http://\S+: [1-9]\d* tensors missing", out["partial_error"]), out
     assert other["partial_error"] == out["partial_error"]  # every rank raises the same error
     assert out["version_after_partial"] == "2"
     assert out["gap_recovered"] <= 1e-4
     assert out["failing_error"] and "simulated transport failure" in out["failing_error"], out
     assert other["failing_error"] == out["failing_error"]
     assert out["failing_seconds"] < 60 and out["serving_after_failure"] == 0
+    assert out["engine_after_failure"]["weight_update_session"] is False, out["engine_after_failure"]
+    assert out["engine_after_failure"]["paused"] is False, out["engine_after_failure"]
     assert out["gap_after_failure"] <= 1e-4
     assert out["refused_error"] and "model.no_such.weight" in out["refused_error"], out
     assert other["refused_error"] == out["refused_error"]
     assert out["gap_after_refusal"] <= 1e-4
+
+
+def _route_jobs(rank, world_size, url, mcore):
+    from megatron_spin.ckpt.model_io import load_model_weights
+    from megatron_spin.ckpt.metadata import read_arch
+    from megatron_spin.models.builder import build_model
+    from megatron_spin.parallel.groups import destroy_parallel, init_parallel
+    from megatron_spin.rollout.client import EngineClient
+    from megatron_spin.rollout.fleet import RolloutFleet
+    from megatron_spin.sync.config import PushTarget, SyncConfig
+    from megatron_spin.sync.push import SyncError
+    from megatron_spin.sync.routing import FeedRoute
+
+    fleet = RolloutFleet([EngineClient(url, API_KEY)]) if rank == 0 else None
+    cfg = SyncConfig(bucket_mb=64 * 1024 / 1e6)
+    arch = read_arch(mcore[1])
+    out = {}
+    # The engine simulates two TP ranks on cpu:0 and cpu:1: each is fed by the trainer rank there.
+    route = _route(world_size, engines=1, engine_tp=2)
+    out["feeders"] = route.feeders
+    for version, (layout, ckpt) in enumerate(((TP2, mcore[1]), (PP2, mcore[0])), start=1):
+        pctx = init_parallel(layout)
+        chunks = build_model(arch, pctx, init_weights=False)
+        load_model_weights(chunks, ckpt)
+        sync = Push(cfg, PushTarget(engine_tp_size=2, api_key=API_KEY, route=route), arch, pctx, fleet)
+        report = sync.push(chunks, version)
+        out[str(layout)] = (report.tensors, report.buckets, max(logprob_gap(chunks, pctx, fleet, PROBE).values()))
+        sync.close()
+        destroy_parallel()
+    # A route that feeds engine rank 0 from rank 1's device (and rank 1 from rank 0's): refused.
+    pctx = init_parallel(TP2)
+    chunks = build_model(arch, pctx, init_weights=False)
+    load_model_weights(chunks, mcore[1])
+    wrong = FeedRoute(feeders=((1, 0),), rank_devices=("cpu:0", "cpu:1"))
+    sync = Push(cfg, PushTarget(engine_tp_size=2, api_key=API_KEY, route=wrong), arch, pctx, fleet)
+    try:
+        sync.push(chunks, 3)
+        out["wrong"] = None
+    except SyncError as exc:
+        out["wrong"] = str(exc)
+    sync.close()
+    return out
+
+
+def test_colocated_feed_routes_each_engine_rank_from_its_own_device(checkpoints, tmp_path):
+    root, hf, mcore = checkpoints
+    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "engine.log", threads=1,
+                         device_ids=["cpu:0", "cpu:1"]) as server:
+        out, other = launch(_route_jobs, 2, (server.url, mcore), timeout=LAUNCH_TIMEOUT)
+    assert out["feeders"] == ((0, 1),)  # engine TP rank k <- trainer rank k (the rank on its device)
+    for layout in (str(TP2), str(PP2)):  # PP=2: rank 1 (stage 1) feeds TP rank 1 with stage 0's tensors too
+        tensors, buckets, gap = out[layout]
+        assert tensors == 4 * 9 + 3 and buckets > 1 and gap <= 1e-4, (layout, out[layout])
+    assert out["wrong"] and "from device 'cpu:1', which this engine rank does not hold" in out["wrong"], out
+    assert other["wrong"] == out["wrong"]

@@ -53,8 +53,11 @@ def server(model_dir, tmp_path_factory):
 
 @pytest.fixture
 def client(server):
+    """A client inside a weight-update session (tensor and distributed updates need one, as on SGLang)."""
     c = server.client(retries=0)
+    c.begin_weight_update()
     yield c
+    c.end_weight_update()
     c.close()
 
 
@@ -296,3 +299,92 @@ def test_client_retries_are_bounded_and_name_the_engine():
         client.flush_cache()
     assert f"127.0.0.1:{port}/flush_cache" in str(info.value) and "after 3 attempts" in str(info.value)
     assert 0.25 <= time.monotonic() - started < 10  # two backoffs (0.1 + 0.2 s), then gave up
+
+
+# --------------------------------------------------------------------------- behaving like SGLang
+def test_weight_update_session_rules_as_sglang(server, model_dir):
+    """Updates need a session, a second begin is refused (400, as SGLang 0.5.21), and the client
+    recovers a session a failed push left open."""
+    c = server.client(retries=0)
+    norm = hf_state(model_dir)["model.norm.weight"]
+    payload = [encode_named_tensors([("model.norm.weight", norm.clone())])]
+    with pytest.raises(EngineError, match=r"400: update_weights_from_tensor must run between begin_weight_update\(\)"):
+        c.update_weights_from_tensor(payload)
+    with pytest.raises(EngineError, match="400: no weight-update session is open"):
+        c.request("POST", P.END_WEIGHT_UPDATE, {}, retries=0)
+    c.request("POST", P.BEGIN_WEIGHT_UPDATE, {"selector": "all"}, retries=0)
+    with pytest.raises(EngineError, match="400: a weight-update session is already open"):
+        c.request("POST", P.BEGIN_WEIGHT_UPDATE, {"selector": "all"}, retries=0)
+    c.begin_weight_update()  # the session left open is closed and a fresh one opened
+    assert c.update_weights_from_tensor(payload).success
+    c.end_weight_update()
+    assert c.request("GET", "/get_server_info")["weight_update_session"] is False
+    c.close()
+
+
+def test_health_fails_while_paused_but_the_liveness_probe_answers(server):
+    """SGLang's /health generates a token, so a paused engine fails it; re-admission probes
+    /model_info instead, so an engine a failed push left paused comes back."""
+    from megatron_spin.rollout.fleet import RolloutFleet
+
+    c = server.client(retries=0)
+    fleet = RolloutFleet([server.client(retries=0)])
+    c.pause()
+    try:
+        assert not c.healthy() and c.alive()
+        fleet.drop(fleet.slots[0], EngineError(server.url, "/generate", "simulated"))
+        assert fleet.probe() == [server.url] and fleet.slots[0].needs_sync
+    finally:
+        c.continue_generation()
+        fleet.close()
+        c.close()
+    assert c.healthy()
+
+
+def test_memory_tags_must_be_released_before_resumed(server):
+    c = server.client(retries=0)
+    c.release_memory(["kv_cache"])
+    with pytest.raises(EngineError, match=r"400: resume_memory_occupation: \['weights'\] not released"):
+        c.resume_memory(["weights"])
+    with pytest.raises(EngineError, match="unknown memory tags"):
+        c.release_memory(["everything"])
+    c.resume_memory(["kv_cache"])
+    with pytest.raises(EngineError, match=r"\['kv_cache'\] not released"):
+        c.resume_memory(["kv_cache"])  # SGLang's scheduler dies on this one
+    assert c.request("GET", "/get_server_info")["released_tags"] == []
+    c.close()
+
+
+def test_simulated_devices_refuse_a_bucket_from_a_device_the_rank_does_not_hold(model_dir, tmp_path):
+    """An engine simulating two TP ranks on cpu:0 and cpu:1 takes one payload per rank, each from
+    that rank's device, all carrying the same tensors — as SGLang opens a CUDA handle only from a
+    GPU it can see."""
+    from megatron_spin.wire.bucket import flatten
+
+    norm = hf_state(model_dir)["model.norm.weight"]
+    named = [("model.norm.weight", norm * 0.5)]
+    flat = flatten(named, shared=True)
+
+    def bucket(device, tensors=named, buf=flat):
+        return encode_named_tensors(tensors, "flattened_bucket", buf, device=device)
+
+    with launch_embedded(model_dir, api_key=KEY, log_path=tmp_path / "e.log", threads=1,
+                         device_ids=["cpu:0", "cpu:1"]) as srv:
+        c = srv.client(retries=0)
+        c.begin_weight_update()
+        cases = {
+            "swapped devices": ([bucket("cpu:1"), bucket("cpu:0")], "from device 'cpu:1', which this engine rank does not hold"),
+            "untagged": ([bucket(None), bucket("cpu:1")], "from device None"),
+            "one rank only": ([bucket("cpu:0")], "one entry per engine TP rank; this engine has 2"),
+            "ranks differ": ([bucket("cpu:0"), bucket("cpu:1", [("model.norm.weight", norm)], flatten([("model.norm.weight", norm)], shared=True))],
+                             "TP rank 1's payload differs from rank 0's"),
+        }
+        for what, (payload, expect) in cases.items():
+            with pytest.raises(EngineError, match="400") as info:
+                c.update_weights_from_tensor(payload, "flattened_bucket")
+            assert expect in str(info.value), (what, str(info.value))
+        assert c.update_weights_from_tensor([bucket("cpu:0"), bucket("cpu:1")], "flattened_bucket").success
+        got = c.get_weights_by_name("model.norm.weight", truncate_size=norm.numel())
+        assert torch.allclose(torch.tensor(got), norm * 0.5)
+        c.end_weight_update()
+        c.close()

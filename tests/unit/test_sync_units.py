@@ -6,6 +6,8 @@ Everything runs in one process on the CPU; the HTTP transports are tested elsewh
 
 from __future__ import annotations
 
+import dataclasses
+
 import base64
 import json
 import math
@@ -27,7 +29,6 @@ from megatron_spin.sync.transports import (
     DiskTransport,
     DistributedTransport,
     Receipt,
-    TensorTransport,
     make_transport,
 )
 from megatron_spin.wire.bucket import FlatEntry, bucketed, flatten, nbytes, unflatten
@@ -207,7 +208,6 @@ def test_flat_entry_from_wire_missing_field():
         (FlatEntry("past_end", (4,), torch.float32, 0, 16, 4), "past_end"),  # 16 bytes in an 8-byte bucket
         (FlatEntry("start_past_end", (1,), torch.float32, 8, 12, 1), "start_past_end"),
         (FlatEntry("negative", (1,), torch.float32, -4, 0, 1), "negative"),
-        (FlatEntry("numel", (2,), torch.float32, 0, 8, 3), "numel"),
         (FlatEntry("bytes", (2,), torch.float32, 0, 4, 2), "bytes"),  # 2 floats need 8 bytes
         (FlatEntry("misaligned", (1,), torch.float32, 2, 6, 1), "misaligned"),
         (FlatEntry("not_dtype", (2,), "float32", 0, 8, 2), "not a torch dtype"),
@@ -217,6 +217,17 @@ def test_unflatten_rejects_inconsistent_entries(entry, match):
     flat = torch.zeros(8, dtype=torch.uint8)
     with pytest.raises(ValueError, match=match):
         unflatten(flat, [entry])
+
+
+def test_numel_is_bytes_as_sglang_writes_it_and_is_not_read():
+    """SGLang's producers (and slime's, verl's) write the byte count into ``numel``; no reader uses
+    it.  Ours write bytes too, and a bucket from either convention decodes."""
+    named = [("a", torch.arange(3, dtype=torch.float32)), ("b", torch.ones(2, dtype=torch.bfloat16))]
+    flat, entries = flatten(named)
+    assert [e.numel for e in entries] == [12, 4]
+    as_elements = [dataclasses.replace(e, numel=t.numel()) for e, (_, t) in zip(entries, named)]
+    for table in (entries, as_elements):
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(unflatten(flat, table), named))
 
 
 def test_unflatten_rejects_bad_buffer():
@@ -387,7 +398,8 @@ def test_sync_config_accepts():
 
 def test_make_transport_builds_the_configured_transport(tmp_path):
     tensor = make_transport(SyncConfig(load_format=None), PushTarget(engine_tp_size=4))
-    assert isinstance(tensor, TensorTransport) and (tensor.load_format, tensor.engine_tp_size) == (None, 4)
+    with pytest.raises(RuntimeError, match="only commits"):  # tensors travel by the feed route, not a pusher
+        tensor.send([("x", torch.zeros(1))])
     disk = make_transport(SyncConfig(transport="disk"), PushTarget(disk_dir=str(tmp_path), side_files=str(tmp_path)))
     assert isinstance(disk, DiskTransport) and disk.root == tmp_path and disk.side_files == tmp_path
     dist = make_transport(SyncConfig(transport="distributed", group_timeout_s=7.0), PushTarget(engine_tp_size=2),
@@ -403,8 +415,15 @@ def test_make_transport_refuses_disk_without_a_directory(target):
         make_transport(SyncConfig(transport="disk"), target)
 
 
-def _receipts(names_per_stage):
-    return [Receipt(stage=s, names=list(names)) for s, names in enumerate(names_per_stage)]
+URL = "http://engine-a"
+
+
+def _receipts(names_per_stage, engines=(URL,)):
+    return [Receipt(stage=s, engines=list(engines), names=list(names)) for s, names in enumerate(names_per_stage)]
+
+
+def check(arch, receipts, urls=(URL,)):
+    check_receipts(arch, receipts, urls)
 
 
 def test_check_receipts_complete_passes():
@@ -412,8 +431,8 @@ def test_check_receipts_complete_passes():
     names = converter_for(arch).hf_names(arch)
     assert len(names) == len(set(names)) > 0
     half = len(names) // 2
-    check_receipts(arch, _receipts([names[:half], names[half:]]))  # two stages
-    check_receipts(arch, _receipts([list(reversed(names))]))  # order does not matter
+    check(arch, _receipts([names[:half], names[half:]]))  # two stages
+    check(arch, _receipts([list(reversed(names))]))  # order does not matter
 
 
 def test_check_receipts_missing_tensor():
@@ -422,9 +441,9 @@ def test_check_receipts_missing_tensor():
     gone = "model.layers.5.mlp.up_proj.weight"
     assert gone in names
     with pytest.raises(SyncError, match=rf"1 tensors missing.*{gone}.*not advanced"):
-        check_receipts(arch, _receipts([[n for n in names if n != gone]]))
+        check(arch, _receipts([[n for n in names if n != gone]]))
     with pytest.raises(SyncError, match="tensors missing"):
-        check_receipts(arch, [])
+        check(arch, [])
 
 
 def test_check_receipts_duplicate_and_unexpected():
@@ -432,18 +451,31 @@ def test_check_receipts_duplicate_and_unexpected():
     names = converter_for(arch).hf_names(arch)
     dup = "model.layers.0.self_attn.q_proj.weight"
     with pytest.raises(SyncError, match=rf"0 tensors missing.*1 unexpected or repeated.*{dup}"):
-        check_receipts(arch, _receipts([names, [dup]]))  # two stages both sent it
+        check(arch, _receipts([names, [dup]]))  # two stages both sent it
     with pytest.raises(SyncError, match="model.layers.99.mlp.gate_proj.weight"):
-        check_receipts(arch, _receipts([names + ["model.layers.99.mlp.gate_proj.weight"]]))
+        check(arch, _receipts([names + ["model.layers.99.mlp.gate_proj.weight"]]))
+
+
+def test_check_receipts_per_engine():
+    """Each engine must get every tensor: the feed route sends each its own full copy."""
+    arch = make_arch()
+    names = converter_for(arch).hf_names(arch)
+    b = "http://engine-b"
+    check(arch, _receipts([names], engines=(URL,)) + _receipts([names], engines=(b,)), urls=(URL, b))
+    with pytest.raises(SyncError, match=r"partial push to http://engine-b: \d+ tensors missing"):
+        check(arch, _receipts([names], engines=(URL,)) + _receipts([names[1:]], engines=(b,)), urls=(URL, b))
+    failed = _receipts([names[:3]], engines=(b,))
+    failed[0].failed[b] = "HTTP 400: refused"
+    check(arch, _receipts([names], engines=(URL,)) + failed, urls=(URL, b))  # a failed engine is dropped, not checked
 
 
 def test_check_receipts_tied_model_has_no_lm_head():
     arch = make_arch(tie_word_embeddings=True)
     names = converter_for(arch).hf_names(arch)
     assert "lm_head.weight" not in names
-    check_receipts(arch, _receipts([names]))
+    check(arch, _receipts([names]))
     with pytest.raises(SyncError, match="lm_head.weight"):
-        check_receipts(arch, _receipts([names + ["lm_head.weight"]]))
+        check(arch, _receipts([names + ["lm_head.weight"]]))
 
 
 # --------------------------------------------------------------------------- merge_tp_shards

@@ -8,9 +8,16 @@ What it does, operation by operation (the HTTP layer in ``server.py`` only maps 
     :class:`BatchingWorker`; every completion carries the ``weight_version`` of its batch.
   * weight updates (tensor, disk, distributed): the whole request is checked first
     (:class:`ModelWeights`), then copied in while no batch runs; ``weight_version`` is set
-    only after a successful load.  A failed update raises :class:`PayloadError`.
-  * pause/continue generation, release/resume memory, flush cache (no cache persists between
-    batches here, so flushing has nothing to drop), get weights by name.
+    only after a successful load.  A failed update raises :class:`PayloadError`.  As in SGLang
+    (>= 0.5.21), tensor and distributed updates run only inside a weight-update session
+    (``begin``/``end``), and a second ``begin`` is refused.
+  * pause/continue generation, release/resume memory by tag (``weights``, ``kv_cache``,
+    ``cuda_graph``; resuming a tag that is not released is refused — it kills an SGLang server),
+    flush cache (no cache persists between batches here), get weights by name.
+  * device locality, simulated on the CPU: with ``device_ids`` the engine behaves as
+    ``len(device_ids)`` TP ranks, rank ``k`` holding device ``device_ids[k]``; a tensor update
+    needs one payload per rank, each a bucket from that rank's device (SGLang opens a CUDA handle
+    only from a GPU it can see), all carrying the same tensors.
 
 Log-probs are of the raw (temperature 1) distribution: the quantity the trainer computes.
 """
@@ -46,6 +53,9 @@ class EngineUnavailable(RuntimeError):
     """The engine cannot serve this now (released memory, weights not loaded, shutting down)."""
 
 
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's; none given means all three
+
+
 @dataclasses.dataclass
 class EngineStats:
     started: float = dataclasses.field(default_factory=time.time)
@@ -58,7 +68,9 @@ class EngineStats:
 
 class EmbeddedEngine:
     def __init__(self, model, tokenizer=None, *, model_path: str = "", weight_version: str = "default",
-                 max_batch_tokens: int = 16384, max_batch_jobs: int = 256, max_samples_per_request: int = 1024):
+                 max_batch_tokens: int = 16384, max_batch_jobs: int = 256, max_samples_per_request: int = 1024,
+                 device_ids: Optional[Sequence[str]] = None):
+        """``device_ids``: simulate TP ranks holding these devices (see the module docstring)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -72,13 +84,18 @@ class EmbeddedEngine:
         self.stats = EngineStats()
         self._groups: dict[str, UpdateGroup] = {}
         self._groups_lock = threading.Lock()
+        self.device_ids = tuple(device_ids) if device_ids else None
+        self.tp_size = len(self.device_ids) if self.device_ids else 1
+        self._session_open = False
+        self._released_tags: set[str] = set()
         self._worker = BatchingWorker(self._run_batch, max_jobs=max_batch_jobs)
 
     @classmethod
-    def load(cls, model_path: str, **kwargs) -> "EmbeddedEngine":
+    def load(cls, model_path: str, device: str = "cpu", dtype: str = "float32", **kwargs) -> "EmbeddedEngine":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                     attn_implementation="sdpa").to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
         except (OSError, ValueError):
@@ -144,12 +161,38 @@ class EmbeddedEngine:
 
     def update_from_tensor(self, serialized: Sequence, load_format: Optional[str],
                            weight_version: Optional[str]) -> str:
-        """SGLang sends one payload per engine TP rank; this engine is one rank: entry 0."""
-        if not isinstance(serialized, list) or len(serialized) != 1:
-            raise PayloadError("serialized_named_tensors must be a list with one entry per engine TP rank; "
-                               "the embedded engine is one rank (set sync.engine_tp_size=1)")
-        named = decode_named_tensors(serialized[0], load_format)
-        return self._install(named, weight_version, complete=False, where="update_weights_from_tensor")
+        """SGLang sends one payload per engine TP rank; rank ``k`` reads entry ``k``."""
+        self._require_session("update_weights_from_tensor")
+        if not isinstance(serialized, list) or len(serialized) != self.tp_size:
+            raise PayloadError(f"serialized_named_tensors must be a list with one entry per engine TP rank; "
+                               f"this engine has {self.tp_size}")
+        ranks = [decode_named_tensors(entry, load_format,
+                                      frozenset({self.device_ids[k]}) if self.device_ids else None)
+                 for k, entry in enumerate(serialized)]
+        for k, other in enumerate(ranks[1:], start=1):  # simulated TP: every rank got the same tensors
+            if [n for n, _ in other] != [n for n, _ in ranks[0]] or not all(
+                    torch.equal(a, b) for (_, a), (_, b) in zip(ranks[0], other)):
+                raise PayloadError(f"serialized_named_tensors: TP rank {k}'s payload differs from rank 0's")
+        return self._install(ranks[0], weight_version, complete=False, where="update_weights_from_tensor")
+
+    # -- weight-update session (SGLang >= 0.5.21) -------------------------------------------------
+    def begin_weight_update(self) -> str:
+        with self._worker.exclusive():
+            if self._session_open:
+                raise ProtocolError("a weight-update session is already open; call end_weight_update() first")
+            self._session_open = True
+        return "weight-update session open"
+
+    def end_weight_update(self) -> str:
+        with self._worker.exclusive():
+            if not self._session_open:
+                raise ProtocolError("no weight-update session is open")
+            self._session_open = False
+        return "weight-update session closed"
+
+    def _require_session(self, what: str) -> None:
+        if not self._session_open:
+            raise ProtocolError(f"{what} must run between begin_weight_update() and end_weight_update()")
 
     def update_from_disk(self, model_path: str, weight_version: Optional[str]) -> str:
         with self._worker.exclusive():  # whole directory checked, then loaded, with no batch in between
@@ -187,6 +230,7 @@ class EmbeddedEngine:
         malformed request fails without joining the collective), and the values after it.
         """
         check_names(names, dtypes, shapes, "update_weights_from_distributed")
+        self._require_session("update_weights_from_distributed")
         with self._groups_lock:
             group = self._groups.get(group_name)
         if group is None:
@@ -224,13 +268,31 @@ class EmbeddedEngine:
     def continue_generation(self) -> None:
         self._worker.resume()
 
-    def release_memory(self) -> None:
+    def release_memory(self, tags: Optional[Sequence[str]] = None) -> None:
+        tags = self._tags(tags)
         with self._worker.exclusive():
-            self.weights.release()
+            if "weights" in tags:
+                self.weights.release()
+            self._released_tags |= set(tags)
 
-    def resume_memory(self) -> None:
+    def resume_memory(self, tags: Optional[Sequence[str]] = None) -> None:
+        tags = self._tags(tags)
         with self._worker.exclusive():
-            self.weights.resume()
+            missing = sorted(set(tags) - self._released_tags)
+            if missing:  # SGLang's scheduler raises KeyError here and the server dies
+                raise ProtocolError(f"resume_memory_occupation: {missing} not released (released: "
+                                    f"{sorted(self._released_tags) or 'none'})")
+            if "weights" in tags:
+                self.weights.resume()
+            self._released_tags -= set(tags)
+
+    @staticmethod
+    def _tags(tags: Optional[Sequence[str]]) -> tuple[str, ...]:
+        tags = tuple(tags) if tags else MEMORY_TAGS
+        bad = [t for t in tags if t not in MEMORY_TAGS]
+        if bad:
+            raise ProtocolError(f"unknown memory tags {bad}; known: {list(MEMORY_TAGS)}")
+        return tags
 
     def shutdown(self) -> None:
         self._worker.stop()
@@ -245,6 +307,9 @@ class EmbeddedEngine:
             "weight_version": self.weight_version,
             "paused": self.paused,
             "memory_released": self.weights.released,
+            "released_tags": sorted(self._released_tags),
+            "weight_update_session": self._session_open,
+            "device_ids": list(self.device_ids or ()),
             "unloaded_tensors": len(self.weights.unloaded),
             "batches": self._worker.batches_run,
             **dataclasses.asdict(self.stats),

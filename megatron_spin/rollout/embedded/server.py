@@ -97,11 +97,15 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
     @app.get(P.HEALTH)
     @app.get(P.HEALTH_GENERATE)
     async def health():
+        # SGLang's /health generates a token, so it fails while generation is paused: as here.
+        if engine.paused:
+            return PlainTextResponse("generation is paused", status_code=503)
         if engine.weights.released or engine.weights.unloaded:
             return PlainTextResponse("weights not loaded", status_code=503)
         return PlainTextResponse("ok")
 
     @app.get(P.MODEL_INFO)
+    @app.get(P.MODEL_INFO_OLD)
     async def model_info():
         return {"model_path": engine.model_path, "is_generation": True, "weight_version": engine.weight_version}
 
@@ -177,10 +181,19 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
         await run_in_threadpool(engine.set_weight_version, str(d["new_version"]))
         return {"success": True, "message": "ok", "new_version": engine.weight_version}
 
+    async def session(fn) -> JSONResponse:
+        try:
+            return JSONResponse({"success": True, "message": await run_in_threadpool(fn)})
+        except P.ProtocolError as exc:  # SGLang: 400 {"success": false, "message": ...}
+            return JSONResponse({"success": False, "message": str(exc)}, status_code=400)
+
     @app.post(P.BEGIN_WEIGHT_UPDATE)
+    async def begin_weight_update():
+        return await session(engine.begin_weight_update)
+
     @app.post(P.END_WEIGHT_UPDATE)
-    async def weight_update_session():
-        return {"success": True, "message": "ok"}  # updates are always allowed here
+    async def end_weight_update():
+        return await session(engine.end_weight_update)
 
     @app.api_route(P.GET_WEIGHTS_BY_NAME, methods=["GET", "POST"])
     async def get_weights_by_name(request: Request):
@@ -201,15 +214,23 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
         engine.continue_generation()
         return {"message": "Generation continued.", "status": "ok"}
 
-    @app.api_route(P.RELEASE_MEMORY, methods=["GET", "POST"])
-    async def release_memory():
-        await run_in_threadpool(engine.release_memory)
+    async def memory(request: Request, fn):
+        try:
+            tags = (await body(request)).get("tags")
+            if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+                raise P.ProtocolError(f"{request.url.path}: 'tags' must be a list of strings or null")
+            await run_in_threadpool(fn, tags)
+        except P.ProtocolError as exc:
+            return error(exc)
         return None
 
+    @app.api_route(P.RELEASE_MEMORY, methods=["GET", "POST"])
+    async def release_memory(request: Request):
+        return await memory(request, engine.release_memory)
+
     @app.api_route(P.RESUME_MEMORY, methods=["GET", "POST"])
-    async def resume_memory():
-        await run_in_threadpool(engine.resume_memory)
-        return None
+    async def resume_memory(request: Request):
+        return await memory(request, engine.resume_memory)
 
     return app
 
@@ -262,6 +283,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cuda: the GPU check)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device-ids", default=None,
+                        help="simulate TP ranks holding these (comma-separated) devices: a tensor update needs one "
+                             "payload per rank, each from that rank's device (device-locality tests on the CPU)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s embedded-engine %(levelname)s %(message)s")
@@ -269,8 +295,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.warning("binding %s without an API key: anyone who can reach it can replace the weights", args.host)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = EmbeddedEngine.load(args.model_path, weight_version=args.weight_version,
-                                 max_batch_tokens=args.max_batch_tokens)
+    engine = EmbeddedEngine.load(args.model_path, device=args.device, dtype=args.dtype,
+                                 weight_version=args.weight_version, max_batch_tokens=args.max_batch_tokens,
+                                 device_ids=args.device_ids.split(",") if args.device_ids else None)
     import uvicorn
 
     config = uvicorn.Config(build_app(engine, args.api_key), host=args.host, port=args.port,
