@@ -60,6 +60,9 @@ class RolloutConfig:
     threads: int = 0  # embedded engine: torch threads per engine (0: the cores left by the trainer ranks)
     max_off_policy_steps: int = 0  # accept samples this many pushes old
     quantization: Optional[Quantization] = None  # sglang, experimental: serve FP8 quantised from bf16 pushes
+    # sglang: deterministic inference, so per-sample seeds apply and a resumed run draws the samples
+    # the uninterrupted one would have (slower kernels).  The embedded engine always seeds.
+    deterministic: bool = False
     sync: SyncConfig = SyncConfig()
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ from megatron_spin.orchestrate.worker import RankSpec, RankTrainResult, TrainerW
 from megatron_spin.reward import RewardSource
 from megatron_spin.rollout.client import EngineClient
 from megatron_spin.rollout.fleet import RolloutFleet
+from megatron_spin.rollout.launcher import EngineKind
 from megatron_spin.spec.arch import ModelArch
 from megatron_spin.sync.config import PushTarget, TransportKind
 from megatron_spin.sync.push import PushCoordinator, SyncReport
@@ -135,7 +136,9 @@ class TrainerCluster:
         master = self._get(self.workers[0].rendezvous.remote(), "rendezvous")
         self.ranks = self._get([w.setup.remote(*master) for w in self.workers], "set up the trainer ranks")
         log.info("trainer ranks: %s", self.ranks)
-        self.fleet = RolloutFleet([EngineClient(u, api_key=self.target.api_key) for u in urls])
+        r = self.cfg.rollout  # SGLang honours one seed per sample only as n seeded copies of a prompt
+        seeds = r.engine == EngineKind.SGLANG and r.deterministic
+        self.fleet = RolloutFleet([EngineClient(u, api_key=self.target.api_key, per_sample_seeds=seeds) for u in urls])
         self.coordinator = PushCoordinator(self.arch, self.fleet, make_transport(self.cfg.rollout.sync, self.target))
         placements = None  # CPU runs: one CPU per reward worker, anywhere
         if p.gpus_per_node and self.cfg.reward_model.type == "hf":  # pragma: no cover - GPU tier, unverified

@@ -43,7 +43,7 @@ class EngineHost:
                                         api_key=launch.api_key, tp_size=rollout.tp_size,
                                         mem_fraction_static=rollout.mem_fraction_static,
                                         enable_memory_saver=rollout.colocated, quantization=rollout.quantization,
-                                        gpu_ids=gpu_ids)
+                                        deterministic=rollout.deterministic, gpu_ids=gpu_ids)
 
     def url(self) -> str:
         return reachable_url(self.server.url, self.launch.host, node_address())

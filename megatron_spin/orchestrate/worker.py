@@ -75,6 +75,19 @@ class RankTrainResult:
     seq_len: int  # the padded sequence length
 
 
+def pad_token_id(hf_dir: str) -> int:
+    """The id right-padding uses: the config's pad token, else its EOS, else 0.  Which id it is
+    changes nothing (padding sits after every real token and is masked out of the loss)."""
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    for key in ("pad_token_id", "eos_token_id"):
+        value = cfg.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and 0 <= value < cfg.get("vocab_size", value + 1):
+            return value
+    return 0
+
+
 def node_name() -> str:
     """The Slurm node this process runs on (srun's tasks carry it; Ray workers inherit it from the
     raylet), else the host name."""
@@ -115,8 +128,6 @@ class TrainerWorker:
         return host, free_port(host)
 
     def setup(self, master_addr: str, master_port: int) -> dict:
-        from transformers import AutoTokenizer
-
         spec = self.spec
         if spec.threads:
             torch.set_num_threads(spec.threads)
@@ -133,8 +144,7 @@ class TrainerWorker:
                                        init_from=spec.megatron_dir, offload=spec.ref.offload)
         side = os.path.join(spec.megatron_dir, HF_SUBDIR)
         self.sender = StageSender(spec.sync, spec.target, self.arch, self.pctx, node_address())
-        tok = AutoTokenizer.from_pretrained(side)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_token_id(side)
         self._where = {"rank": self.rank, "node": node_name(), "ray_node_id": _ray_node_id(), "tp": self.pctx.tp_rank,
                        "pp": self.pctx.pp_rank, "dp": self.pctx.dp_rank}
         if spec.metrics_dir:
@@ -159,7 +169,7 @@ class TrainerWorker:
 
     def train(self, pairs: Sequence, iteration: int, step: int = 0) -> RankTrainResult:
         """One update on ``pairs`` (the whole global batch; this rank takes its DP slice)."""
-        batch = collate_pairs(pairs, pad_id=self.pad_id)
+        batch = collate_pairs(pairs, pad_id=self.pad_id, pad_to_multiple_of=self.spec.actor.precision.sequence_multiple)
         mbs = rank_micro_batches(batch, BatchConfig(len(pairs), self.spec.actor.micro_pairs), self.pctx.dp_rank,
                                  self.pctx.dp_size)
         t0 = time.monotonic()

@@ -37,8 +37,11 @@ class EngineError(RuntimeError):
 
 class EngineClient:
     def __init__(self, url: str, api_key: Optional[str] = None, *, timeout: float = 600.0,
-                 connect_timeout: float = 5.0, retries: int = 3, backoff: float = 0.5):
+                 connect_timeout: float = 5.0, retries: int = 3, backoff: float = 0.5, per_sample_seeds: bool = False):
+        """``per_sample_seeds``: ask a seeded request's ``n`` samples as ``n`` copies, each with its own
+        seed (SGLang shares one seed among a prompt's samples)."""
         self.url = url.rstrip("/")
+        self.per_sample_seeds = per_sample_seeds
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.retries, self.backoff = retries, backoff
         self._session = requests.Session()
@@ -96,11 +99,15 @@ class EngineClient:
 
     # -- generation -------------------------------------------------------------------------
     def generate(self, request: P.GenerateRequest, timeout: Optional[float] = None) -> list[list[P.Completion]]:
-        body = self.request("POST", P.GENERATE, request.to_json(), timeout=timeout)
+        n = request.sampling.n
+        expand = self.per_sample_seeds and request.sampling.seed is not None and n > 1
+        sent = request.per_sample_seeds() if expand else request
+        body = self.request("POST", P.GENERATE, sent.to_json(), timeout=timeout)
         try:
-            return P.parse_generate_reply(body, request)
+            replies = P.parse_generate_reply(body, sent)
         except P.ProtocolError as exc:
             raise EngineError(self.url, P.GENERATE, str(exc)) from None
+        return P.regroup_samples(replies, n) if expand else replies
 
     # -- health and state -------------------------------------------------------------------
     def healthy(self, timeout: float = 5.0) -> bool:

@@ -182,7 +182,8 @@ def launch_embedded(
 def sglang_command(model_path: str, *, tp_size: int = 1, host: str = "127.0.0.1", port: int = 30000,
                    mem_fraction_static: Optional[float] = None, api_key: Optional[str] = None,
                    dtype: str = "auto", weight_version: str = "default", enable_memory_saver: bool = False,
-                   quantization: Optional[str] = None, extra: Sequence[str] = ()) -> list[str]:
+                   quantization: Optional[str] = None, deterministic: bool = False,
+                   extra: Sequence[str] = ()) -> list[str]:
     """The ``sglang.launch_server`` command line for one engine.
 
     ``quantization="fp8"``: the engine serves FP8 weights it quantises itself from the bf16
@@ -206,6 +207,8 @@ def sglang_command(model_path: str, *, tp_size: int = 1, host: str = "127.0.0.1"
         cmd += ["--quantization", quantization]
     if enable_memory_saver:
         cmd += ["--enable-memory-saver"]  # needed for release/resume_memory_occupation (colocated mode)
+    if deterministic:
+        cmd += ["--enable-deterministic-inference"]  # sampling_seed applies only then (slower kernels)
     return cmd + list(extra)
 
 

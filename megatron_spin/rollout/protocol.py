@@ -13,6 +13,7 @@ number.  Every generation result carries the version of the weights that produce
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any, Optional, Sequence
 
@@ -139,27 +140,55 @@ class SamplingParams:
         )
 
 
+def sample_seed(seed: int, prompt: Sequence[int], sample: int) -> int:
+    """The seed of sample ``sample`` of ``prompt`` in a request seeded ``seed``: reproducible whatever
+    else the batch holds, and different for different prompts and samples."""
+    digest = hashlib.blake2b(f"{seed}:{sample}:{','.join(map(str, prompt))}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
     """A batch of tokenised prompts, each sampled ``sampling.n`` times.
 
     ``logprob_start_len`` (with ``return_logprob``) asks for the log-probs of the prompt's own
     tokens from that position on; with ``max_new_tokens = 0`` this scores a fixed sequence,
-    which is how trainer/engine log-prob parity is checked.
+    which is how trainer/engine log-prob parity is checked.  ``seeds``: one sampling seed per
+    prompt, sent as SGLang's list of sampling params (see :meth:`per_sample_seeds`).
     """
 
     input_ids: tuple[tuple[int, ...], ...]
     sampling: SamplingParams = SamplingParams()
     return_logprob: bool = False
     logprob_start_len: int = -1
+    seeds: Optional[tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if self.seeds is not None and len(self.seeds) != len(self.input_ids):
+            raise ProtocolError(f"{GENERATE}: {len(self.seeds)} seeds for {len(self.input_ids)} prompts")
 
     def to_json(self) -> dict:
+        params = self.sampling.to_json()
         return {
             "input_ids": [list(p) for p in self.input_ids],
-            "sampling_params": self.sampling.to_json(),
+            "sampling_params": params if self.seeds is None else [{**params, "sampling_seed": s} for s in self.seeds],
             "return_logprob": self.return_logprob,
             "logprob_start_len": self.logprob_start_len,
         }
+
+    def per_sample_seeds(self) -> "GenerateRequest":
+        """The same samples asked as ``n`` copies of each prompt, each copy with its own seed.
+
+        SGLang gives the ``n`` samples of a prompt one shared seed (identical samples under
+        deterministic inference); a list of sampling params, one per copy, is how each sample
+        gets its own.  Replies come back prompt-major: regroup with :func:`regroup_samples`."""
+        n, seed = self.sampling.n, self.sampling.seed
+        if seed is None:
+            raise ProtocolError(f"{GENERATE}: per-sample seeds need sampling_params.sampling_seed")
+        copies = tuple(p for p in self.input_ids for _ in range(n))
+        seeds = tuple(sample_seed(seed, p, j) for p in self.input_ids for j in range(n))
+        return dataclasses.replace(self, input_ids=copies, sampling=dataclasses.replace(self.sampling, n=1, seed=None),
+                                   seeds=seeds)
 
     @classmethod
     def from_json(cls, d: Any) -> "GenerateRequest":
@@ -178,9 +207,21 @@ class GenerateRequest:
         prompts = tuple(tuple(_token_list(p, f"{where}: input_ids[{i}]")) for i, p in enumerate(ids))
         if any(not p for p in prompts):
             raise ProtocolError(f"{where}: every prompt needs at least one token")
+        params, seeds = d.get("sampling_params"), None
+        if isinstance(params, list):  # SGLang's one-per-prompt form: here they may differ in the seed only
+            if len(params) != len(prompts) or not all(isinstance(x, dict) for x in params):
+                raise ProtocolError(f"{where}: 'sampling_params' as a list needs one object per prompt")
+            seeds = tuple(_field(x, "sampling_seed", int, where=f"{where}: sampling_params[{i}]", required=True)
+                          for i, x in enumerate(params))
+            rest = [{k: v for k, v in x.items() if k != "sampling_seed"} for x in params]
+            if any(x != rest[0] for x in rest):
+                raise ProtocolError(f"{where}: the embedded engine takes per-prompt sampling params that differ "
+                                    "only in 'sampling_seed'")
+            params = rest[0]
         return cls(
             input_ids=prompts,
-            sampling=SamplingParams.from_json(d.get("sampling_params")),
+            seeds=seeds,
+            sampling=SamplingParams.from_json(params),
             return_logprob=_field(d, "return_logprob", bool, False, where=where),
             logprob_start_len=_field(d, "logprob_start_len", int, -1, where=where),
         )
@@ -248,6 +289,15 @@ def expand_order(num_prompts: int, n: int) -> list[tuple[int, int]]:
     Replies are prompt-major: all samples of prompt 0, then of prompt 1, and so on.
     """
     return [(i, j) for i in range(num_prompts) for j in range(n)]
+
+
+def regroup_samples(copies: Sequence[Sequence[Completion]], n: int) -> list[list[Completion]]:
+    """Replies to :meth:`GenerateRequest.per_sample_seeds` as ``[prompt][sample]``."""
+    out = []
+    for i in range(0, len(copies), n):
+        out.append([dataclasses.replace(group[0], prompt_index=i // n, sample_index=j)
+                    for j, group in enumerate(copies[i:i + n])])
+    return out
 
 
 def parse_generate_reply(body: Any, request: GenerateRequest) -> list[list[Completion]]:

@@ -74,6 +74,12 @@ class Precision:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.params_dtype]
 
+    @property
+    def sequence_multiple(self) -> int:
+        """Sequence lengths a batch is padded to a multiple of: TransformerEngine's FP8 GEMMs need
+        the token dimension divisible by 16 (the pad is masked out of the loss)."""
+        return 16 if self.fp8 is not None else 1
+
     def transformer_config_kwargs(self) -> dict:
         """The TransformerConfig fields this precision sets."""
         kw: dict = {

@@ -27,7 +27,6 @@ What it takes on megatron-core 0.16.1 (each reproduced; the resume tests fail wi
 
 from __future__ import annotations
 
-import enum
 import os
 from pathlib import Path
 
@@ -154,16 +153,6 @@ def _restore_steps(optimizer) -> None:
                     state["step"] = state["step"].detach().clone()
 
 
-def _plain(obj):
-    """Enums as their values: ``common.pt`` is read with ``weights_only=True``."""
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    return obj
-
 
 def save_train_state(actor, reference, directory: str | os.PathLike) -> None:
     """Collective: every rank of the trainer calls it with the same directory."""
@@ -177,7 +166,7 @@ def save_train_state(actor, reference, directory: str | os.PathLike) -> None:
     (directory / "optim").mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save({
         "optimizer": _optimizer_sharded_state(actor, is_loading=False),
-        "scheduler": _plain(actor.scheduler.state_dict()),
+        "scheduler": actor.scheduler.state_dict(),  # plain values (build_optimizer passes str)
         "steps": actor.steps,
         "layout": {"layout": str(actor.pctx.layout), "world_size": actor.pctx.world_size},
     }, str(directory / "optim"))

@@ -14,10 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_spin.convert.pipeline import convert_hf_to_megatron
 from megatron_spin.parallel.launch import launch
 from megatron_spin.parallel.layout import ParallelLayout
-from tests.conftest import LAUNCH_TIMEOUT, make_tiny_hf
+from tests.conftest import LAUNCH_TIMEOUT
 from tests.dist.test_train_step import synthetic_pairs
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
@@ -32,13 +31,6 @@ SCENARIOS = [
     ("tp2-sgd-momentum", ParallelLayout(tp=2), "float32", dict(optimizer="sgd", sgd_momentum=0.9), 2),
 ]
 
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("state")
-    hf = make_tiny_hf(root / "hf", "llama", tied=False, layers=4)
-    convert_hf_to_megatron(hf, root / "mcore", log=lambda *_: None)
-    return root / "mcore"
 
 
 def _resume_jobs(rank, world_size, ckpt, root, batch):

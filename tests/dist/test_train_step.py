@@ -41,13 +41,6 @@ def synthetic_pairs(n: int, seed: int) -> list[PreferencePair]:
     return pairs
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    hf = make_tiny_hf(root / "hf", "llama", tied=False, layers=4)
-    convert_hf_to_megatron(hf, root / "mcore", log=lambda *_: None)
-    return root / "mcore"
-
 
 def _train_jobs(rank, world_size, ckpt, jobs, batch, out_root):
     """For each (name, layout, optim, micro_pairs): 2 updates from ``ckpt``, save the weights."""
@@ -240,3 +233,39 @@ def test_response_logps_equal_hf(tiny_ckpt):
         flat = [micro[0][0], micro[1][0], micro[0][1], micro[1][1]]
         torch.testing.assert_close(torch.tensor(flat), torch.tensor(expected), rtol=0, atol=1e-4,
                                    msg=f"layout {layout}")
+
+
+def _padded_vs_not(rank, world_size, ckpt, pairs):
+    from megatron_spin.ckpt.metadata import read_arch
+    from megatron_spin.parallel.groups import init_parallel
+    from megatron_spin.train.actor import Actor
+    from megatron_spin.train.batching import rank_micro_batches
+    from megatron_spin.train.reference import Reference
+
+    arch = read_arch(ckpt)
+    pctx = init_parallel(ParallelLayout())
+    out = {}
+    for multiple in (1, 16):
+        batch = collate_pairs(pairs, pad_id=0, pad_to_multiple_of=multiple)
+        actor = Actor.build(arch, pctx, OptimConfig(optimizer="sgd", lr=0.05), LossConfig(beta=0.5), init_from=ckpt)
+        ref = Reference.build(arch, pctx, init_from=ckpt)
+        mbs = rank_micro_batches(batch, BatchConfig(batch.num_pairs, 2), 0, 1)
+        ref_logps = ref.logps(mbs)
+        metrics = actor.train_step(mbs, ref_logps)
+        out[multiple] = (batch.tokens.shape[1], torch.cat(ref_logps), metrics["loss"],
+                         [p.detach().clone() for c in actor.modules for p in c.parameters()])
+    return out
+
+
+def test_padding_sequences_to_a_multiple_of_16_changes_nothing(tiny_ckpt):
+    """FP8 (TransformerEngine) needs the token dimension divisible by 16, so FP8 runs pad every
+    batch to such lengths; the pad is masked: log-probs, loss and update equal the unpadded ones."""
+    from megatron_spin.spec.precision import FP8Settings, Precision
+
+    assert Precision("bfloat16", fp8=FP8Settings()).sequence_multiple == 16 and Precision().sequence_multiple == 1
+    (out,) = launch(_padded_vs_not, 1, (tiny_ckpt, synthetic_pairs(4, seed=5)), timeout=LAUNCH_TIMEOUT)
+    (s1, logps1, loss1, w1), (s16, logps16, loss16, w16) = out[1], out[16]
+    assert s1 % 16 != 0 and s16 % 16 == 0 and s16 > s1
+    assert torch.allclose(logps1, logps16, atol=1e-5, rtol=0), (logps1 - logps16).abs().max()
+    assert abs(loss1 - loss16) <= 1e-6
+    assert max(float((a - b).abs().max()) for a, b in zip(w1, w16)) <= 1e-6

@@ -135,12 +135,12 @@ def _sync_jobs(rank, world_size, urls, jobs, disk_dir):
 
     fleet = RolloutFleet([EngineClient(url, API_KEY) for url in urls]) if rank == 0 else None
     results = []
-    for version, (layout, transport, ckpt, bucket_bytes) in enumerate(jobs, start=1):
+    for version, (layout, transport, ckpt, bucket_bytes, *dtype) in enumerate(jobs, start=1):
         pctx = init_parallel(layout)
         arch = read_arch(ckpt)
         chunks = build_model(arch, pctx, init_weights=False)
         load_model_weights(chunks, ckpt)
-        cfg = SyncConfig(transport=transport, bucket_mb=bucket_bytes / 1e6)
+        cfg = SyncConfig(transport=transport, bucket_mb=bucket_bytes / 1e6, dtype=dtype[0] if dtype else None)
         target = PushTarget(api_key=API_KEY, disk_dir=disk_dir, route=_route(world_size, len(urls)))
         sync = Push(cfg, target, arch, pctx, fleet)
         before = logprob_gap(chunks, pctx, fleet, PROBE)

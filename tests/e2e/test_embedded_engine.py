@@ -388,3 +388,16 @@ def test_simulated_devices_refuse_a_bucket_from_a_device_the_rank_does_not_hold(
         assert torch.allclose(torch.tensor(got), norm * 0.5)
         c.end_weight_update()
         c.close()
+
+
+def test_per_sample_seeds_give_reproducible_distinct_samples(server):
+    """The client asks a seeded request's n samples as n seeded copies (what SGLang needs for
+    one seed per sample); the engine answers them, the same twice, different across samples."""
+    c = server.client(retries=0, per_sample_seeds=True)
+    req = GenerateRequest(PROMPTS, SamplingParams(max_new_tokens=8, n=4, seed=11, temperature=1.0))
+    first, again = c.generate(req), c.generate(req)
+    assert [[x.output_ids for x in g] for g in first] == [[x.output_ids for x in g] for g in again]
+    assert [[(x.prompt_index, x.sample_index) for x in g] for g in first] == [[(i, j) for j in range(4)]
+                                                                             for i in range(len(PROMPTS))]
+    assert all(len({x.output_ids for x in g}) > 1 for g in first)  # not one shared seed
+    c.close()

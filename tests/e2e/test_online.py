@@ -127,22 +127,28 @@ def resume_runs(tiny_chat_model, tmp_path_factory):
     return straight, resumed, done
 
 
-def test_resume_continues_exactly(resume_runs):
-    straight, resumed, done = resume_runs
+def assert_same_run(straight, resumed, done) -> list[dict]:
+    """The resumed run (2 + 2 steps) equals the straight one (4 steps): every exact metric of
+    every step and every weight of the final checkpoint.  Returns the straight run's records."""
     assert "[resume] from" in done.stdout and "at step 2" in done.stdout
-
     a, b = records(straight, "train"), records(resumed, "train")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert {k: ra[k] for k in EXACT_KEYS} == {k: rb[k] for k in EXACT_KEYS}, ra["step"]
         assert ra["spin_iteration"] == rb["spin_iteration"]
-    assert a[1]["loss"] != a[0]["loss"] and a[2]["loss"] != a[0]["loss"]  # updates happened between steps
     final_a = checkpoint_tensors(straight / "checkpoints" / "step_00000004" / "actor")
     final_b = checkpoint_tensors(resumed / "checkpoints" / "step_00000004" / "actor")
     assert final_a.keys() == final_b.keys()
     for k in final_a:
         if isinstance(final_a[k], torch.Tensor):
             assert torch.equal(final_a[k], final_b[k]), k
+    return a
+
+
+def test_resume_continues_exactly(resume_runs):
+    straight, resumed, done = resume_runs
+    a = assert_same_run(straight, resumed, done)
+    assert a[1]["loss"] != a[0]["loss"] and a[2]["loss"] != a[0]["loss"]  # updates happened between steps
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
 
 
@@ -163,21 +169,11 @@ def test_resume_dp2_with_the_distributed_optimizer_continues_exactly(tiny_chat_m
     run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={straight}")
     run_cli(tmp_path, *common, "trainer.total_training_steps=2", f"trainer.default_local_dir={resumed}")
     done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={resumed}")
-    assert "[resume] from" in done.stdout and "at step 2" in done.stdout
-    a, b = records(straight, "train"), records(resumed, "train")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
-        assert {k: ra[k] for k in EXACT_KEYS} == {k: rb[k] for k in EXACT_KEYS}, ra["step"]
+    a = assert_same_run(straight, resumed, done)
     lrs = [r["lr"] for r in a]  # warmup, peak, cosine: a resume one schedule step off would show
     assert all(x != y for x, y in zip(lrs, lrs[1:])), lrs
     ranks = {json.loads(line)["dp"] for f in (straight / "ranks").iterdir() for line in f.read_text().splitlines()}
     assert ranks == {0, 1}  # two data-parallel ranks trained
-    final_a = checkpoint_tensors(straight / "checkpoints" / "step_00000004" / "actor")
-    final_b = checkpoint_tensors(resumed / "checkpoints" / "step_00000004" / "actor")
-    assert final_a.keys() == final_b.keys()
-    for k in final_a:
-        if isinstance(final_a[k], torch.Tensor):
-            assert torch.equal(final_a[k], final_b[k]), k
 
 
 def test_report_over_two_runs_renders(resume_runs, tmp_path):

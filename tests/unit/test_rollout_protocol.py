@@ -598,3 +598,47 @@ def test_stop_lets_the_running_batch_finish(make_worker):
     stopper.join(WAIT)
     assert running.result(WAIT) == (["out-r"], "v0")
     assert rec.sizes == [1]
+
+
+# --------------------------------------------------------------------------- per-sample seeds
+def test_per_sample_seeds_ask_n_seeded_copies_of_each_prompt():
+    """SGLang gives a prompt's n samples one shared seed; n copies with a seed each is how every
+    sample gets its own (and a resumed run draws the same ones)."""
+    from megatron_spin.rollout.protocol import sample_seed
+
+    req = GenerateRequest(((1, 2), (3,)), SamplingParams(n=3, seed=7, max_new_tokens=4), return_logprob=True)
+    out = req.per_sample_seeds()
+    assert out.input_ids == ((1, 2),) * 3 + ((3,),) * 3 and out.sampling.n == 1 and out.sampling.seed is None
+    assert out.seeds == tuple(sample_seed(7, p, j) for p in ((1, 2), (3,)) for j in range(3))
+    assert len(set(out.seeds)) == 6  # every sample of every prompt its own seed
+    body = out.to_json()
+    assert [d["sampling_seed"] for d in body["sampling_params"]] == list(out.seeds)
+    assert all(d["n"] == 1 and d["max_new_tokens"] == 4 for d in body["sampling_params"])
+    assert GenerateRequest.from_json(body) == out  # the embedded engine reads SGLang's list form
+
+
+def test_per_prompt_sampling_params_may_differ_only_in_the_seed():
+    body = GenerateRequest(((1,), (2,)), SamplingParams(seed=1)).per_sample_seeds().to_json()
+    body["sampling_params"][1]["temperature"] = 0.5
+    with pytest.raises(ProtocolError, match="differ only in 'sampling_seed'"):
+        GenerateRequest.from_json(body)
+    with pytest.raises(ProtocolError, match="per-sample seeds need"):
+        GenerateRequest(((1,),), SamplingParams(n=2)).per_sample_seeds()
+    with pytest.raises(ProtocolError, match="2 seeds for 1 prompts"):
+        GenerateRequest(((1,),), seeds=(1, 2))
+
+
+def test_regroup_samples_restores_prompt_and_sample_indices():
+    from megatron_spin.rollout.protocol import Completion, regroup_samples
+
+    copies = [[Completion(i, 0, (i,), "stop", "1", 1)] for i in range(6)]
+    grouped = regroup_samples(copies, 3)
+    assert [[(c.prompt_index, c.sample_index, c.output_ids) for c in g] for g in grouped] == [
+        [(0, 0, (0,)), (0, 1, (1,)), (0, 2, (2,))], [(1, 0, (3,)), (1, 1, (4,)), (1, 2, (5,))]]
+
+
+def test_deterministic_sglang_is_launched_so_seeds_apply():
+    from megatron_spin.rollout.launcher import sglang_command
+
+    assert "--enable-deterministic-inference" in sglang_command("/m", deterministic=True)
+    assert "--enable-deterministic-inference" not in sglang_command("/m")

@@ -25,7 +25,6 @@ Log-probs are of the raw (temperature 1) distribution: the quantity the trainer 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import threading
 import time
 from typing import Optional, Sequence
@@ -35,18 +34,9 @@ import torch
 from megatron_spin.rollout.embedded.batching import BatchingWorker
 from megatron_spin.rollout.embedded.generator import GenerationJob, GenerationOutput, HFGenerator
 from megatron_spin.rollout.embedded.weights import ModelWeights, load_safetensors_dir
-from megatron_spin.rollout.protocol import Completion, GenerateRequest, ProtocolError, check_names
+from megatron_spin.rollout.protocol import Completion, GenerateRequest, ProtocolError, check_names, sample_seed
 from megatron_spin.wire.tensor_payload import PayloadError, decode_named_tensors
 from megatron_spin.wire.update_group import UpdateGroup, create_update_group
-
-
-def _job_seed(seed: Optional[int], prompt: Sequence[int], sample: int) -> Optional[int]:
-    """A seed per (request seed, prompt, sample): reproducible whatever the batch holds, and
-    different for different prompts (one seed shared by all would correlate their samples)."""
-    if seed is None:
-        return None
-    digest = hashlib.blake2b(f"{seed}:{sample}:{','.join(map(str, prompt))}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class EngineUnavailable(RuntimeError):
@@ -115,11 +105,12 @@ class EmbeddedEngine:
     def generate(self, request: GenerateRequest, timeout: Optional[float] = None) -> list[list[Completion]]:
         self._check_limits(request)
         n = request.sampling.n
+        seeds = request.seeds or (request.sampling.seed,) * len(request.input_ids)  # per prompt, or the request's
         jobs = [
             GenerationJob(tuple(p), dataclasses.replace(request.sampling, n=1,
-                          seed=_job_seed(request.sampling.seed, p, j)),
+                          seed=None if seed is None else sample_seed(seed, p, j)),
                           request.return_logprob, request.logprob_start_len)
-            for p in request.input_ids for j in range(n)
+            for p, seed in zip(request.input_ids, seeds) for j in range(n)
         ]
         outputs, version = self._worker.submit(jobs).result(timeout=timeout)
         self.stats.requests += 1
