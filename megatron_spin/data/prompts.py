@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from megatron_spin import packaged
-from megatron_spin.data.config import DataConfig
+from megatron_spin.data.config import DataConfig, PromptFormat
 from megatron_spin.data.preference_file import DataFileError, Prompt, encode_prompt, encode_response
 
 
@@ -122,11 +122,15 @@ class FilterReport:
 
 
 def encode_prompts(records: Sequence[PromptRecord], tokenizer, max_prompt_length: int,
-                   max_response_length: Optional[int] = None) -> tuple[list[EncodedPrompt], FilterReport]:
-    """Tokenise through the chat template and drop prompts (or ground truths) that do not fit."""
+                   max_response_length: Optional[int] = None, chat: bool = True) -> tuple[list[EncodedPrompt], FilterReport]:
+    """Tokenise (through the chat template unless ``chat=False``) and drop prompts (or ground
+    truths) that do not fit."""
     kept, too_long, resp_long = [], 0, 0
     for r in records:
-        ids = encode_prompt(tokenizer, r.prompt)
+        try:
+            ids = encode_prompt(tokenizer, r.prompt, chat)
+        except DataFileError as exc:
+            raise DataFileError(f"{r.where}: {exc}") from None
         if len(ids) > max_prompt_length:
             too_long += 1
             continue
@@ -204,7 +208,8 @@ def load_prompts(cfg: DataConfig, tokenizer, *, need_truth: bool = False,
                 raise DataFileError(f"SPIN needs a ground-truth '{cfg.response_key}' in every training record; "
                                     f"{len(missing)} lack one, e.g. {missing[0]}")
         kept, report = encode_prompts(records, tokenizer, cfg.max_prompt_length,
-                                      cfg.max_response_length if what == "train" else None)
+                                      cfg.max_response_length if what == "train" else None,
+                                      chat=cfg.prompt_format == PromptFormat.CHAT)
         if files:
             log(f"[data] {what}: {report}")
         out.append(kept)

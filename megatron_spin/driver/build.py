@@ -33,7 +33,6 @@ class RunParts:
     val: list[EncodedPrompt]
     logger: MetricLogger
     cluster: TrainerCluster
-    pairs_multiple: int  # pairs per update must be a multiple of this (DP x micro-batch)
 
 
 def build_run(cfg: RunConfig, run_dir: Path, resume_step: Optional[int]) -> RunParts:
@@ -57,5 +56,4 @@ def build_run(cfg: RunConfig, run_dir: Path, resume_step: Optional[int]) -> RunP
     cluster = TrainerCluster(cfg, arch, placement, model, run_dir, resume_step)
     logger = MetricLogger(run_dir, t.logger, project=t.project_name, experiment=t.experiment_name, config=to_dict(cfg),
                           resume_step=resume_step)
-    dp = placement.trainer_world // a.layout.model_parallel_size
-    return RunParts(model, tokenizer, loader, val, logger, cluster, pairs_multiple=dp * a.micro_pairs)
+    return RunParts(model, tokenizer, loader, val, logger, cluster)

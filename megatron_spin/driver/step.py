@@ -42,27 +42,26 @@ def generate(fleet: RolloutFleet, prompts: Sequence[EncodedPrompt], sampling: Sa
     return groups
 
 
-def make_pairs(algo: AlgorithmConfig, prompts: Sequence[EncodedPrompt], scored: Sequence[Sequence[ScoredSample]],
-               multiple: int) -> tuple[list[PreferencePair], PairStats, int]:
+def make_pairs(algo: AlgorithmConfig, prompts: Sequence[EncodedPrompt],
+               scored: Sequence[Sequence[ScoredSample]]) -> tuple[list[PreferencePair], PairStats]:
     """Pairs for one update (best-vs-worst / all pairs above a margin, or SPIN's ground truth vs
-    sample), cut to a multiple of DP × micro-batch so every rank gets whole micro-batches;
-    returns the pairs, the builder's counts and how many were cut."""
+    sample) and the builder's counts.  Every pair trains: the ranks pad to whole micro-batches
+    with pairs that carry no loss."""
     cfg = algo.pairs
     if algo.spin:
         truth = {s[0].prompt_id: p.response_ids for p, s in zip(prompts, scored)}
         pairs, stats = build_spin_pairs(scored, truth, per_prompt=cfg.spin_selection)
     else:
         pairs, stats = build_pairs(scored, strategy=cfg.strategy, margin=cfg.min_margin,
-                                   unfinished_penalty=cfg.unfinished_penalty)
-    cut = len(pairs) % multiple
-    return pairs[: len(pairs) - cut], stats, cut
+                                   unfinished_penalty=cfg.unfinished_penalty, ties=cfg.ties)
+    return pairs, stats
 
 
 def step_metrics(scored: Sequence[Sequence[ScoredSample]], stats: PairStats, update: dict, timing: dict, *,
-                 cut: int, iteration: int, version: int) -> dict:
+                 iteration: int, version: int) -> dict:
     rewards = [s.reward for g in scored for s in g]
     tokens = sum(len(s.response_ids) for g in scored for s in g)
-    return {**update, **stats.as_metrics(), "pairs/cut_to_micro_batches": cut,
+    return {**update, **stats.as_metrics(),
             "reward/mean": sum(rewards) / len(rewards), "reward/max": max(rewards), "reward/min": min(rewards),
             "spin_iteration": iteration, "weight_version": version,
             "rollout/tokens_per_s": tokens / max(timing["generate"], 1e-9),

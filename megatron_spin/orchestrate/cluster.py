@@ -61,6 +61,21 @@ class TrainResult:
         return {**self.stats, "timing/ref_logps": self.ref_seconds, "timing/train": self.train_seconds, **self.perf}
 
 
+def cpu_threads(placement: Placement, colocated: bool) -> tuple[int, int]:
+    """torch threads of (each trainer rank, each engine) on CPU hosts (0: torch's default, GPUs).
+
+    Colocated, generation and training take turns (the engines sleep while the actor trains, the
+    ranks wait while the engines sample), so each phase may use every core: the ranks share them
+    during an update, the engines during sampling.  Disaggregated, they run at once and split."""
+    if placement.gpus_per_node:
+        return 0, 0
+    cpus = os.cpu_count() or 1
+    if colocated:
+        return max(1, cpus // placement.trainer_world), max(1, cpus // placement.engines)
+    split = max(1, cpus // (placement.trainer_world + placement.engines))
+    return split, split
+
+
 class TrainerCluster:
     def __init__(self, cfg: RunConfig, arch: ModelArch, placement: Placement, model: PreparedModel,
                  run_dir: Path, resume_step: Optional[int] = None):
@@ -69,8 +84,7 @@ class TrainerCluster:
         self.cfg, self.arch, self.placement = cfg, arch, placement
         self.timeout_s = cfg.trainer.timeout_s
         api_key = secrets.token_urlsafe(24)  # engines accept weights only from this run
-        cpu_actors = placement.trainer_world + placement.engines
-        threads = max(1, (os.cpu_count() or 1) // cpu_actors) if not placement.gpus_per_node else 0
+        rank_threads, engine_threads = cpu_threads(placement, cfg.rollout.colocated)
         transport = cfg.rollout.sync.transport
         # Tensor pushes go by device locality: which trainer rank feeds which engine rank.
         self.route = FeedRoute.for_placement(trainer_world=placement.trainer_world, engines=placement.engines,
@@ -82,11 +96,11 @@ class TrainerCluster:
             side_files=str(model.megatron_dir / HF_SUBDIR), route=self.route)
         self.rank_spec = RankSpec(
             str(model.megatron_dir), cfg.actor, cfg.actor_rollout_ref.ref, cfg.algorithm.loss, cfg.rollout.sync,
-            self.target, seed=cfg.trainer.seed, threads=threads, timeout_s=self.timeout_s,
+            self.target, seed=cfg.trainer.seed, threads=rank_threads, timeout_s=self.timeout_s,
             metrics_dir=str(run_dir / "ranks"), resume_step=resume_step)
         self.engine_launch = EngineLaunch(
             str(model.hf_dir), host="127.0.0.1" if cfg.trainer.nnodes == 1 else "0.0.0.0", api_key=api_key,
-            log_dir=engine_log_dir(str(run_dir)), threads=cfg.rollout.threads or threads)
+            log_dir=engine_log_dir(str(run_dir)), threads=cfg.rollout.threads or engine_threads)
         self.workers: list = []
         self.engines: list = []
         self.fleet: Optional[RolloutFleet] = None

@@ -169,8 +169,13 @@ class TrainerWorker:
 
     def train(self, pairs: Sequence, iteration: int, step: int = 0) -> RankTrainResult:
         """One update on ``pairs`` (the whole global batch; this rank takes its DP slice)."""
-        batch = collate_pairs(pairs, pad_id=self.pad_id, pad_to_multiple_of=self.spec.actor.precision.sequence_multiple)
-        mbs = rank_micro_batches(batch, BatchConfig(len(pairs), self.spec.actor.micro_pairs), self.pctx.dp_rank,
+        actor = self.spec.actor
+        # Whole micro-batches on every DP rank (and a multiple of PP for the interleaved schedule):
+        # padding pairs of weight 0, never a pair dropped.
+        whole = actor.micro_pairs * self.pctx.dp_size * (actor.pp if (actor.vpp or 1) > 1 else 1)
+        batch = collate_pairs(pairs, pad_id=self.pad_id, pad_to_multiple_of=actor.precision.sequence_multiple)
+        batch = batch.padded_to(whole)
+        mbs = rank_micro_batches(batch, BatchConfig(batch.num_pairs, actor.micro_pairs), self.pctx.dp_rank,
                                  self.pctx.dp_size)
         t0 = time.monotonic()
         ref_logps = self.ref.logps(mbs) if self.ref is not None else None

@@ -10,6 +10,7 @@ policy's own samples (rejected). Ties in reward produce no pair; they are counte
 from megatron_spin.pairs.builder import (
     PairStrategy,
     SpinSelection,
+    TieRule,
     Truncation,
     build_pairs,
     build_spin_pairs,
@@ -24,6 +25,7 @@ __all__ = [
     "PreferenceBatch",
     "PairStrategy",
     "SpinSelection",
+    "TieRule",
     "Truncation",
     "build_pairs",
     "build_spin_pairs",

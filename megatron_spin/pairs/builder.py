@@ -46,6 +46,16 @@ class PairStrategy(enum.StrEnum):
     ALL_PAIRS = "all_pairs"  # every sample pair whose rewards differ by more than the margin
 
 
+class TieRule(enum.StrEnum):
+    """What a comparison whose rewards tie (within the margin) makes."""
+
+    SKIP = "skip"  # no pair: preferring one of two equally good answers trains on noise
+    # A pair anyway, the earlier sample chosen (TRL's rule).  Only with a zero margin: within a
+    # margin the earlier sample may be the worse one.  Token-identical samples pair too (TRL's
+    # behaviour): such a pair has zero gradient and counts in the mean, as there.
+    FIRST = "first"
+
+
 class SpinSelection(enum.StrEnum):
     """Which policy samples of a prompt become SPIN rejected responses."""
 
@@ -116,6 +126,7 @@ def build_pairs(
     strategy: PairStrategy | str,
     margin: float = 0.0,
     unfinished_penalty: Optional[float] = None,
+    ties: TieRule | str = TieRule.SKIP,
 ) -> tuple[list[PreferencePair], PairStats]:
     """Pair each prompt's scored samples; return the pairs (in input order) and the counts.
 
@@ -127,11 +138,19 @@ def build_pairs(
 
     ``unfinished_penalty`` is subtracted from the reward of every ``finished=False`` sample before
     pairing; the pairs carry these effective rewards.
+
+    ``ties="first"`` pairs a tied comparison anyway (counted in ``ties_paired``): the earlier
+    sample is chosen, and best-vs-worst of an all-equal group pairs sample 0 with sample 1 — TRL's
+    ``OnlineDPOTrainer`` rule (``chosen = first if r_first >= r_second``).
     """
     strategy = _coerce(PairStrategy, strategy, "strategy")
+    ties = _coerce(TieRule, ties, "ties")
     margin = float(margin)
     if not math.isfinite(margin) or margin < 0:
         raise ValueError(f"margin must be a finite number >= 0, got {margin}")
+    if ties is TieRule.FIRST and margin > 0:
+        raise ValueError(f"ties='first' pairs exact ties only; with margin {margin} it would choose the "
+                         "earlier of two samples whatever their order")
     if unfinished_penalty is not None:
         unfinished_penalty = float(unfinished_penalty)
         if not math.isfinite(unfinished_penalty) or unfinished_penalty < 0:
@@ -140,7 +159,7 @@ def build_pairs(
             )
 
     pairs: list[PreferencePair] = []
-    samples = ties = without_pair = penalised = 0
+    samples = tie_count = without_pair = penalised = paired_ties = 0
     for index, group in enumerate(samples_by_prompt):
         _check_group(group, index, min_samples=2)
         samples += len(group)
@@ -157,6 +176,8 @@ def build_pairs(
             # max()/min() return the first of equal keys: first occurrence breaks ties.
             best = max(range(len(group)), key=rewards.__getitem__)
             worst = min(range(len(group)), key=rewards.__getitem__)
+            if worst == best:  # every reward equal: the first sample against the next one
+                worst = 1 if best == 0 else 0
             comparisons = [(best, worst)]
         else:
             # Input-index order i < j, oriented so the higher reward is chosen.
@@ -170,8 +191,11 @@ def build_pairs(
         for c, r in comparisons:
             # margin == 0 makes this "exactly equal" since rewards[c] >= rewards[r] here.
             if rewards[c] - rewards[r] <= margin or group[c].response_ids == group[r].response_ids:
-                ties += 1
-                continue
+                if ties is TieRule.SKIP:
+                    tie_count += 1
+                    continue
+                c, r = min(c, r), max(c, r)  # the earlier sample is chosen
+                paired_ties += 1
             pairs.append(_make_pair(group[c], group[r], rewards[c], rewards[r]))
             kept += 1
         if kept == 0:
@@ -181,9 +205,10 @@ def build_pairs(
         prompts=len(samples_by_prompt),
         samples=samples,
         pairs=len(pairs),
-        ties_skipped=ties,
+        ties_skipped=tie_count,
         prompts_without_pair=without_pair,
         unfinished_penalised=penalised,
+        ties_paired=paired_ties,
     )
     return pairs, stats
 

@@ -109,6 +109,7 @@ class PairStats:
     ties_skipped: int = 0
     prompts_without_pair: int = 0
     unfinished_penalised: int = 0
+    ties_paired: int = 0  # ties paired anyway (tie rule "first")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -143,6 +144,7 @@ class PairStats:
             f"{prefix}samples": float(self.samples),
             f"{prefix}kept": float(self.pairs),
             f"{prefix}ties_skipped": float(self.ties_skipped),
+            f"{prefix}ties_paired": float(self.ties_paired),
             f"{prefix}prompts_without_pair": float(self.prompts_without_pair),
             f"{prefix}unfinished_penalised": float(self.unfinished_penalised),
             # Rates are 0.0 for an empty batch rather than NaN, so they can be averaged.
@@ -173,6 +175,10 @@ class PreferenceBatch:
 
     ``loss_mask[i].sum() == response_lengths[i] >= 1`` for every row (collation rejects empty
     responses), so no row's loss is ever all-masked.
+
+    ``pair_weights`` ([P]: 1 for a real pair, 0 for a padding pair) and ``loss_scale`` let a batch
+    be padded to whole micro-batches without dropping a pair (:meth:`padded_to`): a padding pair
+    carries no loss, and the scale makes the gradient that of the mean over the real pairs.
     """
 
     tokens: torch.Tensor  # [2P, S] int64: chosen rows first, then rejected
@@ -183,10 +189,16 @@ class PreferenceBatch:
     rejected_rewards: tuple[float, ...]  # [P], nan where there is none
     pad_id: int
     pair_prompt_ids: tuple[str, ...]  # [P] prompt_id of each pair, for logs and error messages
+    pair_weights: Optional[torch.Tensor] = None  # [P] float32: 1 real pair, 0 padding (None: all real)
+    loss_scale: float = 1.0  # padded pairs / real pairs of the whole batch (see padded_to)
 
     def __post_init__(self) -> None:
         # Shape and dtype checks only: anything data-dependent would force a device sync.
         p = self.num_pairs
+        if self.pair_weights is None:
+            object.__setattr__(self, "pair_weights", torch.ones(p, dtype=torch.float32))
+        if tuple(self.pair_weights.shape) != (p,):
+            raise ValueError(f"pair_weights must be [P]=[{p}], got {tuple(self.pair_weights.shape)}")
         if p < 1:
             raise ValueError(f"PreferenceBatch needs at least one pair, got num_pairs={p}")
         if self.tokens.dim() != 2 or self.tokens.shape[0] != 2 * p:
@@ -225,6 +237,33 @@ class PreferenceBatch:
             tokens=self.tokens.to(device, non_blocking=non_blocking),
             loss_mask=self.loss_mask.to(device, non_blocking=non_blocking),
             response_lengths=self.response_lengths.to(device, non_blocking=non_blocking),
+            pair_weights=self.pair_weights.to(device, non_blocking=non_blocking),
+        )
+
+    def padded_to(self, multiple: int) -> "PreferenceBatch":
+        """This batch with padding pairs (copies of pair 0 of weight 0) up to a multiple of
+        ``multiple`` pairs — whole micro-batches on every data-parallel rank — and
+        ``loss_scale = padded / real``: each micro-batch's mean over its pairs, times the scale,
+        makes the gradient exactly that of the mean over the real pairs (Megatron divides by the
+        micro-batch count, DDP by the ranks)."""
+        extra = -self.num_pairs % int(multiple)
+        if not extra:
+            return self
+        rows = [0] * extra
+        pad = self.select_pairs(rows)
+        p, q = self.num_pairs, self.num_pairs + extra
+
+        def both(a, b):  # chosen rows of both, then rejected rows of both
+            return torch.cat([a[:p], b[:extra], a[p:], b[extra:]])
+
+        return PreferenceBatch(
+            tokens=both(self.tokens, pad.tokens), loss_mask=both(self.loss_mask, pad.loss_mask),
+            response_lengths=both(self.response_lengths, pad.response_lengths), num_pairs=q,
+            chosen_rewards=self.chosen_rewards + pad.chosen_rewards,
+            rejected_rewards=self.rejected_rewards + pad.rejected_rewards, pad_id=self.pad_id,
+            pair_prompt_ids=self.pair_prompt_ids + tuple("<padding>" for _ in rows),
+            pair_weights=torch.cat([self.pair_weights, torch.zeros(extra, dtype=self.pair_weights.dtype)]),
+            loss_scale=q / float(self.pair_weights.sum()),
         )
 
     def select_pairs(self, indices: Sequence[int]) -> "PreferenceBatch":
@@ -243,6 +282,8 @@ class PreferenceBatch:
             rejected_rewards=tuple(self.rejected_rewards[i] for i in idx),
             pad_id=self.pad_id,
             pair_prompt_ids=tuple(self.pair_prompt_ids[i] for i in idx),
+            pair_weights=self.pair_weights.index_select(0, torch.tensor(idx, device=self.pair_weights.device)),
+            loss_scale=self.loss_scale,
         )
 
     def split_micro_batches(

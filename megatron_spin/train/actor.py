@@ -68,8 +68,8 @@ class Actor:
     ) -> dict[str, float]:
         """Forward/backward over all micro-batches, one optimizer step, one LR-schedule step.
 
-        Metrics are averaged over micro-batches and data-parallel ranks on the last pipeline
-        stage; every rank gets grad norm and LR.
+        Metrics are means over the real pairs of the whole batch (padding pairs excluded), on the
+        last pipeline stage; every rank gets grad norm and LR.
         """
         for c in self.chunks:
             c.zero_grad_buffer()
@@ -86,11 +86,12 @@ class Actor:
         if per_micro:
             keys = sorted(per_micro[0])
             # One stack and one all-reduce on the device (NCCL needs device tensors), one host copy.
-            means = torch.stack([torch.stack([m[k].float() for k in keys]) for m in per_micro]).mean(dim=0)
+            sums = torch.stack([torch.stack([m[k].float() for k in keys]) for m in per_micro]).sum(dim=0)
             if self.pctx.dp_size > 1:
-                dist.all_reduce(means, group=self.pctx.dp_group)
-                means /= self.pctx.dp_size
-            metrics.update({k: float(v) for k, v in zip(keys, means.cpu())})
-            # a total, not a mean: tokens of the whole global batch
-            metrics["response_tokens"] *= len(per_micro) * self.pctx.dp_size
+                dist.all_reduce(sums, group=self.pctx.dp_group)
+            totals = dict(zip(keys, sums.cpu().tolist()))
+            real = totals.pop("pairs")
+            metrics.update({k: v / real for k, v in totals.items()})  # means over the real pairs
+            metrics["response_tokens"] = totals["response_tokens"]  # a total: the whole global batch
+            metrics["pairs"] = real
         return metrics

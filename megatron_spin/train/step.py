@@ -79,8 +79,9 @@ def preference_forward_backward(
 
     Megatron divides each micro-batch loss by the number of micro-batches, and DDP averages
     over data-parallel ranks, so with equal micro-batch sizes the gradient is that of the
-    mean loss over the global batch of pairs, whatever the number of ranks.
-    Returns per-micro-batch statistics (last stage only; empty elsewhere).
+    mean loss over the global batch of pairs, whatever the number of ranks; padding pairs
+    (weight 0) and the batch's ``loss_scale`` keep it the mean over the real pairs.
+    Returns per-micro-batch sums over real pairs (last stage only; empty elsewhere).
     """
 
     rows, seq_len = _geometry(micro_batches)
@@ -108,17 +109,21 @@ def preference_forward_backward(
                 chosen_lengths=lengths[:k], rejected_lengths=lengths[k:], simpo_gamma=loss_cfg.simpo_gamma,
                 nll_weight=loss_cfg.nll_weight, iteration=iteration,
             )
-            loss = out.losses.mean()
+            # Padding pairs weigh 0; the scale makes the mean over real pairs (PreferenceBatch.padded_to).
+            w = mb.pair_weights.to(logps.device)
+            loss = (out.losses * w).mean() * mb.loss_scale
+            # Sums over the real pairs: the actor divides by the real pair count of the whole batch.
             stats = {
+                "pairs": w.sum(),
                 # clone: Megatron divides the returned loss in place by the micro-batch count
-                "loss": loss.detach().clone(),
-                "reward_accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean(),
-                "reward_chosen": out.chosen_rewards.mean(),
-                "reward_rejected": out.rejected_rewards.mean(),
-                "reward_margin": (out.chosen_rewards - out.rejected_rewards).mean(),
-                "logps_chosen": logps[:k].detach().mean(),
-                "logps_rejected": logps[k:].detach().mean(),
-                "response_tokens": mb.response_lengths.sum().float(),
+                "loss": (out.losses.detach() * w).sum(),
+                "reward_accuracy": ((out.chosen_rewards > out.rejected_rewards).float() * w).sum(),
+                "reward_chosen": (out.chosen_rewards * w).sum(),
+                "reward_rejected": (out.rejected_rewards * w).sum(),
+                "reward_margin": ((out.chosen_rewards - out.rejected_rewards) * w).sum(),
+                "logps_chosen": (logps[:k].detach() * w).sum(),
+                "logps_rejected": (logps[k:].detach() * w).sum(),
+                "response_tokens": (mb.response_lengths.to(w.device).float() * torch.cat([w, w])).sum(),
             }
             return loss, stats
 

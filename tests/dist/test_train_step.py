@@ -269,3 +269,42 @@ def test_padding_sequences_to_a_multiple_of_16_changes_nothing(tiny_ckpt):
     assert torch.allclose(logps1, logps16, atol=1e-5, rtol=0), (logps1 - logps16).abs().max()
     assert abs(loss1 - loss16) <= 1e-6
     assert max(float((a - b).abs().max()) for a, b in zip(w1, w16)) <= 1e-6
+
+
+def _padding_jobs(rank, world_size, ckpt, batch, micro_pairs):
+    from megatron_spin.ckpt.metadata import read_arch
+    from megatron_spin.parallel.groups import destroy_parallel, init_parallel
+    from megatron_spin.train.actor import Actor
+    from megatron_spin.train.batching import rank_micro_batches
+    from megatron_spin.train.reference import Reference
+
+    arch = read_arch(ckpt)
+    out = {}
+    for micro in micro_pairs:
+        pctx = init_parallel(ParallelLayout())  # two ranks: DP=2
+        actor = Actor.build(arch, pctx, OptimConfig(optimizer="sgd", lr=0.05), LossConfig(beta=0.5), init_from=ckpt)
+        ref = Reference.build(arch, pctx, init_from=ckpt)
+        padded = batch.padded_to(micro * pctx.dp_size)
+        mbs = rank_micro_batches(padded, BatchConfig(padded.num_pairs, micro), pctx.dp_rank, pctx.dp_size)
+        metrics = actor.train_step(mbs, ref.logps(mbs))
+        out[micro] = (padded.num_pairs, metrics, [p.detach().clone() for c in actor.modules for p in c.parameters()])
+        destroy_parallel()
+    return out
+
+
+def test_padding_pairs_carry_no_loss_and_the_update_equals_the_unpadded_one(tiny_ckpt):
+    """Six pairs on two DP ranks: micro-batches of 1 or 3 pairs need no padding; of 4 or 5 they need
+    2 or 4 padding pairs (one rank gets 1 real pair and 4 padding ones).  Every update — loss,
+    metrics, weights — equals the unpadded one: no pair is dropped, none counts twice."""
+    batch = collate_pairs(synthetic_pairs(6, seed=11), pad_id=0)
+    out, other = launch(_padding_jobs, 2, (tiny_ckpt, batch, (1, 3, 4, 5)), timeout=LAUNCH_TIMEOUT)
+    assert [out[m][0] for m in (1, 3, 4, 5)] == [6, 6, 8, 10]
+    _, ref_metrics, ref_weights = out[1]
+    assert ref_metrics["pairs"] == 6
+    for micro in (3, 4, 5):
+        _, metrics, weights = out[micro]
+        assert metrics["pairs"] == 6, micro
+        for key in ("loss", "reward_accuracy", "reward_margin", "logps_chosen", "response_tokens", "grad_norm"):
+            assert math.isclose(metrics[key], ref_metrics[key], rel_tol=1e-5, abs_tol=1e-6), (micro, key)
+        assert max(float((a - b).abs().max()) for a, b in zip(weights, ref_weights)) <= 1e-6, micro
+    assert all(math.isclose(other[m][1]["loss"], out[m][1]["loss"], rel_tol=1e-6) for m in (1, 4))  # both ranks agree

@@ -193,3 +193,21 @@ def test_short_rank_keeps_global_sequence_length():
     own_longest = max(int((mb.tokens != PAD).sum(dim=1).max()) for mb in mbs)
     assert own_longest < batch.seq_length
     assert all(mb.seq_length == batch.seq_length for mb in mbs)
+
+
+def test_padded_to_adds_weightless_pairs_and_the_loss_scale():
+    """Six pairs padded to eight: two copies of pair 0 with weight 0, chosen rows still first, and
+    loss_scale = 8/6 (each micro-batch's mean x scale = the mean over the six real pairs)."""
+    _, batch = make_batch(6)
+    padded = batch.padded_to(4)
+    assert padded.num_pairs == 8 and padded.pair_weights.tolist() == [1.0] * 6 + [0.0] * 2
+    assert padded.loss_scale == 8 / 6
+    assert torch.equal(padded.tokens[:6], batch.tokens[:6]) and torch.equal(padded.tokens[8:14], batch.tokens[6:])
+    assert torch.equal(padded.tokens[6], batch.tokens[0]) and torch.equal(padded.tokens[14], batch.tokens[6])
+    assert padded.pair_prompt_ids[6:] == ("<padding>", "<padding>")
+    assert batch.padded_to(3) is batch  # already whole
+    again = padded.padded_to(5)  # a padded batch padded further: the scale stays padded / real
+    assert again.num_pairs == 10 and again.loss_scale == 10 / 6 and again.pair_weights.sum() == 6
+    mbs = padded.split_micro_batches(4)
+    assert [mb.pair_weights.tolist() for mb in mbs] == [[1.0] * 4, [1.0, 1.0, 0.0, 0.0]]
+    assert all(mb.loss_scale == 8 / 6 for mb in mbs)

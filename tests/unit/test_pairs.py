@@ -62,7 +62,7 @@ def test_pair_stats_add_and_metrics():
     assert sum([a, b]) == total and a.merge(b) == total and a.merge() == a
     metrics = total.as_metrics()
     assert set(metrics) == {
-        "pairs/prompts", "pairs/samples", "pairs/kept", "pairs/ties_skipped",
+        "pairs/prompts", "pairs/samples", "pairs/kept", "pairs/ties_skipped", "pairs/ties_paired",
         "pairs/prompts_without_pair", "pairs/unfinished_penalised",
         "pairs/kept_per_prompt", "pairs/prompts_without_pair_frac",
     }
@@ -324,3 +324,40 @@ def test_invariants_on_random_groups():
         batch = collate_pairs(pairs, pad_id=0, max_length=6, truncate="right")
         assert torch.equal(batch.loss_mask.sum(1).long(), batch.response_lengths)
         assert not batch.loss_mask[:, -1].any()
+
+
+# --------------------------------------------------------------------------- tie rule "first"
+def _group(rewards, prompt_id="p"):
+    return [ScoredSample(prompt_id, (1, 2), (10 + i, 3), r, True) for i, r in enumerate(rewards)]
+
+
+def test_tie_rule_first_pairs_ties_with_the_earlier_sample_chosen():
+    """TRL's OnlineDPOTrainer rule for n=2 (chosen = first if r_first >= r_second):
+    a tie still makes a pair.  The default ("skip") makes none."""
+    groups = [_group([0.5, 0.5], "tie"), _group([0.1, 0.9], "clear"), _group([0.3, 0.3, 0.3], "all-equal")]
+    skipped, s_stats = build_pairs(groups, strategy="best_vs_worst")
+    assert [p.prompt_id for p in skipped] == ["clear"] and s_stats.ties_skipped == 2 and s_stats.ties_paired == 0
+    pairs, stats = build_pairs(groups, strategy="best_vs_worst", ties="first")
+    assert [p.prompt_id for p in pairs] == ["tie", "clear", "all-equal"]
+    assert (pairs[0].chosen_ids, pairs[0].rejected_ids) == ((10, 3), (11, 3))  # sample 0 over sample 1
+    assert (pairs[1].chosen_ids, pairs[1].rejected_ids) == ((11, 3), (10, 3))  # the higher reward wins
+    assert (pairs[2].chosen_ids, pairs[2].rejected_ids) == ((10, 3), (11, 3))
+    assert stats.ties_skipped == 0 and stats.ties_paired == 2 and stats.pairs == 3
+    all_pairs, a_stats = build_pairs([_group([0.5, 0.5, 0.2])], strategy="all_pairs", ties="first")
+    assert len(all_pairs) == 3 and a_stats.ties_paired == 1  # (0,1) tied: 0 chosen
+    assert (all_pairs[0].chosen_ids, all_pairs[0].rejected_ids) == ((10, 3), (11, 3))
+    with pytest.raises(ValueError, match="ties must be one of"):
+        build_pairs(groups, strategy="best_vs_worst", ties="random")
+
+
+def test_tie_rule_first_refuses_a_margin():
+    """Within a margin the earlier sample may be the worse one: [0.1, 0.3] with margin 0.5 would
+    prefer 0.1.  Refused by the builder and, naming the key, by the config."""
+    from megatron_spin.errors import ConfigError
+    from megatron_spin.pairs.config import PairConfig
+
+    with pytest.raises(ValueError, match="exact ties only"):
+        build_pairs([_group([0.1, 0.3])], strategy="best_vs_worst", margin=0.5, ties="first")
+    with pytest.raises(ConfigError, match="ties"):
+        PairConfig(min_margin=0.5, ties="first")
+    assert PairConfig(min_margin=0.5).ties == "skip"

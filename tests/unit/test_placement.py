@@ -123,3 +123,19 @@ def test_pinned_gpu_indices_map_through_the_inherited_visible_devices():
     assert physical_gpu_ids([2, 3], {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == ["6", "7"]  # Slurm gave GPUs 4-7
     with pytest.raises(ValueError, match="outside this process's CUDA_VISIBLE_DEVICES=4,5"):
         physical_gpu_ids([2], {"CUDA_VISIBLE_DEVICES": "4,5"})
+
+
+def test_cpu_threads_let_each_phase_use_every_core_when_colocated(monkeypatch):
+    """Colocated CPU runs take turns (engines sample, then ranks train): each side gets all cores,
+    shared among its own processes; disaggregated ones run at once and split them; GPUs: torch's."""
+    import os
+
+    from megatron_spin.orchestrate.cluster import cpu_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    plan = lambda **kw: Placement.plan(**{"tp": 1, "pp": 1, "nnodes": 1, "gpus_per_node": 0, "num_engines": 1,  # noqa: E731
+                                          "engine_tp": 1, "colocated": True, **kw})
+    assert cpu_threads(plan(), colocated=True) == (8, 8)
+    assert cpu_threads(plan(tp=2, num_engines=2), colocated=True) == (4, 4)
+    assert cpu_threads(plan(tp=2, num_engines=2, colocated=False), colocated=False) == (2, 2)
+    assert cpu_threads(plan(gpus_per_node=8, num_engines=8), colocated=True) == (0, 0)

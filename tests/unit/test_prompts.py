@@ -77,6 +77,20 @@ def test_chat_template_encoding_and_length_filter(smollm2_dir):
     assert kept[0].response_ids[-1] == tok.eos_token_id
 
 
+def test_plain_prompt_format_takes_the_texts_own_tokens(smollm2_dir):
+    """data.prompt_format=plain: no chat template and no special token (base models; the TRL
+    benchmark's workload); a chat-message prompt is refused naming its file and line."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    kept, _ = encode_prompts([PromptRecord("The movie was", "f.jsonl:1")], tok, max_prompt_length=64, chat=False)
+    assert list(kept[0].input_ids) == tok("The movie was", add_special_tokens=False)["input_ids"]
+    assert "<|im_start|>" not in tok.decode(kept[0].input_ids)
+    chat = PromptRecord([{"role": "user", "content": "Hi"}], "f.jsonl:7")
+    with pytest.raises(DataFileError, match=r"f\.jsonl:7: prompt_format=plain needs string prompts"):
+        encode_prompts([chat], tok, max_prompt_length=64, chat=False)
+
+
 def _prompts(n):
     return [EncodedPrompt(PromptRecord(f"p{i}", f"f:{i}"), (i,)) for i in range(n)]
 
