@@ -98,7 +98,9 @@ def run(cfg: RunConfig) -> dict:
                 last = step
                 break
         progress.close()
-        if last == t.total_training_steps and (first <= last or not evaluate.results):
+        # Also when a run that had finished is started again: the final checkpoint is written
+        # before this evaluation, so a crash during it leaves the last step unevaluated.
+        if last == t.total_training_steps and last not in evaluate.results:
             evaluate(last, cluster.fleet, cluster.reward)
     parts.logger.close()
     return finish(run_dir, evaluate.results, last)

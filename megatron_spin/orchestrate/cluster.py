@@ -107,7 +107,7 @@ class TrainerCluster:
         self.coordinator: Optional[PushCoordinator] = None
         self.reward: Optional[RewardSource] = None  # set at start: reward-model workers are Ray actors
         self._started_ray = False
-        self._released_cache = False  # colocated: the engines' KV cache is released until the next push
+        self._released: set[str] = set()  # colocated: engines whose KV cache is released until the next push
         self._pg = None
         self.ranks: list[dict] = []  # what each rank reported at set-up (node, TP/PP/DP rank, peak FLOP/s)
 
@@ -142,8 +142,9 @@ class TrainerCluster:
                         for r in range(p.trainer_world)]
         engine_cls = ray.remote(EngineHost)
         simulated = self.route is not None and not p.gpus_per_node  # CPU: simulated devices per engine rank
+        gpus = self._colocated_engine_gpus() if p.gpus_per_node and p.colocated else [None] * p.engines
         self.engines = [engine_cls.options(**at(*p.engine_resources(i))).remote(
-                            i, self.cfg.rollout, self.engine_launch, p.engine_gpu_ids(i),
+                            i, self.cfg.rollout, self.engine_launch, gpus[i],
                             self.route.engine_devices(i) if simulated else None)
                         for i in range(p.engines)]
         urls = self._get([e.url.remote() for e in self.engines], "start the rollout engines")
@@ -161,6 +162,18 @@ class TrainerCluster:
                           for bundle, res, gpu_ids in (p.reward_resources(k, workers) for k in range(workers))]
         self.reward = build_reward_pool(self.cfg.reward_model, self.timeout_s, placements)
         return self
+
+    def _colocated_engine_gpus(self) -> list:  # pragma: no cover - GPU tier, unverified
+        """Each colocated engine's GPUs: those Ray gave the trainer ranks that feed it (Ray pins
+        none for a zero-GPU engine actor, and which GPU a rank's bundle got is Ray's choice)."""
+        p = self.placement  # the disk transport has no feed route, but its engines share GPUs the same way
+        route = self.route or FeedRoute.for_placement(trainer_world=p.trainer_world, engines=p.engines,
+                                                      engine_tp=p.engine_tp, gpus_per_node=p.gpus_per_node)
+        reported = self._get([w.gpus.remote() for w in self.workers], "ask the trainer ranks for their GPUs")
+        try:
+            return route.engine_gpus(reported)
+        except ValueError as exc:
+            raise ClusterError(f"colocated engines: {exc}") from None
 
     def stop(self) -> None:
         import ray
@@ -217,15 +230,19 @@ class TrainerCluster:
         then take back room for the weights (the push fills it; the KV cache returns after it)."""
         colocated = self.cfg.rollout.colocated
         if colocated:
-            self.fleet.each(lambda c: c.release_memory())  # weights, KV cache, CUDA graphs
-            self._released_cache = True
+            # A dropped engine that answers again is back first: it must give its memory back too.
+            self.fleet.probe()
+            released = self.fleet.reachable
+            self.fleet.each(lambda c: c.release_memory(), released)  # weights, KV cache, CUDA graphs
+            self._released = {s.client.url for s in released}
         started = time.monotonic()
         results: list[RankTrainResult] = self._call("train", list(pairs), iteration, step, what="actor update")
         seconds = time.monotonic() - started
         if colocated:
             # The trainer's cached blocks first, or the engines cannot map their memory back.
             self._call("release_device_cache", what="free the trainer's cached device memory")
-            self.fleet.each(lambda c: c.resume_memory(["weights"]))
+            self.fleet.each(lambda c: c.resume_memory(["weights"]),
+                            [s for s in self.fleet.reachable if s.client.url in self._released])
         mine = next(r for r in results if r.stats is not None)
         real = sum(2 * len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids) for x in pairs)
         p = self.placement
@@ -239,13 +256,16 @@ class TrainerCluster:
     def push(self, version: int) -> SyncReport:
         """The actor's weights to every reachable engine, as ``version``; colocated engines get
         their KV cache back once the weights are in (SGLang's order: weights, push, cache)."""
-        plan = self.coordinator.prepare(version)
-        results = self._call("send_weights", plan, what=f"weight push {version}")
-        report = self.coordinator.finish(plan, results)
-        if self._released_cache:
-            self.fleet.each(lambda c: c.resume_memory(["kv_cache", "cuda_graph"]))
-            self._released_cache = False
-        return report
+        try:
+            plan = self.coordinator.prepare(version)
+            results = self._call("send_weights", plan, what=f"weight push {version}")
+            return self.coordinator.finish(plan, results)
+        finally:
+            # Also after a failed push (the engines serve again once one completes); an engine
+            # that cannot take its cache back is dropped, not the run.
+            released, self._released = self._released, set()
+            self.fleet.each_or_drop(lambda c: c.resume_memory(["kv_cache", "cuda_graph"]),
+                                    [s for s in self.fleet.reachable if s.client.url in released])
 
     def verify_push(self, sequences: Sequence[Sequence[int]]) -> ProbeGap:
         """Every serving engine's token log-probs of ``sequences`` against the actor's."""

@@ -30,8 +30,9 @@ class EngineLaunch:
 
 class EngineHost:
     def __init__(self, index: int, rollout: RolloutConfig, launch: EngineLaunch,
-                 gpu_ids: Optional[tuple[int, ...]] = None, device_ids: Optional[tuple[str, ...]] = None):
-        """``gpu_ids``: node-local GPUs of a colocated SGLang engine (None: what Ray gave the actor).
+                 gpu_ids: Optional[tuple[str, ...]] = None, device_ids: Optional[tuple[str, ...]] = None):
+        """``gpu_ids``: a colocated SGLang engine's GPUs, as Ray named them to its feeder ranks (None:
+        what Ray gave the actor).
         ``device_ids``: the simulated devices an embedded engine's ranks hold (CPU tensor pushes)."""
         log = Path(launch.log_dir) / f"engine-{index}.log"
         self.launch = launch
@@ -43,7 +44,7 @@ class EngineHost:
                                         api_key=launch.api_key, tp_size=rollout.tp_size,
                                         mem_fraction_static=rollout.mem_fraction_static,
                                         enable_memory_saver=rollout.colocated, quantization=rollout.quantization,
-                                        deterministic=rollout.deterministic, gpu_ids=gpu_ids)
+                                        deterministic=rollout.deterministic, visible_devices=gpu_ids)
 
     def url(self) -> str:
         return reachable_url(self.server.url, self.launch.host, node_address())

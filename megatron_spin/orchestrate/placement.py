@@ -9,7 +9,6 @@ the trainer ranks' GPUs (they release their memory while the actor trains).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from megatron_spin.errors import ConfigError
 
@@ -101,14 +100,6 @@ class Placement:
         """(bundle index, Ray resources) of trainer rank ``rank``."""
         gpu = 1 if self.gpus_per_node else 0
         return (self.rank_node(rank) if self.nnodes > 1 else rank), {"num_cpus": 1, "num_gpus": gpu}
-
-    def engine_gpu_ids(self, index: int) -> Optional[tuple[int, ...]]:
-        """Node-local GPU ids a colocated GPU engine runs on (Ray pins none for a zero-GPU actor,
-        so without these every engine of a node would start on GPU 0); None otherwise."""
-        if not (self.gpus_per_node and self.colocated):
-            return None
-        first = (index * self.engine_tp) % self.gpus_per_node
-        return tuple(range(first, first + self.engine_tp))
 
     def reward_resources(self, worker: int, workers: int) -> tuple[int, dict, tuple[int, ...]]:
         """GPU runs: (bundle, Ray resources, pinned GPU id) of reward-model worker ``worker`` of

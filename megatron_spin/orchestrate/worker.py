@@ -122,6 +122,12 @@ class TrainerWorker:
         self._where: dict = {}
         self._trained_step: Optional[int] = None
 
+    def gpus(self) -> tuple[Optional[str], list[str]]:
+        """(Ray node id, the GPU ids Ray gave this rank): where its colocated engine rank must run."""
+        import ray
+
+        return _ray_node_id(), [str(g) for g in ray.get_gpu_ids()]
+
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process group."""
         host = node_address()

@@ -127,6 +127,17 @@ class RolloutFleet:
             raise FleetError("; ".join(errors))
         return out
 
+    def each_or_drop(self, fn: Callable[[EngineClient], T], slots: Sequence[EngineSlot]) -> list[T]:
+        """Run ``fn`` on ``slots`` concurrently; an engine whose call fails is dropped (see :meth:`probe`)."""
+        futures = [(s, self._pool.submit(fn, s.client)) for s in slots]
+        out = []
+        for s, fut in futures:
+            try:
+                out.append(fut.result())
+            except EngineError as exc:
+                self.drop(s, exc)
+        return out
+
     def probe(self) -> list[str]:
         """Re-admit dropped engines whose server answers (they need a weight push to serve).  Not
         ``/health``: on SGLang it generates, and an engine a failed push left paused never passes it."""

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_spin.platform.devices import physical_gpu_ids
 from megatron_spin.rollout.client import EngineClient
 
 API_KEY_ENV = "MEGATRON_SPIN_ENGINE_API_KEY"
@@ -216,13 +215,16 @@ SGLANG_ENV = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1", "RETURN_ORIGINAL_LOGPROB": 
 
 
 def launch_sglang(model_path: str, *, port: int, log_path: str | os.PathLike, host: str = "127.0.0.1",
-                  timeout: float = 1200.0, gpu_ids: Optional[Sequence[int]] = None, **kwargs) -> ServerProcess:
-    """Start one SGLang server (GPU tier; unverified on GPU) and wait until it is healthy."""
+                  timeout: float = 1200.0, visible_devices: Optional[Sequence[str]] = None,
+                  **kwargs) -> ServerProcess:
+    """Start one SGLang server (GPU tier; unverified on GPU) and wait until it is healthy.
+
+    ``visible_devices``: the server's ``CUDA_VISIBLE_DEVICES`` (a colocated engine: the GPU ids
+    Ray gave the trainer ranks that feed it); None: what this process sees."""
     cmd = sglang_command(model_path, host=host, port=port, **kwargs)
     env = dict(SGLANG_ENV)
-    if gpu_ids is not None:  # node-local indices, mapped through what this process may see
-
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpu_ids(gpu_ids))
+    if visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible_devices)
     server = ServerProcess(cmd, f"http://{host}:{port}", Path(log_path), kwargs.get("api_key"), env).start()
     server.wait_healthy(timeout)
     return server

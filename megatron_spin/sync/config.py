@@ -30,7 +30,7 @@ class SyncConfig:
     bucket_mb: float = 512.0  # tensors are sent in buckets of about this size (0: one tensor per bucket)
     dtype: Optional[DType] = None  # cast before sending (None: the actor's parameter dtype)
     load_format: Optional[str] = "flattened_bucket"  # tensor transport: one flat buffer per bucket, or null
-    group_timeout_s: float = 300.0  # distributed transport: a broadcast no engine receives fails after this
+    group_timeout_s: float = 300.0  # a broadcast no engine receives (distributed), a feeder's wait for its peers (tensor)
     verify_every: int = 0  # compare engine and trainer log-probs on a fixed probe every N pushes (0: never)
     verify_tolerance: float = 0.05  # stop the run when the mean |Δ log-prob| per probe token exceeds this
 

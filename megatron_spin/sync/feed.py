@@ -18,7 +18,8 @@ handle from a GPU it cannot see.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import datetime
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,29 +36,27 @@ class ColocatedFeed:
     order (it creates one gloo group per engine with several feeders: a collective)."""
 
     def __init__(self, route: FeedRoute, rank: int, engine_tp_size: int, load_format: Optional[str],
-                 api_key: Optional[str]):
+                 client: Callable[[str], EngineClient], timeout_s: float = 300.0):
+        """``client``: the engine client of a URL (the sender's, which owns and closes them);
+        ``timeout_s``: how long a feeder waits in its engine group for a peer (a hung peer or
+        engine fails the push after this instead of the run's collective timeout)."""
         self.route, self.rank, self.tp = route, rank, engine_tp_size
-        self.load_format, self.api_key = load_format, api_key
+        self.load_format, self.client = load_format, client
         self.feeds = route.feeds(rank)  # [(engine, engine TP rank)]
         self.device = route.device_of(rank)
         self._groups: dict[int, object] = {}
         for e, feeders in enumerate(route.feeders):
             ranks = sorted(set(feeders))
             if len(ranks) > 1:
-                group = dist.new_group(ranks, backend="gloo")  # collective: every rank creates every group
+                # collective: every rank creates every group
+                group = dist.new_group(ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
                 if rank in ranks:
                     self._groups[e] = group
-        self._clients: dict[str, EngineClient] = {}
         self._staging: Optional[torch.Tensor] = None
 
     @property
     def is_feeder(self) -> bool:
         return bool(self.feeds)
-
-    def client(self, url: str) -> EngineClient:
-        if url not in self._clients:
-            self._clients[url] = EngineClient(url, api_key=self.api_key)
-        return self._clients[url]
 
     def push(self, stream: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
              urls: dict[int, str]) -> Optional[Receipt]:
@@ -68,9 +67,16 @@ class ColocatedFeed:
         receipt = Receipt(stage=self.rank, engines=[urls[e] for e in led]) if led else None
         failed: dict[int, str] = {}
         for bucket in bucketed(stream, bucket_bytes):
-            flat, entries = flatten(bucket, shared=True, out=self._staging_buffer(bucket))
+            # A local failure (shared memory exhausted, a payload that does not pickle) fails this
+            # rank's engines but never its part in the collectives: peers wait in them otherwise.
+            try:
+                flat, entries = flatten(bucket, shared=True, out=self._staging_buffer(bucket))
+                local_error = None
+            except (RuntimeError, OSError, ValueError) as exc:
+                flat = entries = None
+                local_error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
             for e in engines:
-                failed_e = self._feed_bucket(e, bucket, flat, entries, urls[e], failed.get(e))
+                failed_e = self._feed_bucket(e, bucket, flat, entries, urls[e], failed.get(e), local_error)
                 if failed_e and e not in failed:
                     failed[e] = failed_e
             if receipt is not None:
@@ -94,16 +100,20 @@ class ColocatedFeed:
             self._staging = torch.empty(total, dtype=torch.uint8).share_memory_()
         return self._staging
 
-    def _feed_bucket(self, engine: int, bucket, flat, entries, url: str,
-                     already_failed: Optional[str]) -> Optional[str]:
-        """This rank's payloads for ``engine`` to its leader; the leader sends; the outcome comes back."""
-        mine = {}
-        for e, k in self.feeds:
-            if e == engine:
-                # One pickle per receiving rank: each takes its own reference on the shared memory.
-                mine[k] = encode_named_tensors(bucket, FLATTENED_BUCKET, (flat, entries), device=self.device) \
-                    if self.load_format == FLATTENED_BUCKET else encode_named_tensors(
-                        [(n, t.clone() if t.device.type == "cpu" else t) for n, t in bucket], None, device=self.device)
+    def _feed_bucket(self, engine: int, bucket, flat, entries, url: str, already_failed: Optional[str],
+                     local_error: Optional[str]) -> Optional[str]:
+        """This rank's payloads for ``engine`` to its leader; the leader sends; the outcome comes back.
+
+        Nothing is encoded for an engine that already failed (every feeder knows: the outcome was
+        broadcast): an encoded handle nobody opens would pin its buffer for the rest of the run."""
+        mine: dict = {}
+        if already_failed is None and local_error is None:
+            try:
+                mine = self._encode(engine, bucket, flat, entries)
+            except Exception as exc:  # noqa: BLE001 - whatever the pickler raises, peers must not wait
+                local_error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        if local_error is not None:
+            mine = {"error": local_error}
         group = self._groups.get(engine)
         leader = self.route.leader(engine)
         if group is None:
@@ -113,10 +123,11 @@ class ColocatedFeed:
             dist.gather_object(mine, gathered, dst=leader, group=group)
         outcome: list = [already_failed]
         if self.rank == leader and already_failed is None:
-            payloads = {}
-            for part in gathered:
-                payloads.update(part)
+            errors = [part["error"] for part in gathered if "error" in part]
+            payloads = {k: v for part in gathered for k, v in part.items() if k != "error"}
             try:
+                if errors:
+                    raise RuntimeError("; ".join(errors))
                 missing = [k for k in range(self.tp) if k not in payloads]
                 if missing:
                     raise RuntimeError(f"no feeder for engine TP ranks {missing}")
@@ -127,7 +138,16 @@ class ColocatedFeed:
             dist.broadcast_object_list(outcome, src=leader, group=group)
         return outcome[0]
 
-    def close(self) -> None:
-        for c in self._clients.values():
-            c.close()
-        self._clients.clear()
+    def _encode(self, engine: int, bucket, flat, entries) -> dict:
+        """One payload per engine TP rank this rank feeds; one pickle each, so each receiving rank
+        takes its own reference on the shared memory."""
+        mine = {}
+        for e, k in self.feeds:
+            if e != engine:
+                continue
+            if self.load_format == FLATTENED_BUCKET:
+                mine[k] = encode_named_tensors(bucket, FLATTENED_BUCKET, (flat, entries), device=self.device)
+            else:
+                mine[k] = encode_named_tensors([(n, t.clone() if t.device.type == "cpu" else t) for n, t in bucket],
+                                               None, device=self.device)
+        return mine

@@ -67,31 +67,39 @@ def iter_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[torch.
     ``dtype`` casts before the gather (e.g. to the engine's bf16: half the bytes on the wire).
     """
     table = converter_for(arch)
-    tp = pctx.layout.tp
+    failure: Optional[Exception] = None
     for name, p in stage_parameters(modules, arch):
         param = table.param(name)
-        shard = p.detach()
-        if dtype is not None:
-            shard = shard.to(dtype)
-        if tp > 1 and param.rule.tp_dim is not None:
-            shards = [torch.empty_like(shard) for _ in range(tp)]
-            dist.all_gather(shards, shard.contiguous(), group=pctx.tp_group)
-        else:
-            shards = [shard]
-        if pctx.tp_rank != 0:
+        shard = p.detach() if dtype is None else p.detach().to(dtype)
+        shards = _tp_shards(param, shard, pctx)
+        if pctx.tp_rank != 0 or failure is not None:
             continue
         full = table.merge_tp_shards(param, shards)
         del shards
-        yield from table.to_hf(arch, param, full).items()
+        try:  # raised after the walk: a TP peer would wait in the next all-gather otherwise
+            converted = table.to_hf(arch, param, full)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            failure = exc
+        else:
+            yield from converted.items()
+    if failure is not None:
+        raise failure
+
+
+def _tp_shards(param, shard: torch.Tensor, pctx) -> list[torch.Tensor]:
+    """Every TP rank's shard of ``param`` in TP order (collective over the TP group), or just this
+    one when ``param`` is not split."""
+    if pctx.layout.tp > 1 and param.rule.tp_dim is not None:
+        shards = [torch.empty_like(shard) for _ in range(pctx.layout.tp)]
+        dist.all_gather(shards, shard.contiguous(), group=pctx.tp_group)
+        return shards
+    return [shard]
 
 
 def _merged(table, param, shard: torch.Tensor, pctx) -> torch.Tensor:
     """The full TP=1 tensor of ``param`` from this rank's shard (collective over the TP group)."""
-    if pctx.layout.tp > 1 and param.rule.tp_dim is not None:
-        shards = [torch.empty_like(shard) for _ in range(pctx.layout.tp)]
-        dist.all_gather(shards, shard.contiguous(), group=pctx.tp_group)
-        return table.merge_tp_shards(param, shards)
-    return shard
+    shards = _tp_shards(param, shard, pctx)
+    return shards[0] if len(shards) == 1 else table.merge_tp_shards(param, shards)
 
 
 def iter_full_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[torch.dtype], *,
@@ -117,6 +125,7 @@ def iter_full_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[t
     else:
         stages = [local]
     own = dict(mine)
+    failure: Optional[Exception] = None
     for stage, params in enumerate(stages):
         for name, shape, pdtype in params:
             param = table.param(name)
@@ -129,6 +138,15 @@ def iter_full_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[t
                 # The owning stage's rank of this pipeline group sends; pp_group ranks are in stage order.
                 src = dist.get_global_rank(pctx.pp_group, stage)
                 dist.broadcast(full, src=src, group=pctx.pp_group)
-            if feeder:
-                yield from table.to_hf(arch, param, full).items()
+            if feeder and failure is None:
+                # A conversion error must not end the walk here: the peers' next gather or
+                # broadcast would wait for this rank.  It is raised once every collective is done.
+                try:
+                    converted = table.to_hf(arch, param, full)
+                except (KeyError, ValueError, RuntimeError) as exc:
+                    failure = exc
+                else:
+                    yield from converted.items()
             del full
+    if failure is not None:
+        raise failure

@@ -136,7 +136,9 @@ class PushCoordinator:
         self._last_failed = False
 
     def prepare(self, version: int | str) -> PushPlan:
-        """Pause every reachable engine, flush its cache, open its update session."""
+        """Re-admit dropped engines that answer again, then pause every reachable engine, flush its
+        cache, open its update session."""
+        self.fleet.probe()  # a re-admitted engine takes this push and serves once it completes
         engines, fresh = [], False
         for index, slot in enumerate(self.fleet.slots):
             if slot not in self.fleet.reachable:
@@ -219,18 +221,18 @@ class StageSender:
         faults).  Collective: every rank builds its sender together (the feed route makes groups)."""
         self.cfg, self.target, self.arch, self.pctx = cfg, target, arch, pctx
         self.dtype = DTYPES[cfg.dtype] if cfg.dtype else None
+        self._clients: dict[str, EngineClient] = {}  # by URL; the feed borrows them
         self.feed: Optional[ColocatedFeed] = None
         self.transport: Optional[Transport] = None
         if cfg.transport == TransportKind.TENSOR:
             if target.route is None:
                 raise ValueError("the tensor transport needs a feed route (PushTarget.route)")
             self.feed = ColocatedFeed(target.route, pctx.rank, target.engine_tp_size, cfg.load_format,
-                                      target.api_key)
+                                      self.client, cfg.group_timeout_s)
             self._replica_feeds = bool(target.route.feeder_ranks & set(pctx.model_parallel_ranks))
         else:
             self.is_pusher = pctx.dp_rank == 0 and pctx.tp_rank == 0
             self.transport = (transport or make_transport(cfg, target, address)) if self.is_pusher else None
-        self._clients: dict[str, EngineClient] = {}
 
     def client(self, url: str) -> EngineClient:
         if url not in self._clients:
@@ -250,12 +252,9 @@ class StageSender:
         stream = iter_full_hf_weights(modules, self.arch, self.pctx, self.dtype, replica_feeds=self._replica_feeds,
                                       feeder=self.feed.is_feeder)
         try:
-            delivered = self.feed.push(stream, self.cfg.bucket_bytes, dict(plan.engines))
-        except (KeyError, ValueError, RuntimeError) as exc:  # the same on every rank of the walk
+            return self.feed.push(stream, self.cfg.bucket_bytes, dict(plan.engines)), None
+        except (KeyError, ValueError, RuntimeError) as exc:  # a conversion error: the same on every feeder
             return None, f"rank {self.pctx.rank}: {type(exc).__name__}: {exc}"
-        if delivered is None:
-            return None, None
-        return delivered, None
 
     # -- stage: each stage's pusher sends its own layers ------------------------------------------
     def _stage(self, modules: list, plan: PushPlan) -> tuple[Optional[Receipt], Optional[str]]:
@@ -302,8 +301,6 @@ class StageSender:
     def close(self) -> None:
         if self.transport is not None:
             self.transport.shutdown()
-        if self.feed is not None:
-            self.feed.close()
         for c in self._clients.values():
             c.close()
 

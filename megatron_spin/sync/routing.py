@@ -10,8 +10,9 @@ engine gather their handles to the first of them, which sends the engine one pay
 rank.
 
 :class:`FeedRoute` is that map, built from the placement: ``feeders[e][k]`` is the trainer
-rank on the device of engine ``e``'s TP rank ``k``.  On GPUs ranks fill GPUs in rank order and
-colocated engines take consecutive GPUs, so it is ``e * tp + k``.  CPU runs have no devices;
+rank on the device of engine ``e``'s TP rank ``k``: on GPUs ``e * tp + k`` (ranks fill nodes in
+rank order), and each engine is started on the GPUs Ray gave its feeders
+(:meth:`FeedRoute.engine_gpus`), whichever they are.  CPU runs have no devices;
 there every trainer rank and engine rank is given a *simulated* device id (``cpu:<rank>``) and
 the embedded engine refuses a payload from a device it does not hold, like SGLang, so the
 same routing is exercised here.
@@ -20,7 +21,7 @@ same routing is exercised here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,30 @@ class FeedRoute:
         return cls(tuple(tuple((e * engine_tp + k) % trainer_world for k in range(engine_tp))
                          for e in range(engines)), devices)
 
+    def engine_gpus(self, rank_gpus: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[str, ...]]:
+        """The GPUs each colocated engine must run on, as ``CUDA_VISIBLE_DEVICES`` values: those
+        Ray gave the trainer ranks that feed it.  ``rank_gpus[r]`` is rank ``r``'s (node id,
+        ``ray.get_gpu_ids()``).  Ray does not promise a node's ``b``-th bundle its GPU ``b``, so
+        the engines follow the ranks, never an arithmetic guess (a rank feeding an engine rank on
+        another GPU sends a CUDA handle that engine cannot open)."""
+        if len(rank_gpus) != len(self.rank_devices):
+            raise ValueError(f"{len(rank_gpus)} ranks reported GPUs; the route has {len(self.rank_devices)}")
+        out = []
+        for e, feeders in enumerate(self.feeders):
+            nodes = {rank_gpus[r][0] for r in feeders}
+            if len(nodes) != 1:
+                raise ValueError(f"engine {e}: its feeder ranks {feeders} run on different nodes {sorted(nodes)}")
+            gpus = []
+            for r in feeders:
+                ids = tuple(str(g) for g in rank_gpus[r][1])
+                if len(ids) != 1:
+                    raise ValueError(f"trainer rank {r} holds GPUs {list(ids)}; a feeder needs exactly one")
+                gpus.append(ids[0])
+            if len(set(gpus)) != len(gpus):
+                raise ValueError(f"engine {e}: its feeder ranks {feeders} share GPUs {gpus}")
+            out.append(tuple(gpus))
+        return out
+
     def engine_devices(self, engine: int) -> tuple[str, ...]:
         """The devices engine ``engine``'s TP ranks hold (what it may be fed from)."""
         return tuple(self.rank_devices[r] for r in self.feeders[engine])
@@ -66,5 +91,5 @@ class FeedRoute:
     def feeder_ranks(self) -> frozenset[int]:
         return frozenset(r for ranks in self.feeders for r in ranks)
 
-    def device_of(self, rank: int) -> Optional[str]:
+    def device_of(self, rank: int) -> str:
         return self.rank_devices[rank]

@@ -23,6 +23,10 @@ What it takes on megatron-core 0.16.1 (each reproduced; the resume tests fail wi
     float16 (torch RMSNorm weights stay fp32): mapped here param by param;
   * no ``reload_model_params()`` after the load — it would replace the restored fp32 main params
     by their bf16 rounding.
+
+The per-parameter step handling is torch Adam's (what megatron-core builds without TE or apex);
+TE/apex ``FusedAdam`` keeps its step in the param group and only gets zero moments seeded
+(unverified on GPU: the GPU check runs without TE).
 """
 
 from __future__ import annotations
@@ -48,7 +52,16 @@ def _members(optimizer) -> list:
 
 
 def _adam(inner) -> bool:
+    """torch's Adam/AdamW (megatron-core's choice without TE or apex: CPU): one ``step`` per parameter."""
     return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _fused_adam(inner) -> bool:
+    """TE's or apex's FusedAdam (megatron-core's choice whenever either imports: a GPU install with
+    TE).  Its step lives in the parameter group, which the saved param groups carry; only the
+    moments need seeding, as Megatron's own ``init_state_fn`` does."""
+    cls = type(inner)
+    return cls.__name__ == "FusedAdam" and cls.__module__.split(".")[0] in ("transformer_engine", "apex")
 
 
 def _seed_state(optimizer) -> None:
@@ -60,6 +73,9 @@ def _seed_state(optimizer) -> None:
             continue
         if getattr(member, "init_state_fn", None) is None:  # SGD: 0.16.1 leaves it None and then calls it
             member.init_state_fn = lambda opt, config=None: None
+        if _fused_adam(inner):  # unverified on GPU: zero moments for parameters without state
+            member.init_state_fn(inner, member.config)
+            continue
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state[p]
@@ -151,7 +167,6 @@ def _restore_steps(optimizer) -> None:
                     state["step"] = torch.tensor(0.0)
                 elif torch.is_tensor(state["step"]):
                     state["step"] = state["step"].detach().clone()
-
 
 
 def save_train_state(actor, reference, directory: str | os.PathLike) -> None:

@@ -115,7 +115,7 @@ def preference_forward_backward(
             # Sums over the real pairs: the actor divides by the real pair count of the whole batch.
             stats = {
                 "pairs": w.sum(),
-                # clone: Megatron divides the returned loss in place by the micro-batch count
+                # a fresh tensor, not ``loss``: Megatron divides the returned loss in place
                 "loss": (out.losses.detach() * w).sum(),
                 "reward_accuracy": ((out.chosen_rewards > out.rejected_rewards).float() * w).sum(),
                 "reward_chosen": (out.chosen_rewards * w).sum(),

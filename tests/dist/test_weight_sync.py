@@ -10,7 +10,8 @@ device (with PP=2, stage 1's rank feeds an engine: stage 0's tensors reach it fi
 
 Device locality on its own: an engine simulating two TP ranks is fed by both trainer ranks
 (handles gathered to the leader); a route that feeds a rank from the wrong device is refused
-by the engine, as SGLang refuses a CUDA handle from a GPU it cannot see.
+by the engine, as SGLang refuses a CUDA handle from a GPU it cannot see; a feeder that fails on
+its own (a simulated fault) fails the push on every rank without stranding its peer.
 
 Faults: a skipped push leaves the engines on the old version (the staleness check refuses
 their samples); a stage that leaves tensors out is a SyncError on every rank with the version
@@ -22,6 +23,7 @@ push succeeds.
 
 from __future__ import annotations
 
+import pickle
 import re
 import time
 
@@ -403,6 +405,31 @@ def _route_jobs(rank, world_size, url, mcore):
     except SyncError as exc:
         out["wrong"] = str(exc)
     sync.close()
+    # One feeder failing on its own at its second bucket (a payload that does not pickle: a
+    # simulated fault on rank 1) fails the push on every rank and strands no peer in a collective;
+    # the next push re-admits the engine (dropped by the failures) and goes through.
+    sync = Push(cfg, PushTarget(engine_tp_size=2, api_key=API_KEY, route=route), arch, pctx, fleet)
+    real, calls = sync.sender.feed._encode, []
+
+    def broken(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise pickle.PicklingError("simulated fault: a payload that does not pickle")
+        return real(*args)
+
+    if rank == 1:
+        sync.sender.feed._encode = broken
+    started = time.monotonic()
+    try:
+        sync.push(chunks, 4)
+        out["local"] = None
+    except SyncError as exc:
+        out["local"] = str(exc)
+    out["local_seconds"] = time.monotonic() - started
+    sync.sender.feed._encode = real
+    report = sync.push(chunks, 5)
+    out["after_local"] = (report.tensors, max(logprob_gap(chunks, pctx, fleet, PROBE).values()))
+    sync.close()
     return out
 
 
@@ -417,3 +444,6 @@ def test_colocated_feed_routes_each_engine_rank_from_its_own_device(checkpoints,
         assert tensors == 4 * 9 + 3 and buckets > 1 and gap <= 1e-4, (layout, out[layout])
     assert out["wrong"] and "from device 'cpu:1', which this engine rank does not hold" in out["wrong"], out
     assert other["wrong"] == out["wrong"]
+    assert out["local"] and "rank 1: PicklingError: simulated fault" in out["local"], out
+    assert other["local"] == out["local"] and out["local_seconds"] < 60  # no rank waited for a timeout
+    assert out["after_local"][0] == 4 * 9 + 3 and out["after_local"][1] <= 1e-4, out["after_local"]

@@ -1,7 +1,7 @@
 """A fleet of two real embedded engines: prompts spread, a dead engine routed around, re-admission.
 
 An engine that comes back is re-admitted only as needing weights: it serves again once it
-reports the fleet's weight version (the next push gives it that).
+reports the fleet's weight version (the next push gives it that, and re-admits it first).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from megatron_spin.rollout.client import EngineError
 from megatron_spin.rollout.fleet import FleetError, RolloutFleet
 from megatron_spin.rollout.launcher import launch_embedded
 from megatron_spin.rollout.protocol import SamplingParams
+from megatron_spin.sync.push import PushCoordinator, _close_session
 from tests.conftest import make_tiny_hf
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -61,6 +62,16 @@ def test_fleet_spreads_reroutes_and_readmits(tmp_path):
         with pytest.raises(EngineError, match="exceed the model's context"):
             fleet.generate([list(range(120))], SamplingParams(max_new_tokens=50))
         assert all(s.healthy for s in fleet.slots)
+
+        # An engine whose call fails in a whole-fleet step is dropped, not the run (here: a KV
+        # cache resumed that was never released, which the engines refuse as SGLang does)...
+        fleet.each_or_drop(lambda c: c.resume_memory(["kv_cache"]), fleet.slots[1:])
+        assert [s.healthy for s in fleet.slots] == [True, False]
+        # ...and the next weight push re-admits it: it answers, so it takes the push and then serves.
+        plan = PushCoordinator(None, fleet, None).prepare(7)
+        assert plan.urls == (a.url, b.url) and plan.reform and fleet.slots[1].needs_sync
+        for s in fleet.slots:
+            _close_session(s.client)
 
         a.stop()
         b.stop()

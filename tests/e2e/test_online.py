@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,7 @@ EXACT_KEYS = ("loss", "grad_norm", "logps_chosen", "logps_rejected", "reward/mea
 @pytest.fixture(scope="module")
 def resume_runs(tiny_chat_model, tmp_path_factory):
     """Four steps straight through, and the same four stopped after step 2 and resumed: (straight, resumed,
-    the resuming run's output).  Module-scoped: the report test reads the same two runs (no extra trainer run)."""
+    the resuming run's output, (its working directory, its overrides)).  Module-scoped: the report test reads the same two runs (no extra trainer run)."""
     tmp_path = tmp_path_factory.mktemp("resume")
     train = write_prompts(tmp_path / "train.jsonl", 10)
     common = [f"actor_rollout_ref.model.path={tiny_chat_model}", "actor_rollout_ref.actor.tp=2",
@@ -124,7 +125,7 @@ def resume_runs(tiny_chat_model, tmp_path_factory):
     run_cli(tmp_path, *common, "trainer.total_training_steps=2", f"trainer.default_local_dir={resumed}")
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={resumed}")
-    return straight, resumed, done
+    return straight, resumed, done, (tmp_path, common)
 
 
 def assert_same_run(straight, resumed, done) -> list[dict]:
@@ -146,10 +147,29 @@ def assert_same_run(straight, resumed, done) -> list[dict]:
 
 
 def test_resume_continues_exactly(resume_runs):
-    straight, resumed, done = resume_runs
+    straight, resumed, done, _ = resume_runs
     a = assert_same_run(straight, resumed, done)
     assert a[1]["loss"] != a[0]["loss"] and a[2]["loss"] != a[0]["loss"]  # updates happened between steps
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
+
+
+def test_a_finished_run_started_again_evaluates_its_final_weights(resume_runs):
+    """The final checkpoint is written before the final evaluation, so a crash during that
+    evaluation leaves a run at its last step unevaluated: started again, it loads the checkpoint,
+    trains nothing and evaluates — the same held-out reward as the straight run's last."""
+    straight, resumed, _, (tmp_path, common) = resume_runs
+    again = tmp_path / "again"
+    shutil.copytree(resumed, again)
+    summary = json.loads((again / "summary.json").read_text())
+    (again / "summary.json").unlink()
+    evals_at_4 = sum(r["step"] == 4 for r in records(again, "eval"))
+    done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={again}")
+    assert "at step 4" in done.stdout
+    assert [r["step"] for r in records(again, "train")] == [1, 2, 3, 4]  # nothing trained again
+    final = json.loads((again / "summary.json").read_text())
+    expected = json.loads((straight / "summary.json").read_text())["eval_reward"]["4"]
+    assert final["steps"] == 4 and final["eval_reward"]["4"] == expected == summary["eval_reward"]["4"]
+    assert sum(r["step"] == 4 for r in records(again, "eval")) == evals_at_4 + 1
 
 
 def test_resume_dp2_with_the_distributed_optimizer_continues_exactly(tiny_chat_model, tmp_path):
@@ -180,7 +200,7 @@ def test_report_over_two_runs_renders(resume_runs, tmp_path):
     """``tools/report.py`` on the straight and the resumed run: both named, means filled in, every figure renders."""
     import matplotlib.image as mpimg
 
-    straight, resumed, _ = resume_runs
+    straight, resumed, *_ = resume_runs
     out = tmp_path / "report"
     tool = Path(__file__).resolve().parents[2] / "tools" / "report.py"
     done = subprocess.run([sys.executable, str(tool), str(straight), str(resumed), "--out", str(out),

@@ -24,9 +24,11 @@ def test_spin_8b_layout_every_engine_is_fed_from_its_own_gpu():
     p = Placement.plan(tp=2, pp=2, nnodes=1, gpus_per_node=8, num_engines=8, engine_tp=1, colocated=True)
     route = route_of(p)
     assert route.feeders == tuple((e,) for e in range(8))
-    for e in range(8):
-        assert route.engine_devices(e) == (f"node:0/gpu:{p.engine_gpu_ids(e)[0]}",)
     assert route.feeds(3) == [(3, 0)] and route.leader(3) == 3
+    # Ray gave the ranks GPUs in an order of its own (here reversed, on a node whose raylet sees
+    # GPUs 8-15): each engine starts on its feeder's GPU, whichever it is.
+    reported = [("node-a", [str(15 - r)]) for r in range(8)]
+    assert route.engine_gpus(reported) == [(str(15 - e),) for e in range(8)]
 
 
 def test_spin_70b_layout_each_engine_rank_from_the_trainer_rank_on_its_gpu():
@@ -37,9 +39,25 @@ def test_spin_70b_layout_each_engine_rank_from_the_trainer_rank_on_its_gpu():
         for k in range(8):
             rank = route.feeders[e][k]
             assert p.rank_node(rank) == p.engine_node(e)  # same node
-            assert rank % 8 == p.engine_gpu_ids(e)[k]  # same GPU on it
     assert route.leader(5) == 40 and route.feeds(43) == [(5, 3)]
     assert route.feeder_ranks == frozenset(range(64))
+    reported = [(f"node-{r // 8}", [str((r * 3) % 8)]) for r in range(64)]  # a shuffled GPU order per node
+    gpus = route.engine_gpus(reported)
+    assert gpus[5] == tuple(str(((40 + k) * 3) % 8) for k in range(8))  # engine 5's TP rank k: rank 40+k's GPU
+
+
+def test_engine_gpus_refuse_what_cannot_be_fed():
+    route = FeedRoute.for_placement(trainer_world=4, engines=2, engine_tp=2, gpus_per_node=2)
+    ok = [("n0", ["0"]), ("n0", ["1"]), ("n1", ["1"]), ("n1", ["0"])]
+    assert route.engine_gpus(ok) == [("0", "1"), ("1", "0")]
+    with pytest.raises(ValueError, match=r"engine 1: its feeder ranks \(2, 3\) run on different nodes"):
+        route.engine_gpus(ok[:3] + [("n2", ["0"])])
+    with pytest.raises(ValueError, match="trainer rank 0 holds GPUs"):
+        route.engine_gpus([("n0", [])] + ok[1:])
+    with pytest.raises(ValueError, match="share GPUs"):
+        route.engine_gpus([("n0", ["1"])] + ok[1:])
+    with pytest.raises(ValueError, match="3 ranks reported"):
+        route.engine_gpus(ok[:3])
 
 
 def test_cpu_engines_are_fed_round_robin_from_simulated_devices():
