@@ -189,9 +189,12 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     p.add_argument("--export-shard-mb", type=float, default=2048, help="export shard size (tool default 2 GiB)")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--quick", action="store_true", help="an 8 MB model: seconds (the test suite runs it)")
     for hidden in ("--_phase", "--_src", "--_dst", "--_shard-bytes", "--_result"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.quick:
+        a.size_mb = 8
     if a._phase:
         phase_main(a._phase, a._src, a._dst, int(a._shard_bytes), a._result)
         return 0

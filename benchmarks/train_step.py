@@ -130,7 +130,10 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, help="where the converted checkpoint is cached")
     p.add_argument("--timeout", type=float, default=3600, help="deadline of the benchmark launch (s)")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--quick", action="store_true", help="2 pairs of 32 tokens, 1 timed step (the test suite runs it)")
     a = p.parse_args()
+    if a.quick:
+        a.pairs, a.micro_pairs, a.seq_len, a.steps = 2, 1, 32, 1
 
     import torch
 

@@ -172,7 +172,11 @@ def main() -> int:
     p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--workdir", type=Path, help="scratch directory, reused between runs (default: temporary)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--quick", action="store_true", help="an 8 MB model, two transports, tiny generation (tests)")
     args = p.parse_args()
+    if args.quick:
+        args.size_mb, args.buckets_mb, args.transports, args.repeats = 8, "1", "tensor,disk", 1
+        args.prompts, args.new_tokens = 2, 4
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sync-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"[bench] {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, workdir {work}")
