@@ -63,13 +63,9 @@ GPU = Sizes("cuda", parity=dict(hidden_size=1024, intermediate_size=2816, num_hi
             push=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
                       num_key_value_heads=8, vocab_size=32000),
             dtype="bfloat16")
-CPU_SMOKE = Sizes("cpu", parity=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=256),
-                  update=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, vocab_size=256),
-                  pairs=4, prompt_len=8, response_len=8, micro_pairs=2,
-                  push=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=256),
+_TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=256)
+CPU_SMOKE = Sizes("cpu", parity=_TINY, update=_TINY, pairs=4, prompt_len=8, response_len=8, micro_pairs=2, push=_TINY,
                   dtype="float32")
 
 
