@@ -235,7 +235,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--val", type=int, default=32)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--quick", action="store_true", help="2 steps, 4 held-out prompts, 8 new tokens, 1 run each")
+    p.add_argument("--quick", action="store_true", help="1 step, 2 held-out prompts, 8 new tokens, 1 run each")
     p.add_argument("--trl-gradient-checkpointing", action="store_true")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path)
@@ -248,7 +248,7 @@ def main() -> int:
         trl_child(args)
         return 0
     if args.quick:
-        args.runs, args.steps, args.val, args.new_tokens = 1, 2, 4, 8
+        args.runs, args.steps, args.val, args.new_tokens = 1, 1, 2, 8
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
     train, val = write_prompts(work, 8 * args.steps, args.val)

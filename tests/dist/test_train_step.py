@@ -178,7 +178,8 @@ def _masked_rank(rank, world_size, ckpt, batch):
     mb = batch.select_pairs([rank])
     if rank == 1:
         mb = SimpleNamespace(tokens=mb.tokens, loss_mask=torch.zeros_like(mb.loss_mask),
-                             response_lengths=torch.zeros_like(mb.response_lengths), num_pairs=1)
+                             response_lengths=torch.zeros_like(mb.response_lengths), num_pairs=1,
+                             pair_weights=mb.pair_weights, loss_scale=mb.loss_scale)
     ref_logps = ref.logps([mb])
     metrics = actor.train_step([mb], ref_logps)
     finite = all(torch.isfinite(p).all().item() for m in actor.modules for p in m.parameters())
