@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from megatron_spin.ckpt import run_state
 from megatron_spin.config.run import RunConfig, load_run_config, to_dict
+from megatron_spin.data.validate import DataFileError
 from megatron_spin.driver.stop import StopRequest
 from megatron_spin.errors import ConfigError
 from megatron_spin.rollout.protocol import SamplingParams
@@ -128,6 +129,8 @@ def main() -> None:
             run(load_run_config(hcfg))
         except ConfigError as exc:  # start-up rules, including those that need the model's config
             raise SystemExit(f"config error: {exc}") from None
+        except DataFileError as exc:  # a prompt file or record: the message names file and line
+            raise SystemExit(f"data error: {exc}") from None
 
     _entry()
 

@@ -14,7 +14,9 @@ from typing import Optional
 
 from megatron_spin import packaged
 from megatron_spin.cache import cache_root
+from megatron_spin.ckpt.metadata import read_arch
 from megatron_spin.convert.pipeline import convert_hf_to_megatron
+from megatron_spin.spec.arch import ModelArch, arch_from_hf_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,9 +25,9 @@ class PreparedModel:
     megatron_dir: Path  # what the trainer ranks load (a Megatron dist checkpoint)
 
 
-def prepare_model(path: str, megatron_dir: Optional[str] = None, log=print) -> PreparedModel:
-    """``path``: an HF model directory or a packaged model name; ``megatron_dir``: a converted
-    checkpoint (default: converted into the cache on first use)."""
+def locate_model(path: str, megatron_dir: Optional[str] = None) -> PreparedModel:
+    """Where the model is (nothing converted yet): ``path`` an HF model directory or a packaged
+    model name; ``megatron_dir`` a converted checkpoint, else its place in the cache."""
     where = "actor_rollout_ref.model"
     if packaged.is_packaged(path):
         hf = packaged.model_dir(path)
@@ -41,8 +43,21 @@ def prepare_model(path: str, megatron_dir: Optional[str] = None, log=print) -> P
                                     "with tools/convert_hf_to_megatron.py, or leave it unset)")
         return PreparedModel(hf, out)
     key = hashlib.sha256(f"{hf.resolve()}:{(hf / 'config.json').read_text()}".encode()).hexdigest()[:12]
-    out = cache_root() / "megatron" / f"{hf.name}-{key}"
-    if not (out / "metadata.json").exists():
-        log(f"[setup] converting {hf} to a Megatron checkpoint (once) -> {out}")
-        convert_hf_to_megatron(hf, out, force=out.exists(), log=lambda *_: None)
-    return PreparedModel(hf, out)
+    return PreparedModel(hf, cache_root() / "megatron" / f"{hf.name}-{key}")
+
+
+def model_arch(model: PreparedModel) -> ModelArch:
+    """The architecture, from the converted checkpoint when it exists, else from the HF config
+    (the conversion writes the same record), so start-up rules run before any conversion."""
+    if (model.megatron_dir / "metadata.json").exists():
+        return read_arch(model.megatron_dir)
+    return arch_from_hf_dir(model.hf_dir)
+
+
+def ensure_converted(model: PreparedModel, log=print) -> PreparedModel:
+    """Convert the HF model into ``model.megatron_dir`` on first use (published atomically)."""
+    if not (model.megatron_dir / "metadata.json").exists():
+        log(f"[setup] converting {model.hf_dir} to a Megatron checkpoint (once) -> {model.megatron_dir}")
+        convert_hf_to_megatron(model.hf_dir, model.megatron_dir, force=model.megatron_dir.exists(), log=lambda *_: None)
+    return model
+

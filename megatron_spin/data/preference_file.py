@@ -9,18 +9,13 @@ is what the policy emits at the end of its own samples.  Every error names the f
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from pathlib import Path
 from typing import Optional, Union
 
+from megatron_spin.data.validate import DataFileError, check_prompt, check_text, existing_file, jsonl_objects
 from megatron_spin.pairs import PreferencePair
 
 Prompt = Union[str, list]
-
-
-class DataFileError(ValueError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,34 +26,27 @@ class PreferenceRecord:
     where: str  # "file:line", for messages
 
 
-def read_preference_jsonl(path: str | os.PathLike) -> list[PreferenceRecord]:
-    path = Path(path)
-    if not path.exists():
-        raise DataFileError(f"{path}: no such preference file")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFileError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataFileError(f"{where}: expected a JSON object")
-            for key in ("prompt", "chosen", "rejected"):
-                if key not in obj:
-                    raise DataFileError(f"{where}: missing key '{key}'")
-            if not isinstance(obj["prompt"], (str, list)):
-                raise DataFileError(f"{where}: 'prompt' must be a string or a list of chat messages")
-            for key in ("chosen", "rejected"):
-                if not isinstance(obj[key], str) or not obj[key].strip():
-                    raise DataFileError(f"{where}: '{key}' must be a non-empty string")
-            records.append(PreferenceRecord(obj["prompt"], obj["chosen"], obj["rejected"], where))
+def read_preference_jsonl(path: str | os.PathLike) -> tuple[list[PreferenceRecord], int]:
+    """(records, identical): a record whose ``chosen`` equals its ``rejected`` teaches nothing (its
+    DPO gradient is zero) and is dropped and counted rather than trained on."""
+    path = existing_file(path, "preference")
+    records, identical = [], 0
+    for where, obj in jsonl_objects(path):
+        if not isinstance(obj, dict):
+            raise DataFileError(f"{where}: expected a JSON object")
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in obj:
+                raise DataFileError(f"{where}: missing key '{key}'")
+        prompt = check_prompt(obj["prompt"], where)
+        chosen, rejected = (check_text(obj[key], where, key) for key in ("chosen", "rejected"))
+        if chosen == rejected:
+            identical += 1
+            continue
+        records.append(PreferenceRecord(prompt, chosen, rejected, where))
     if not records:
-        raise DataFileError(f"{path}: no records")
-    return records
+        raise DataFileError(f"{path}: no records" + (f" ({identical} with chosen == rejected, dropped)"
+                                                     if identical else ""))
+    return records, identical
 
 
 def encode_prompt(tokenizer, prompt: Prompt, chat: bool = True) -> list[int]:
@@ -70,7 +58,10 @@ def encode_prompt(tokenizer, prompt: Prompt, chat: bool = True) -> list[int]:
         return tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # the template's own rules (jinja raises its own types): name the record
+            raise DataFileError(f"the tokenizer's chat template refused the messages ({exc})") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     if not isinstance(prompt, str):
         raise DataFileError("chat-message prompts need a tokenizer with a chat template")
@@ -88,7 +79,10 @@ def tokenize_preferences(
     """Pairs for the records that fit ``max_length`` (prompt + longer response); returns (pairs, skipped)."""
     pairs, skipped = [], 0
     for r in records:
-        prompt = encode_prompt(tokenizer, r.prompt)
+        try:
+            prompt = encode_prompt(tokenizer, r.prompt)
+        except DataFileError as exc:
+            raise DataFileError(f"{r.where}: {exc}") from None
         chosen, rejected = encode_response(tokenizer, r.chosen), encode_response(tokenizer, r.rejected)
         if max_length is not None and len(prompt) + max(len(chosen), len(rejected)) > max_length:
             skipped += 1

@@ -15,7 +15,6 @@ its ``state_dict`` (epoch, position) restores the exact place after a resume.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -24,7 +23,8 @@ import torch
 
 from megatron_spin import packaged
 from megatron_spin.data.config import DataConfig, PromptFormat
-from megatron_spin.data.preference_file import DataFileError, Prompt, encode_prompt, encode_response
+from megatron_spin.data.preference_file import Prompt, encode_prompt, encode_response
+from megatron_spin.data.validate import DataFileError, check_prompt, check_text, existing_file, jsonl_objects
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +56,10 @@ def _record(obj: Any, where: str, keys: PromptKeys) -> PromptRecord:
         raise DataFileError(f"{where}: expected an object with '{keys.prompt}'")
     if keys.prompt not in obj:
         raise DataFileError(f"{where}: missing key '{keys.prompt}'")
-    prompt = obj[keys.prompt]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise DataFileError(f"{where}: '{keys.prompt}' is empty")
-    elif not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)):
-        raise DataFileError(f"{where}: '{keys.prompt}' must be a string or a list of chat messages")
+    prompt = check_prompt(obj[keys.prompt], where, keys.prompt)
     response, answer = obj.get(keys.response), obj.get(keys.answer)
-    if response is not None and not isinstance(response, str):
-        raise DataFileError(f"{where}: '{keys.response}' must be a string")
+    if response is not None:
+        check_text(response, where, keys.response, allow_empty=True)
     if answer is not None:
         answer = str(answer)
     meta = {k: v for k, v in obj.items() if k not in (keys.prompt, keys.response, keys.answer)}
@@ -72,9 +67,7 @@ def _record(obj: Any, where: str, keys: PromptKeys) -> PromptRecord:
 
 
 def read_prompt_file(path: str | os.PathLike, keys: PromptKeys = PromptKeys()) -> list[PromptRecord]:
-    path = Path(path)
-    if not path.exists():
-        raise DataFileError(f"{path}: no such prompt file")
+    path = existing_file(path, "prompt")
     records = []
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -86,15 +79,7 @@ def read_prompt_file(path: str | os.PathLike, keys: PromptKeys = PromptKeys()) -
         for i, row in enumerate(rows):
             records.append(_record(row, f"{path}:row {i}", keys))
     elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataFileError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                records.append(_record(obj, f"{path}:{lineno}", keys))
+        records = [_record(obj, where, keys) for where, obj in jsonl_objects(path)]
     else:
         raise DataFileError(f"{path}: unsupported prompt file type {path.suffix!r} (use .jsonl or .parquet)")
     if not records:
@@ -122,9 +107,13 @@ class FilterReport:
 
 
 def encode_prompts(records: Sequence[PromptRecord], tokenizer, max_prompt_length: int,
-                   max_response_length: Optional[int] = None, chat: bool = True) -> tuple[list[EncodedPrompt], FilterReport]:
-    """Tokenise (through the chat template unless ``chat=False``) and drop prompts (or ground
-    truths) that do not fit."""
+                   max_response_length: Optional[int] = None, chat: bool = True,
+                   truth: bool = False) -> tuple[list[EncodedPrompt], FilterReport]:
+    """Tokenise (through the chat template unless ``chat=False``) and drop prompts that do not fit.
+
+    ``truth``: the run trains on the ground-truth responses (SPIN), so they are tokenised too and
+    a record whose response is longer than ``max_response_length`` is dropped; other runs never
+    read the response, and a long one costs them no prompt."""
     kept, too_long, resp_long = [], 0, 0
     for r in records:
         try:
@@ -135,7 +124,7 @@ def encode_prompts(records: Sequence[PromptRecord], tokenizer, max_prompt_length
             too_long += 1
             continue
         resp = None
-        if r.response is not None:
+        if truth and r.response is not None:
             resp = encode_response(tokenizer, r.response)
             if max_response_length is not None and len(resp) > max_response_length:
                 resp_long += 1
@@ -207,11 +196,14 @@ def load_prompts(cfg: DataConfig, tokenizer, *, need_truth: bool = False,
             if missing:
                 raise DataFileError(f"SPIN needs a ground-truth '{cfg.response_key}' in every training record; "
                                     f"{len(missing)} lack one, e.g. {missing[0]}")
-        kept, report = encode_prompts(records, tokenizer, cfg.max_prompt_length,
-                                      cfg.max_response_length if what == "train" else None,
-                                      chat=cfg.prompt_format == PromptFormat.CHAT)
+        truth = need_truth and what == "train"
+        kept, report = encode_prompts(records, tokenizer, cfg.max_prompt_length, cfg.max_response_length,
+                                      chat=cfg.prompt_format == PromptFormat.CHAT, truth=truth)
         if files:
             log(f"[data] {what}: {report}")
+        if files and not kept and what == "train":
+            raise DataFileError(f"{', '.join(files)}: no prompts left after filtering ({report}; "
+                                "raise data.max_prompt_length" + (" or data.max_response_length" if truth else "") + ")")
         out.append(kept)
     train, val = out
     return train, val[: cfg.val_size] if cfg.val_size else val

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import math
 from typing import Optional
+from urllib.parse import urlsplit
 
 from megatron_spin.errors import coerce_enums, require
 
@@ -37,6 +38,10 @@ class RewardConfig:
         needs = {RewardType.HF: "path", RewardType.HTTP: "url", RewardType.FUNCTION: "function"}.get(self.type)
         if needs:
             require(bool(getattr(self, needs)), needs, f"required with type={self.type}")
+        if self.type == RewardType.HTTP:
+            url = urlsplit(self.url)
+            require(url.scheme in ("http", "https") and bool(url.netloc), "url",
+                    f"an http:// or https:// URL with a host, got {self.url!r}")
         for key in ("batch_size", "num_workers"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         require(math.isfinite(self.timeout) and self.timeout > 0, "timeout", f"must be > 0, got {self.timeout}")

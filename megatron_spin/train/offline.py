@@ -50,7 +50,9 @@ class OfflineConfig:
 
 
 def _pairs(path, tokenizer, max_length):
-    return tokenize_preferences(read_preference_jsonl(path), tokenizer, max_length=max_length)
+    """(pairs, skipped too long, dropped because chosen == rejected)."""
+    records, identical = read_preference_jsonl(path)
+    return (*tokenize_preferences(records, tokenizer, max_length=max_length), identical)
 
 
 def _offline_rank(rank, world_size, cfg: OfflineConfig):
@@ -58,7 +60,7 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
 
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.megatron_dir) / HF_SUBDIR)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train, skipped = _pairs(cfg.train_file, tokenizer, cfg.max_length)
+    train, skipped, identical = _pairs(cfg.train_file, tokenizer, cfg.max_length)
     steps_per_epoch = len(train) // cfg.batch.global_pairs
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.train_file}: {len(train)} usable pairs < batch.global_pairs={cfg.batch.global_pairs}")
@@ -75,7 +77,7 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
 
     held = None
     if cfg.eval_file:
-        eval_pairs, _ = _pairs(cfg.eval_file, tokenizer, cfg.max_length)
+        eval_pairs, *_ = _pairs(cfg.eval_file, tokenizer, cfg.max_length)
         held = collate_pairs(eval_pairs, pad_id=pad).split_micro_batches(1)
         held_ref = ref_logps(held)
 
@@ -97,7 +99,8 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
             metrics = actor.train_step(mbs, ref_logps(mbs), iteration)
             step += 1
             history.append({"step": step, "epoch": epoch, "spin_iteration": iteration,
-                            "pairs/dataset": len(train), "pairs/skipped_too_long": skipped, **metrics})
+                            "pairs/dataset": len(train), "pairs/skipped_too_long": skipped,
+                            "pairs/dropped_identical": identical, **metrics})
             if ref is not None and cfg.ref_update_freq and step % cfg.ref_update_freq == 0:
                 ref.refresh_from(actor.modules)
                 iteration += 1
@@ -113,6 +116,8 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
 def train_offline(cfg: OfflineConfig, timeout: float = 3600) -> list[dict]:
     """Run offline training on ``cfg.layout.model_parallel_size`` local ranks; returns metric records."""
     world = cfg.layout.model_parallel_size
+    for path in filter(None, (cfg.train_file, cfg.eval_file)):  # data errors here, one line, not in a rank
+        read_preference_jsonl(path)
     validate_layout(read_arch(cfg.megatron_dir), cfg.layout, world_size=world)
     micro = cfg.batch.micro_batches_per_rank(1)
     if (cfg.layout.vpp or 1) > 1 and micro % cfg.layout.pp:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,5 +95,47 @@ def test_preference_file_errors_name_file_and_line(tmp_path):
     with pytest.raises(DataFileError, match=r"bad.jsonl:3: invalid JSON"):
         read_preference_jsonl(bad)
     bad.write_text('{"prompt": "a", "chosen": "", "rejected": "c"}\n')
-    with pytest.raises(DataFileError, match=r"bad.jsonl:1: 'chosen' must be a non-empty string"):
+    with pytest.raises(DataFileError, match=r"bad.jsonl:1: 'chosen' is empty"):
         read_preference_jsonl(bad)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": " ", "chosen": "b", "rejected": "c"}', r"p.jsonl:2: 'prompt' is empty"),
+    ('{"prompt": [{"role": "user"}], "chosen": "b", "rejected": "c"}', r"p.jsonl:2: 'prompt\[0\]' has no 'content'"),
+    ('{"prompt": [{"role": "user", "content": 7}], "chosen": "b", "rejected": "c"}',
+     r"p.jsonl:2: 'prompt\[0\].content' must be a string, got int"),
+    ('{"prompt": "a", "chosen": "b\\u0000", "rejected": "c"}', r"p.jsonl:2: 'chosen' contains a NUL character"),
+    ('{"prompt": "a", "chosen": "b", "rejected": 3}', r"p.jsonl:2: 'rejected' must be a string, got int"),
+])
+def test_preference_records_are_checked_like_prompts(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' + line + "\n")
+    with pytest.raises(DataFileError, match=message):
+        read_preference_jsonl(path)
+
+
+def test_preference_file_encoding_directory_and_identical_pairs(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(DataFileError, match=r"p.jsonl:2: not UTF-8 text \(byte 0xff at column 13\)"):
+        read_preference_jsonl(path)
+    with pytest.raises(DataFileError, match="is a directory, not a preference file"):
+        read_preference_jsonl(tmp_path)
+    # chosen == rejected teaches nothing (zero DPO gradient): dropped and counted, never trained on.
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "same", "rejected": "same"}\n')
+    records, identical = read_preference_jsonl(path)
+    assert [r.where for r in records] == [f"{path}:1"] and identical == 1
+    path.write_text('{"prompt": "a", "chosen": "same", "rejected": "same"}\n')
+    with pytest.raises(DataFileError, match=r"p.jsonl: no records \(1 with chosen == rejected, dropped\)"):
+        read_preference_jsonl(path)
+
+
+def test_the_offline_tool_reports_a_data_error_in_one_line_before_any_rank_starts(tiny_with_tokenizer, tmp_path):
+    ckpt = tiny_with_tokenizer / "mcore"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": [{"content": "x"}], "chosen": "b", "rejected": "c"}\n')
+    tool = Path(__file__).resolve().parents[2] / "tools" / "train_offline.py"
+    done = subprocess.run([sys.executable, str(tool), "--megatron-dir", str(ckpt), "--train-file", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"error: {bad}:2: 'prompt[0]' has no 'role'", done.stderr

@@ -41,6 +41,12 @@ def test_jsonl_and_parquet_read_the_same_records(tmp_path):
     ('{"prompt": 3}', "p.jsonl:2: 'prompt' must be a string or a list"),
     ('{"prompt": "x", "response": 5}', "p.jsonl:2: 'response' must be a string"),
     ('[1, 2]', "p.jsonl:2: expected an object"),
+    ('{"prompt": "a\\u0000b"}', r"p.jsonl:2: 'prompt' contains a NUL character \(\\u0000\) at position 1"),
+    ('{"prompt": [{"role": "user", "content": ["a"]}]}', r"p.jsonl:2: 'prompt\[0\].content' must be a string, got list"),
+    ('{"prompt": [{"content": "hi"}]}', r"p.jsonl:2: 'prompt\[0\]' has no 'role'"),
+    ('{"prompt": [{"role": 1, "content": "hi"}]}', r"p.jsonl:2: 'prompt\[0\].role' must be a string"),
+    ('{"prompt": ["hi"]}', r"p.jsonl:2: 'prompt\[0\]' must be a chat message object"),
+    ('{"prompt": "x", "response": "y\\u0000"}', r"p.jsonl:2: 'response' contains a NUL"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, line])
@@ -54,6 +60,8 @@ def test_missing_empty_and_unknown_files(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(DataFileError, match="no records"):
         read_prompt_file(tmp_path / "e.jsonl")
+    with pytest.raises(DataFileError, match=f"{tmp_path}: is a directory, not a prompt file"):
+        read_prompt_file(tmp_path)
     (tmp_path / "p.csv").write_text("prompt\nx\n")
     with pytest.raises(DataFileError, match="unsupported prompt file type '.csv'"):
         read_prompt_file(tmp_path / "p.csv")
@@ -66,14 +74,17 @@ def test_chat_template_encoding_and_length_filter(smollm2_dir):
     records = [PromptRecord("Hi", "a"), PromptRecord("word " * 200, "b"),
                PromptRecord([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "c"),
                PromptRecord("Hi", "d", response="Hello there, " * 40)]
-    kept, report = encode_prompts(records, tok, max_prompt_length=64, max_response_length=32)
+    kept, report = encode_prompts(records, tok, max_prompt_length=64, max_response_length=32, truth=True)
     assert (report.total, report.kept, report.too_long, report.response_too_long) == (4, 2, 1, 1)
     assert "2/4 prompts kept" in str(report)
+    # A run that never trains on the ground truth (online DPO) loses no prompt to a long one.
+    others, report = encode_prompts(records, tok, max_prompt_length=64, max_response_length=32)
+    assert (report.kept, report.response_too_long) == (3, 0) and others[2].response_ids is None
     plain = kept[0].input_ids
     assert tok.decode(plain).count("<|im_start|>assistant") == 1  # generation prompt appended
     assert "Be brief." in tok.decode(kept[1].input_ids)
     assert records[2].text == "Hi"
-    kept, _ = encode_prompts(records[3:], tok, max_prompt_length=64)
+    kept, _ = encode_prompts(records[3:], tok, max_prompt_length=64, truth=True)
     assert kept[0].response_ids[-1] == tok.eos_token_id
 
 
@@ -122,3 +133,20 @@ def test_unshuffled_order_and_empty_loader():
     assert [[p.input_ids[0] for p in loader.next_batch()] for _ in range(3)] == [[0, 1], [2, 0], [1, 2]]
     with pytest.raises(DataFileError, match="no prompts left"):
         PromptLoader([], 2)
+
+
+def test_a_file_that_is_not_utf8_is_named_with_line_and_column(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')  # Latin-1, as spreadsheets export
+    with pytest.raises(DataFileError, match=r"p.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_prompt_file(path)
+
+
+def test_a_chat_template_error_names_the_record(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(DataFileError, match=r"f.jsonl:3: the tokenizer's chat template refused the messages "
+                                            r"\(roles must alternate\)"):
+        encode_prompts([PromptRecord([{"role": "user", "content": "Hi"}], "f.jsonl:3")], tok, max_prompt_length=64)

@@ -156,7 +156,7 @@ def test_hf_reward_model_batches_like_single_samples(smollm2_dir, tmp_path):
     (dict(type="function"), "function", "required with type=function"),
     (dict(batch_size=0), "batch_size", "must be >= 1, got 0"),
     (dict(num_workers=0), "num_workers", "must be >= 1, got 0"),
-    (dict(type="http", url="x", timeout=0), "timeout", "must be > 0, got 0"),
+    (dict(type="http", url="http://x", timeout=0), "timeout", "must be > 0, got 0"),
     (dict(retries=-1), "retries", "must be >= 0, got -1"),
 ])
 def test_reward_config_errors_name_the_key(kw, key, rule):
