@@ -16,7 +16,8 @@ from megatron_spin import packaged
 from megatron_spin.cache import cache_root
 from megatron_spin.ckpt.metadata import read_arch
 from megatron_spin.convert.pipeline import convert_hf_to_megatron
-from megatron_spin.spec.arch import ModelArch, arch_from_hf_dir
+from megatron_spin.errors import ConfigError
+from megatron_spin.spec.arch import ModelArch, UnsupportedModelError, arch_from_hf_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +35,13 @@ def locate_model(path: str, megatron_dir: Optional[str] = None) -> PreparedModel
     else:
         hf = Path(path)
         if not (hf / "config.json").exists():
-            raise FileNotFoundError(f"{where}.path={path}: no config.json (an HF model directory, or one of "
-                                    f"{', '.join(packaged.PREFIX + m for m in packaged.MODELS)})")
+            raise ConfigError(f"{where}.path", f"{path}: no config.json (an HF model directory, or one of "
+                                               f"{', '.join(packaged.PREFIX + m for m in packaged.MODELS)})")
     if megatron_dir:
         out = Path(megatron_dir)
         if not (out / "metadata.json").exists():
-            raise FileNotFoundError(f"{where}.megatron_dir={megatron_dir}: not a Megatron checkpoint (convert "
-                                    "with tools/convert_hf_to_megatron.py, or leave it unset)")
+            raise ConfigError(f"{where}.megatron_dir", f"{megatron_dir}: not a Megatron checkpoint (convert with "
+                                                       "tools/convert_hf_to_megatron.py, or leave it unset)")
         return PreparedModel(hf, out)
     key = hashlib.sha256(f"{hf.resolve()}:{(hf / 'config.json').read_text()}".encode()).hexdigest()[:12]
     return PreparedModel(hf, cache_root() / "megatron" / f"{hf.name}-{key}")
@@ -51,7 +52,10 @@ def model_arch(model: PreparedModel) -> ModelArch:
     (the conversion writes the same record), so start-up rules run before any conversion."""
     if (model.megatron_dir / "metadata.json").exists():
         return read_arch(model.megatron_dir)
-    return arch_from_hf_dir(model.hf_dir)
+    try:
+        return arch_from_hf_dir(model.hf_dir)
+    except UnsupportedModelError as exc:
+        raise ConfigError("actor_rollout_ref.model.path", str(exc)) from None
 
 
 def ensure_converted(model: PreparedModel, log=print) -> PreparedModel:

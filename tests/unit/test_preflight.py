@@ -101,3 +101,15 @@ def test_a_data_error_is_one_line_not_a_traceback(tiny, smollm2_dir, tmp_path):
     assert done.stderr.strip().splitlines()[-1] == f"data error: {bad}:2: not UTF-8 text (byte 0xe9 at column 16); " \
                                                    "save the file as UTF-8", done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_model_path_without_a_config_or_an_unsupported_model_is_a_config_error(tmp_path):
+    from megatron_spin.convert.prepare import locate_model, model_arch
+
+    with pytest.raises(ConfigError, match=r"^actor_rollout_ref\.model\.path: .*: no config\.json"):
+        locate_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ConfigError, match=r"^actor_rollout_ref\.model\.path: .*GPT2LMHeadModel"):
+        model_arch(locate_model(str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"^actor_rollout_ref\.model\.megatron_dir: .*not a Megatron checkpoint"):
+        locate_model(str(tmp_path), str(tmp_path / "none"))
