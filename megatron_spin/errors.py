@@ -29,6 +29,10 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.reason)
 
 
+class ClusterError(RuntimeError):
+    """A call to the trainer ranks or the engines failed or timed out: the run cannot go on."""
+
+
 def require(condition: bool, key: str, reason: str) -> None:
     if not condition:
         raise ConfigError(key, reason)

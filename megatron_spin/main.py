@@ -23,7 +23,7 @@ from megatron_spin.ckpt import run_state
 from megatron_spin.config.run import RunConfig, load_run_config, to_dict
 from megatron_spin.data.validate import DataFileError
 from megatron_spin.driver.stop import StopRequest
-from megatron_spin.errors import ConfigError
+from megatron_spin.errors import ClusterError, ConfigError
 from megatron_spin.rollout.protocol import SamplingParams
 
 
@@ -131,6 +131,8 @@ def main() -> None:
             raise SystemExit(f"config error: {exc}") from None
         except DataFileError as exc:  # a prompt file or record: the message names file and line
             raise SystemExit(f"data error: {exc}") from None
+        except ClusterError as exc:  # a rank or engine failed or hung; everything is torn down by now
+            raise SystemExit(f"run failed: {exc}") from None
 
     _entry()
 

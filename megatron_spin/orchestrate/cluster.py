@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 from megatron_spin.ckpt.metadata import HF_SUBDIR
 from megatron_spin.config.run import RunConfig
 from megatron_spin.convert.prepare import PreparedModel
+from megatron_spin.errors import ClusterError
 from megatron_spin.metrics.perf import train_perf
 from megatron_spin.orchestrate.engines import EngineHost, EngineLaunch, engine_log_dir
 from megatron_spin.orchestrate.placement import Placement
@@ -42,10 +43,6 @@ from megatron_spin.sync.transports import make_transport
 from megatron_spin.sync.verify import ProbeGap, probe_gap
 
 log = logging.getLogger("megatron_spin.cluster")
-
-
-class ClusterError(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +106,7 @@ class TrainerCluster:
         self._started_ray = False
         self._released: set[str] = set()  # colocated: engines whose KV cache is released until the next push
         self._pg = None
+        self._broken = False  # a collective call failed: the ranks are killed, not asked to shut down
         self.ranks: list[dict] = []  # what each rank reported at set-up (node, TP/PP/DP rank, peak FLOP/s)
 
     # -- life cycle -------------------------------------------------------------------------
@@ -176,18 +174,32 @@ class TrainerCluster:
             raise ClusterError(f"colocated engines: {exc}") from None
 
     def stop(self) -> None:
+        """Tear everything down, within a bounded time whatever state the ranks are in.
+
+        After a clean run the ranks leave their process groups and the engines stop, each
+        wait bounded.  After a failed collective call (a rank died, or one hung past the
+        timeout) the surviving ranks may sit in a collective that never returns, and a polite
+        shutdown would queue behind it: they are killed at once (with the helpers they forked,
+        see :mod:`megatron_spin.lifetime`).  Engines stop together, not one timeout each.
+        """
         import ray
 
-        if self.workers:
+        if self.workers and not self._broken:
             try:
-                self._get([w.shutdown.remote() for w in self.workers], "shut the trainer ranks down", timeout=120)
+                self._get([w.shutdown.remote() for w in self.workers], "shut the trainer ranks down",
+                          timeout=min(self.timeout_s, 120))
             except ClusterError as exc:
                 log.warning("%s", exc)
-        for e in self.engines:
-            try:
-                ray.get(e.stop.remote(), timeout=60)
-            except Exception as exc:  # an engine that already died
-                log.warning("engine stop: %s", exc)
+        if self.engines:
+            stops = [e.stop.remote() for e in self.engines]
+            ready, pending = ray.wait(stops, num_returns=len(stops), timeout=60)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # an engine that already died
+                    log.warning("engine stop: %s", exc)
+            if pending:
+                log.warning("%d engine(s) did not stop within 60 s: killed", len(pending))
         if self.fleet is not None:
             self.fleet.close()
         if self.reward is not None:
@@ -217,9 +229,15 @@ class TrainerCluster:
         try:
             return ray.get(refs, timeout=timeout or self.timeout_s)
         except ray.exceptions.GetTimeoutError:
+            self._broken = True
             raise ClusterError(f"{what}: no answer within {timeout or self.timeout_s:.0f} s "
                                "(a collective may be hung; see the worker logs)") from None
-        except ray.exceptions.RayError as exc:
+        except ray.exceptions.RayActorError as exc:  # the process is gone: Ray's text is a paragraph of ids
+            self._broken = True  # the others may be stuck in a collective with it
+            raise ClusterError(f"{what} failed: a trainer rank or engine process died "
+                               f"({str(exc).strip().splitlines()[0]})") from None
+        except ray.exceptions.RayError as exc:  # an exception in a rank: its remote traceback follows
+            self._broken = True
             raise ClusterError(f"{what} failed: {exc}") from None
 
     def _call(self, method: str, *args, what: str) -> list:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_spin import platform
 from megatron_spin.ckpt.metadata import HF_SUBDIR, read_arch
+from megatron_spin.lifetime import forked_children_die_with_this_process
 from megatron_spin.loss.config import LossConfig
 from megatron_spin.metrics.logger import open_jsonl
 from megatron_spin.pairs import collate_pairs
@@ -121,6 +122,9 @@ class TrainerWorker:
         self._rank_log = None
         self._where: dict = {}
         self._trained_step: Optional[int] = None
+        # Megatron's checkpoint writer forks helpers from this rank: a rank killed mid-save must
+        # take them along, not leave them writing into a run that is over.
+        forked_children_die_with_this_process()
 
     def gpus(self) -> tuple[Optional[str], list[str]]:
         """(Ray node id, the GPU ids Ray gave this rank): where its colocated engine rank must run."""

@@ -23,6 +23,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from megatron_spin import platform
+from megatron_spin.lifetime import die_with_parent
 
 
 _EXIT_GRACE_S = 10.0
@@ -77,17 +78,6 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this rank when the launching process dies (SIGKILL from a
-    scheduler skips the parent's cleanup, and an orphaned gloo rank would wait forever)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _rank_main(fn, rank, world_size, port, args, queue, threads, deadline) -> None:
     import faulthandler
 
@@ -96,7 +86,7 @@ def _rank_main(fn, rank, world_size, port, args, queue, threads, deadline) -> No
     # Own process group: the parent can kill this rank together with anything it started
     # (checkpoint writer workers, shared-memory managers).
     os.setpgrp()
-    _die_with_parent()
+    die_with_parent()  # SIGKILL from a scheduler skips our cleanup; an orphaned gloo rank would wait forever
     import torch.distributed as dist
 
     # Ranks share the machine's cores; without a cap each rank spawns one thread per core and

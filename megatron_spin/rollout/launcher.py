@@ -18,7 +18,6 @@ distribution, as the trainer's are.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import enum
 import os
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_spin.lifetime import die_with_parent
 from megatron_spin.rollout.client import EngineClient
 
 API_KEY_ENV = "MEGATRON_SPIN_ENGINE_API_KEY"
@@ -54,13 +54,6 @@ class ServerStartError(RuntimeError):
     pass
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 @dataclasses.dataclass
 class ServerProcess:
     cmd: list[str]
@@ -77,7 +70,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **(self.env or {})}, pass_fds=self.pass_fds,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM),  # in the child, before exec
             )
         return self
 
