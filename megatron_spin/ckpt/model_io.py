@@ -2,7 +2,8 @@
 
 Works at any TP/PP/VPP layout: Megatron maps each rank's shards onto the layout-free keys
 of the checkpoint.  ``_extra_state`` entries (TE's FP8 bookkeeping) that a checkpoint lacks
-— a converted HF model has none — are skipped; every weight must be present.
+— a converted HF model has none — are skipped; every weight must be present.  Loading reads
+the checkpoint as data (``ckpt.safe_load``): a crafted file is refused, never run.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from torch.distributed.checkpoint import FileSystemReader
-
 from megatron_spin.ckpt.atomic import publish_dir
 from megatron_spin.ckpt.metadata import HF_SUBDIR, SPIN_METADATA
+from megatron_spin.ckpt.safe_load import read_dcp_metadata
 
 
 def sharded_model_state(chunks: list) -> dict:
@@ -35,15 +35,15 @@ def _drop_missing_extra_state(sharded: dict, present: set[str]) -> None:
 
 def load_model_weights(chunks: list, ckpt_dir: str | os.PathLike) -> None:
     """Fill ``chunks`` (this rank's model chunks) from a Megatron dist checkpoint."""
-    from megatron.core import dist_checkpointing
+    from megatron_spin.ckpt.dist_load import load_dist_checkpoint
 
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").exists():
         raise FileNotFoundError(f"{ckpt_dir}: not a complete Megatron dist checkpoint (no metadata.json)")
-    present = set(FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata)
+    present = set(read_dcp_metadata(ckpt_dir).state_dict_metadata)
     sharded = sharded_model_state(chunks)
     _drop_missing_extra_state(sharded, present)
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    state = load_dist_checkpoint(sharded, ckpt_dir)
     per_chunk = [state] if len(chunks) == 1 else [state[f"model{i}"] for i in range(len(chunks))]
     for chunk, sd in zip(chunks, per_chunk):
         missing, unexpected = chunk.load_state_dict(sd, strict=False)

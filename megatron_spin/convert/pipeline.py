@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 from megatron_spin.ckpt.atomic import publish_dir, tmp_sibling
 from megatron_spin.ckpt.metadata import HF_SUBDIR, SPIN_METADATA, read_arch
+from megatron_spin.ckpt.safe_load import read_dcp_metadata
 from megatron_spin.convert import converter_for, streaming
 from megatron_spin.convert.hf_io import HFCheckpointError, HFReader, HFShardedWriter, copy_side_files
 from megatron_spin.parallel.groups import init_parallel
@@ -121,6 +122,7 @@ def convert_megatron_to_hf(
     """Export a Megatron dist checkpoint (written by megatron_spin) as an HF model directory."""
     src, out = Path(megatron_dir), Path(out_dir)
     arch = read_arch(src)
+    read_dcp_metadata(src)  # refuse a crafted index here, with its name, before a rank starts
     side = src / HF_SUBDIR
     if not (side / "config.json").exists():
         raise FileNotFoundError(f"{side}/config.json: missing; cannot write an HF config for this checkpoint")

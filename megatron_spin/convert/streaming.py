@@ -12,7 +12,8 @@ memory even at 70B — and each chunk's data is produced lazily, when DCP's writ
 from the HF tensors through the converter table.  With one writer thread DCP resolves chunks
 serially, so peak memory is about one layer's tensor, not the model.
 
-Reading: each parameter's region for one layer is read straight from the DCP files.
+Reading: each parameter's region for one layer is read straight from the DCP files, through
+``ckpt.safe_load``'s reader (the checkpoint is read as data; a crafted index is refused).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_spin.ckpt.metadata import mark_complete, write_spin_metadata
+from megatron_spin.ckpt.safe_load import SafeFileSystemReader, raising_refusals
 from megatron_spin.convert import converter_for
 from megatron_spin.convert.table import ConverterTable, Param
 from megatron_spin.models.builder import build_model
@@ -223,7 +225,7 @@ def iter_megatron_checkpoint(arch: ModelArch, pctx, ckpt_dir: str | os.PathLike)
 
     ckpt_dir = Path(ckpt_dir)
     table = converter_for(arch)
-    reader = FileSystemReader(ckpt_dir)
+    reader = SafeFileSystemReader(ckpt_dir)
     stored = reader.read_metadata().state_dict_metadata
     by_layer: dict[Optional[int], list[tuple[Param, str, int]]] = {}
     for state_key, obj in _layout_model(arch, pctx).sharded_state_dict().items():
@@ -240,7 +242,7 @@ def iter_megatron_checkpoint(arch: ModelArch, pctx, ckpt_dir: str | os.PathLike)
             dest = torch.empty((1,) * prepend + shape, dtype=md.properties.dtype)
             requests[key] = ((layer,) + (0,) * len(shape) if prepend else (0,) * len(shape), dest)
             order.append((param, key, shape))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), raising_refusals():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp_load({}, storage_reader=reader, planner=_ChunkLoadPlanner(requests), no_dist=True)
         for param, key, shape in order:

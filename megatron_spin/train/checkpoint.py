@@ -9,6 +9,7 @@ Megatron-LM saves it — for the DistributedOptimizer the only way, since its ``
 leaves the per-parameter state (fp32 main params, Adam moments) out: a resume from it starts
 from uninitialised moments and, in bf16, from stale main params that revert the model.
 ``optim/common.pt`` holds the schedule, the step count and the layout; ``rng/`` each rank's RNG.
+Every file is read as data (``ckpt.safe_load``): a crafted checkpoint is refused, never run.
 
 What it takes on megatron-core 0.16.1 (each reproduced; the resume tests fail without it):
   * the DistributedOptimizer needs ``distrib_optim_sharding_type=dp_reshardable`` (the default
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spin.ckpt.model_io import load_model_weights, save_model_weights, sharded_model_state
+from megatron_spin.ckpt.safe_load import load_checkpoint_object
 
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # each DP rank writes its own bucket shards
 
@@ -193,10 +195,10 @@ def save_train_state(actor, reference, directory: str | os.PathLike) -> None:
 def load_train_state(actor, reference, directory: str | os.PathLike) -> None:
     """Collective inverse of :func:`save_train_state`, at the layout and world size it was saved
     with (the weights alone reshard freely; the optimizer state does not)."""
-    from megatron.core import dist_checkpointing
+    from megatron_spin.ckpt.dist_load import load_dist_checkpoint
 
     directory = Path(directory)
-    common = torch.load(directory / "optim" / "common.pt", weights_only=True)
+    common = load_checkpoint_object(directory / "optim" / "common.pt")
     here = {"layout": str(actor.pctx.layout), "world_size": actor.pctx.world_size}
     if common.get("layout") != here:
         raise ResumeError(f"{directory} was saved at {common.get('layout')}; this run is {here}: the optimizer state "
@@ -206,13 +208,13 @@ def load_train_state(actor, reference, directory: str | os.PathLike) -> None:
         load_model_weights(reference.chunks, directory / "reference")
     _seed_state(actor.optimizer)
     with torch.no_grad():
-        loaded = dist_checkpointing.load({"optimizer": _optimizer_sharded_state(actor, is_loading=True)},
-                                         str(directory / "optim"))
+        loaded = load_dist_checkpoint({"optimizer": _optimizer_sharded_state(actor, is_loading=True)},
+                                      directory / "optim")
         _prepare_loaded(actor, loaded["optimizer"])
         actor.optimizer.load_state_dict(loaded["optimizer"])
     _restore_steps(actor.optimizer)
     actor.scheduler.num_steps = 0  # load_state_dict adds the saved count to the current one
     actor.scheduler.load_state_dict(loaded["scheduler"])
     actor.steps = loaded["steps"]
-    torch.set_rng_state(torch.load(directory / "rng" / f"rank_{actor.pctx.rank:05d}.pt", weights_only=True))
+    torch.set_rng_state(load_checkpoint_object(directory / "rng" / f"rank_{actor.pctx.rank:05d}.pt"))
 
