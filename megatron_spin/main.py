@@ -64,7 +64,7 @@ def run(cfg: RunConfig) -> dict:
             prompts = parts.loader.next_batch()
             with timer("generate"):
                 groups = generate(cluster.fleet, prompts, sampling, seed=t.seed * 1_000_003 + step, version=version,
-                                  max_lag=rollout.max_off_policy_steps)
+                                  max_lag=rollout.max_off_policy_steps, recover=cluster.recover_engines)
             with timer("reward"):
                 scored = score_completions(prompts, groups, parts.tokenizer, cluster.reward)
                 pairs, stats = make_pairs(cfg.algorithm, prompts, scored)

@@ -63,6 +63,9 @@ class RolloutConfig:
     # sglang: deterministic inference, so per-sample seeds apply and a resumed run draws the samples
     # the uninterrupted one would have (slower kernels).  The embedded engine always seeds.
     deterministic: bool = False
+    # A dead engine (its process gone) is started again on its address, given the current weights
+    # and re-admitted, at most this many times per engine over the run (0: it stays dropped).
+    max_engine_restarts: int = 3
     sync: SyncConfig = SyncConfig()
 
     def __post_init__(self) -> None:
@@ -77,6 +80,7 @@ class RolloutConfig:
         require(self.mem_fraction_static is None or 0 < self.mem_fraction_static < 1, "mem_fraction_static",
                 "must be in (0, 1) or null")
         require(self.threads >= 0, "threads", "must be >= 0")
+        require(self.max_engine_restarts >= 0, "max_engine_restarts", f"must be >= 0, got {self.max_engine_restarts}")
         require(self.quantization is None or self.engine == EngineKind.SGLANG, "quantization",
                 "only SGLang engines quantise (the embedded engine serves the trainer's dtype)")
         require(self.quantization is None or self.sync.dtype in (None, DType.BFLOAT16, DType.FLOAT16), "sync.dtype",

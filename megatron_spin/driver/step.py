@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from megatron_spin.config.run import AlgorithmConfig
 from megatron_spin.data.prompts import EncodedPrompt
 from megatron_spin.pairs import PairStats, PreferencePair, ScoredSample, build_pairs, build_spin_pairs
-from megatron_spin.rollout.fleet import RolloutFleet
+from megatron_spin.rollout.fleet import FleetError, RolloutFleet
 from megatron_spin.rollout.protocol import Completion, SamplingParams
 from megatron_spin.rollout.staleness import check_versions
+
+log = logging.getLogger(__name__)
 
 
 class StepTimer:
@@ -32,12 +35,23 @@ class StepTimer:
 
 
 def generate(fleet: RolloutFleet, prompts: Sequence[EncodedPrompt], sampling: SamplingParams, *, seed: int,
-             version: int, max_lag: int) -> list[list[Completion]]:
+             version: int, max_lag: int, recover: Optional[Callable[[int], object]] = None) -> list[list[Completion]]:
     """``n`` samples per prompt from the fleet, refused if any came from weights older than allowed.
     ``seed`` makes samples depend only on (seed, prompt, weights): a resumed run draws what the
-    uninterrupted one would have."""
-    groups = fleet.generate([p.input_ids for p in prompts], dataclasses.replace(sampling, seed=seed),
-                            return_logprob=False)
+    uninterrupted one would have, and so does a step whose engines were restarted.
+
+    ``recover(version)``: called when the fleet has no engine left, to restart the dead ones at
+    ``version`` (it raises when none can be); the step's prompts are then generated again."""
+    while True:
+        try:
+            groups = fleet.generate([p.input_ids for p in prompts], dataclasses.replace(sampling, seed=seed),
+                                    return_logprob=False)
+            break
+        except FleetError as exc:
+            if recover is None:
+                raise
+            log.warning("%s: restarting the dead engines", exc)
+            recover(version)
     check_versions([c for g in groups for c in g], version, max_lag)
     return groups
 

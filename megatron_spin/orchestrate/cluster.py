@@ -107,6 +107,7 @@ class TrainerCluster:
         self._released: set[str] = set()  # colocated: engines whose KV cache is released until the next push
         self._pg = None
         self._broken = False  # a collective call failed: the ranks are killed, not asked to shut down
+        self._restarts: dict[int, int] = {}  # engine index -> times restarted
         self.ranks: list[dict] = []  # what each rank reported at set-up (node, TP/PP/DP rank, peak FLOP/s)
 
     # -- life cycle -------------------------------------------------------------------------
@@ -250,9 +251,10 @@ class TrainerCluster:
         if colocated:
             # A dropped engine that answers again is back first: it must give its memory back too.
             self.fleet.probe()
-            released = self.fleet.reachable
-            self.fleet.each(lambda c: c.release_memory(), released)  # weights, KV cache, CUDA graphs
-            self._released = {s.client.url for s in released}
+            # Weights, KV cache, CUDA graphs.  An engine that fails to is dropped (a dead one holds
+            # no memory; the next push restarts it), not the run.
+            self.fleet.each_or_drop(lambda c: c.release_memory(), self.fleet.reachable)
+            self._released = {s.client.url for s in self.fleet.reachable}
         started = time.monotonic()
         results: list[RankTrainResult] = self._call("train", list(pairs), iteration, step, what="actor update")
         seconds = time.monotonic() - started
@@ -271,10 +273,47 @@ class TrainerCluster:
         perf["perf/rollout_devices"] = float(p.engines * (p.engine_tp if p.gpus_per_node else 1))
         return TrainResult(mine.stats, mine.ref_seconds, mine.train_seconds, perf)
 
+    def restart_dead_engines(self) -> list[str]:
+        """Start again every engine whose process has exited, on its own address (at most
+        ``rollout.max_engine_restarts`` times each over the run).  A restarted engine holds the
+        run's initial weights: the fleet re-admits it at the next push, which brings it to the
+        actor's, and it serves from then on.  Returns the restarted engines' URLs."""
+        limit = self.cfg.rollout.max_engine_restarts
+        if not self.engines or not limit:
+            return []
+        running = self._get([e.running.remote() for e in self.engines], "ask the engines whether they run",
+                            timeout=min(self.timeout_s, 60))
+        restarted = []
+        for i, (host, alive) in enumerate(zip(self.engines, running)):
+            if alive:
+                continue
+            done = self._restarts.get(i, 0)
+            if done >= limit:
+                continue  # stays dropped; the fleet goes on with the others (or fails with no engine left)
+            self._restarts[i] = done + 1
+            log.warning("engine %d has exited: restarting it (%d/%d)", i, done + 1, limit)
+            url = self._get(host.restart.remote(), f"restart engine {i}", timeout=min(self.timeout_s, 600))
+            self._released.discard(url)  # a fresh engine holds all its memory
+            restarted.append(url)
+        return restarted
+
+    def recover_engines(self, version: int) -> list[str]:
+        """After the fleet ran out of engines: restart the dead ones and bring them to ``version``
+        (a push of the actor's weights, which re-admits them).  Raises if none could be restarted."""
+        restarted = self.restart_dead_engines()
+        if not restarted:
+            raise ClusterError("no rollout engine left, and none could be restarted (exited engines are "
+                               f"restarted at most actor_rollout_ref.rollout.max_engine_restarts="
+                               f"{self.cfg.rollout.max_engine_restarts} times)")
+        self.push(version)
+        return restarted
+
     def push(self, version: int) -> SyncReport:
         """The actor's weights to every reachable engine, as ``version``; colocated engines get
-        their KV cache back once the weights are in (SGLang's order: weights, push, cache)."""
+        their KV cache back once the weights are in (SGLang's order: weights, push, cache).
+        Engines whose process exited are started again first, so the push re-admits them."""
         try:
+            self.restart_dead_engines()
             plan = self.coordinator.prepare(version)
             results = self._call("send_weights", plan, what=f"weight push {version}")
             return self.coordinator.finish(plan, results)

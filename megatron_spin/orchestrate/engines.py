@@ -34,17 +34,33 @@ class EngineHost:
         """``gpu_ids``: a colocated SGLang engine's GPUs, as Ray named them to its feeder ranks (None:
         what Ray gave the actor).
         ``device_ids``: the simulated devices an embedded engine's ranks hold (CPU tensor pushes)."""
-        log = Path(launch.log_dir) / f"engine-{index}.log"
-        self.launch = launch
+        self.index, self.rollout, self.launch = index, rollout, launch
+        self.gpu_ids, self.device_ids = gpu_ids, device_ids
+        self.server = self._start(port=0 if rollout.engine == EngineKind.EMBEDDED else 30000 + index)
+
+    def _start(self, port: int):
+        rollout, launch = self.rollout, self.launch
+        log = Path(launch.log_dir) / f"engine-{self.index}.log"
         if rollout.engine == EngineKind.EMBEDDED:
-            self.server = launch_embedded(launch.model_path, host=launch.host, api_key=launch.api_key, log_path=log,
-                                          threads=launch.threads, timeout=600, device_ids=device_ids)
-        else:  # pragma: no cover - GPU tier, unverified
-            self.server = launch_sglang(launch.model_path, host=launch.host, port=30000 + index, log_path=log,
-                                        api_key=launch.api_key, tp_size=rollout.tp_size,
-                                        mem_fraction_static=rollout.mem_fraction_static,
-                                        enable_memory_saver=rollout.colocated, quantization=rollout.quantization,
-                                        deterministic=rollout.deterministic, visible_devices=gpu_ids)
+            return launch_embedded(launch.model_path, host=launch.host, port=port, api_key=launch.api_key,
+                                   log_path=log, threads=launch.threads, timeout=600, device_ids=self.device_ids)
+        return launch_sglang(  # pragma: no cover - GPU tier, unverified
+            launch.model_path, host=launch.host, port=port, log_path=log, api_key=launch.api_key,
+            tp_size=rollout.tp_size, mem_fraction_static=rollout.mem_fraction_static,
+            enable_memory_saver=rollout.colocated, quantization=rollout.quantization,
+            deterministic=rollout.deterministic, visible_devices=self.gpu_ids)
+
+    def running(self) -> bool:
+        """Whether the server process is alive (not whether it answers: a busy engine is running)."""
+        return self.server.proc is not None and self.server.proc.poll() is None
+
+    def restart(self) -> str:
+        """Start the engine again, on the same address, so the fleet's client and the push routes
+        stay valid; it loads the run's initial weights and serves after the next weight push."""
+        port = int(self.server.url.rsplit(":", 1)[1])
+        self.server.stop()
+        self.server = self._start(port)
+        return self.url()
 
     def url(self) -> str:
         return reachable_url(self.server.url, self.launch.host, node_address())

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,26 @@ pytestmark = [pytest.mark.timeout(900)]
 def length_reward(prompt, response, reference):
     """A rule reward that separates random samples: longer responses score higher."""
     return float(len(response.split()))
+
+
+_scored = [0]
+
+
+def length_reward_killing_the_engine(prompt, response, reference):
+    """``length_reward``, and at the first sample of step 2 (after the held-out evaluation's 2
+    samples and step 1's 12) a SIGKILL of this run's rollout engine — a real engine death, the
+    fault injected from here (named as such): the engine process carries the test's marker."""
+    _scored[0] += 1
+    if _scored[0] == 2 + 12 + 1:
+        marker = os.environ["SPIN_TEST_RUN"].encode()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline, environ = (Path(f"/proc/{pid}/{f}").read_bytes() for f in ("cmdline", "environ"))
+            except OSError:
+                continue
+            if b"megatron_spin.rollout.embedded" in cmdline and marker in environ:
+                os.kill(int(pid), signal.SIGKILL)
+    return length_reward(prompt, response, reference)
 
 
 def write_prompts(path, n, with_truth=False):
@@ -144,6 +167,28 @@ def assert_same_run(straight, resumed, done) -> list[dict]:
         if isinstance(final_a[k], torch.Tensor):
             assert torch.equal(final_a[k], final_b[k]), k
     return a
+
+
+def test_a_killed_engine_is_restarted_and_the_run_equals_an_uninterrupted_one(resume_runs):
+    """kill -9 of the only engine during step 2: the push after the update finds it gone, starts
+    it again on its address, pushes the actor's weights and re-admits it; steps 3 and 4 sample
+    from it.  Sampling is seeded, so every metric and the final weights equal the straight run's."""
+    straight, _, _, (tmp_path, common) = resume_runs
+    killed = tmp_path / "killed"
+    overrides = [o for o in common if not o.startswith("reward_model.function=")]
+    done = run_cli(tmp_path, *overrides, "reward_model.function=tests.e2e.test_online:length_reward_killing_the_engine",
+                   "trainer.total_training_steps=4", f"trainer.default_local_dir={killed}",
+                   env={"SPIN_TEST_RUN": uuid.uuid4().hex})
+    assert "engine 0 has exited: restarting it (1/3)" in done.stdout + done.stderr, done.stderr[-3000:]
+    a, b = records(straight, "train"), records(killed, "train")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in EXACT_KEYS} == {k: rb[k] for k in EXACT_KEYS}, ra["step"]
+    final_a = checkpoint_tensors(straight / "checkpoints" / "step_00000004" / "actor")
+    final_b = checkpoint_tensors(killed / "checkpoints" / "step_00000004" / "actor")
+    for k in final_a:
+        if isinstance(final_a[k], torch.Tensor):
+            assert torch.equal(final_a[k], final_b[k]), k
 
 
 def test_resume_continues_exactly(resume_runs):
