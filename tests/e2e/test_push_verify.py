@@ -27,7 +27,8 @@ def test_a_corrupted_push_is_caught_by_the_probe(tiny_chat_model, tmp_path, monk
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(f'{{"prompt": "Say something about {i}."}}\n' for i in range(4)))
     sync = SyncConfig(verify_every=1, verify_tolerance=0.05)
-    cfg = RunConfig(data=DataConfig(train_files=(str(prompts),), val_files=(), train_batch_size=2),
+    cfg = RunConfig(data=DataConfig(train_files=(str(prompts),), val_files=(), train_batch_size=2,
+                                    max_prompt_length=128, max_response_length=32),  # the tiny model: 256 positions
                     actor_rollout_ref=ActorRolloutRefConfig(model=ModelConfig(str(tiny_chat_model)),
                                                             rollout=RolloutConfig(sync=sync)),
                     trainer=TrainerConfig(default_local_dir=str(tmp_path / "run"), timeout_s=300.0))
