@@ -24,7 +24,6 @@ def _sum_ranks(rank, world_size):
 def _fail_on_one(rank, world_size):
     if rank == 1:
         raise ValueError("rank one is broken")
-    import torch
     import torch.distributed as dist
 
     dist.barrier()  # rank 0 would wait here forever: the launcher must not

@@ -16,11 +16,10 @@ import torch
 
 from megatron_spin.loss.config import LossConfig
 from megatron_spin.train.config import BatchConfig, OptimConfig
-from megatron_spin.convert.pipeline import convert_hf_to_megatron
 from megatron_spin.pairs import PreferencePair, collate_pairs
 from megatron_spin.parallel.launch import launch
 from megatron_spin.parallel.layout import ParallelLayout
-from tests.conftest import LAUNCH_TIMEOUT, make_tiny_hf
+from tests.conftest import LAUNCH_TIMEOUT
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
 
