@@ -3,9 +3,13 @@
     client = EngineClient("http://127.0.0.1:30000", api_key=KEY)
     completions = client.generate(GenerateRequest(input_ids, SamplingParams(n=4), return_logprob=True))
 
-Every call has a timeout; connection failures and 502/503/504 replies are retried a bounded
-number of times with exponential backoff, after which :class:`EngineError` names the engine,
-the route and the last failure.  4xx replies are not retried (the request itself is wrong).
+Every call has a timeout; connection failures and 429/502/503/504 replies are retried a
+bounded number of times with exponential backoff, after which :class:`EngineError` names the
+engine, the route and the last failure.  Any other 4xx reply raises :class:`EngineRequestError`
+at once: the engine refused *this request* (it is malformed, or asks for more than the engine
+allows) and is itself fine — callers surface it instead of dropping the engine or re-sending the
+request to another one, which would refuse it too (a 429 that outlasts the retries is one too).
+No reply, 5xx and a malformed reply are engine failures.
 A timed-out request is retried only for reads: a generation or weight update that timed out
 may still be running on the engine.  Weight updates and group calls are never retried — a
 retried tensor payload would take its shared memory twice, a retried broadcast announcement
@@ -21,10 +25,12 @@ import requests
 
 from megatron_spin.rollout import protocol as P
 
-_RETRY_STATUS = frozenset({502, 503, 504})
+_RETRY_STATUS = frozenset({429, 502, 503, 504})  # busy or in between: worth another try
 
 
 class EngineError(RuntimeError):
+    """A call to an engine failed; unless it is an :class:`EngineRequestError`, the engine did."""
+
     def __init__(self, url: str, route: str, message: str, status: Optional[int] = None):
         super().__init__(f"engine {url}{route}: {message}")
         self.url, self.route, self.status = url, route, status
@@ -33,6 +39,11 @@ class EngineError(RuntimeError):
     def engine_failed(self) -> bool:
         """The engine is unreachable or broken (no reply, 5xx) — not a refusal of this request."""
         return self.status is None or self.status >= 500
+
+
+class EngineRequestError(EngineError):
+    """The engine answered 4xx: it refused this request and keeps serving.  Not retried (a 429,
+    "too many requests", only after the client's own retries)."""
 
 
 class EngineClient:
@@ -81,7 +92,9 @@ class EngineClient:
             if status in _RETRY_STATUS:
                 last = f"HTTP {status}: {_message(reply)}"
                 continue
-            if status >= 400:
+            if 400 <= status < 500:
+                raise EngineRequestError(self.url, route, f"HTTP {status}: {_message(reply)}", status)
+            if status >= 500:
                 raise EngineError(self.url, route, f"HTTP {status}: {_message(reply)}", status)
             if not reply.content:
                 return None
@@ -89,7 +102,8 @@ class EngineClient:
                 return reply.json()
             except ValueError:
                 return reply.text
-        raise EngineError(self.url, route, f"{last} (after {attempt + 1} attempts)", status)
+        error = EngineRequestError if status is not None and 400 <= status < 500 else EngineError  # 429
+        raise error(self.url, route, f"{last} (after {attempt + 1} attempts)", status)
 
     def _update(self, route: str, body: dict, timeout: Optional[float] = None) -> P.WeightUpdateResult:
         result = P.WeightUpdateResult.from_json(self.request("POST", route, body, timeout=timeout, retries=0), route)

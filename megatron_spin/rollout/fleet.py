@@ -6,8 +6,10 @@
 Generation splits the prompt list into contiguous shares, one per healthy engine (or sends
 everything to an sglang-router, which balances by itself), sends them concurrently and
 returns ``[prompt][sample]`` in prompt order.  An engine whose request fails (after the
-client's own retries) is dropped and its share is re-sent to the others; only when no
-engine is left does generation fail.
+client's own retries: no reply, 5xx) is dropped and its share is re-sent to the others; only
+when no engine is left does generation fail.  A request an engine *refuses* (4xx,
+:class:`EngineRequestError`) is the caller's error: it is raised as it is, the engine stays,
+and the share is not re-sent (every engine would refuse it).
 
 A dropped engine missed weight pushes, so it is *not* re-added just because it answers
 again: :meth:`probe` re-admits it as ``needs_sync``, the next weight push
@@ -22,7 +24,7 @@ import logging
 import threading
 from typing import Callable, Optional, Sequence, TypeVar
 
-from megatron_spin.rollout.client import EngineClient, EngineError
+from megatron_spin.rollout.client import EngineClient, EngineError, EngineRequestError
 from megatron_spin.rollout.protocol import Completion, GenerateRequest, SamplingParams
 
 log = logging.getLogger("megatron_spin.fleet")
@@ -101,9 +103,9 @@ class RolloutFleet:
                 slot, share = futures[fut]
                 try:
                     replies = fut.result()
+                except EngineRequestError:
+                    raise  # the request is wrong (4xx): another engine would refuse it too
                 except EngineError as exc:
-                    if not exc.engine_failed:
-                        raise  # the request is wrong (4xx): another engine would refuse it too
                     self.drop(slot, exc)
                     pending += share
                     continue

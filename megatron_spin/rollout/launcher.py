@@ -138,6 +138,7 @@ def launch_embedded(
     log_path: Optional[str | os.PathLike] = None, threads: int = 0, weight_version: str = "default",
     max_batch_tokens: int = 16384, timeout: float = 300.0, wait: bool = True,
     device_ids: Optional[Sequence[str]] = None, device: str = "cpu", dtype: str = "float32",
+    engine_args: Sequence[str] = (),
 ) -> ServerProcess:
     """Start the embedded engine on ``model_path`` and (by default) wait until it is healthy.
 
@@ -145,6 +146,7 @@ def launch_embedded(
     loopback, other local users must not be able to push weights.  ``None`` runs without one.
     ``device_ids``: the engine simulates one TP rank per id, holding that device (CPU tests of
     device locality).  ``device``/``dtype``: where and in what the model runs (cuda: the GPU check).
+    ``engine_args``: more of the engine's flags (its limits: ``python -m megatron_spin.rollout.embedded -h``).
     """
     if api_key == AUTO_KEY:
         api_key = secrets.token_urlsafe(24)
@@ -159,6 +161,7 @@ def launch_embedded(
         cmd += ["--device-ids", ",".join(device_ids)]
     if device != "cpu" or dtype != "float32":
         cmd += ["--device", device, "--dtype", dtype]
+    cmd += list(engine_args)
     log = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"megatron_spin-engine-{port}.log"
     env = {API_KEY_ENV: api_key} if api_key else {}
     server = ServerProcess(cmd, f"http://{host}:{port}", log, api_key, env, pass_fds=(sock.fileno(),))

@@ -49,6 +49,31 @@ class ProtocolError(ValueError):
     """A request or reply that does not follow the protocol; the message names the field."""
 
 
+MAX_WEIGHT_VERSION_CHARS = 256  # a label (the trainer sends its step number), not a payload
+SEED_RANGE = (-(2**63), 2**63 - 1)  # SGLang's: a seed is an int64
+
+
+def check_weight_version(value: Any, where: str) -> Optional[str]:
+    """A ``weight_version`` field as a string (None stays None): at most 256 printable characters.
+
+    Every reply and every sample carries the version, so an unbounded one would be copied into
+    each of them."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ProtocolError(f"{where}: the weight version must be a string, got {type(value).__name__}")
+    value = str(value)
+    if not 0 < len(value) <= MAX_WEIGHT_VERSION_CHARS or not value.isprintable():
+        raise ProtocolError(f"{where}: the weight version must be 1 to {MAX_WEIGHT_VERSION_CHARS} printable "
+                            f"characters, got {len(value)} characters starting {value[:40]!r}")
+    return value
+
+
+def _check_seed(seed: Optional[int], what: str) -> None:
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ProtocolError(f"{what} must be in [-2**63, 2**63 - 1], got {seed}")
+
+
 def _field(d: dict, key: str, kind, default=None, *, where: str, required: bool = False):
     if key not in d or d[key] is None:
         if required:
@@ -98,6 +123,7 @@ class SamplingParams:
             raise ProtocolError(f"{where}.min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.n < 1:
             raise ProtocolError(f"{where}.n must be >= 1, got {self.n}")
+        _check_seed(self.seed, f"{where}.sampling_seed")
 
     @property
     def greedy(self) -> bool:
@@ -166,6 +192,8 @@ class GenerateRequest:
     def __post_init__(self):
         if self.seeds is not None and len(self.seeds) != len(self.input_ids):
             raise ProtocolError(f"{GENERATE}: {len(self.seeds)} seeds for {len(self.input_ids)} prompts")
+        for i, seed in enumerate(self.seeds or ()):
+            _check_seed(seed, f"{GENERATE}: sampling_params[{i}].sampling_seed")
 
     def to_json(self) -> dict:
         params = self.sampling.to_json()

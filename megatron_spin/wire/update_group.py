@@ -57,8 +57,11 @@ def host_store(master_address: str, world_size: int, timeout_s: float = 300.0) -
 def create_update_group(
     master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
     backend: str = "gloo", timeout_s: float = 300.0, store: Optional[dist.TCPStore] = None,
+    join_timeout_s: Optional[float] = None,
 ) -> UpdateGroup:
-    """Join the group (rank 0 passes the store from :func:`host_store`)."""
+    """Join the group (rank 0 passes the store from :func:`host_store`).  ``timeout_s`` bounds each
+    collective; ``join_timeout_s`` (default: the same) bounds the join itself — reaching the store
+    and, on gloo, waiting for every other member to arrive."""
     from torch.distributed.distributed_c10d import _new_process_group_helper, _world
 
     if backend not in BACKENDS:
@@ -66,13 +69,18 @@ def create_update_group(
     if not (0 <= rank < world_size):
         raise ValueError(f"rank {rank} outside a group of {world_size}")
     timeout = datetime.timedelta(seconds=timeout_s)
+    joining = datetime.timedelta(seconds=timeout_s if join_timeout_s is None else join_timeout_s)
     if store is None:
-        store = dist.TCPStore(master_address, master_port, world_size, is_master=(rank == 0), timeout=timeout,
+        store = dist.TCPStore(master_address, master_port, world_size, is_master=(rank == 0), timeout=joining,
                               wait_for_workers=False)
     # The name is part of every store key the factory uses: both sides must pass the same one
-    # (the pusher makes it unique per group it forms).
+    # (the pusher makes it unique per group it forms).  Gloo meets its peers inside the factory,
+    # under the group's timeout: the join's, then the collectives' from here on.
     pg, _ = _new_process_group_helper(world_size, rank, [], backend, dist.PrefixStore(group_name, store),
-                                      group_name=group_name, timeout=timeout)
+                                      group_name=group_name, timeout=joining)
+    if joining != timeout:
+        pg.set_timeout(timeout)
+        store.set_timeout(timeout)  # NCCL meets its peers through the store at the first collective
     # What torch's own group constructors record (and SGLang's too): group rank i is "global"
     # rank i of this group, so dist.broadcast(src=0, group=pg) and destroy_process_group work.
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}

@@ -120,6 +120,28 @@ def test_input_logprobs_scoring(llama):
     assert empty.output_ids == () and empty.finish_reason == "length" and empty.input_logprobs is None
 
 
+def test_abandoned_rows_stop_and_the_others_are_unchanged(llama):
+    """A job whose caller has gone ends "abort" where it is noticed; its neighbours are unaffected,
+    and a sub-batch nobody waits for is not started."""
+    gen = HFGenerator(llama, [EOS])
+    jobs = [GenerationJob(p, greedy(10, ignore_eos=True)) for p in PROMPTS]
+    reference = gen.run(jobs)
+    asked = []
+
+    def gone_after_three_steps(job):  # asked before the prefill and before every decode step
+        asked.append(job)
+        return job == 1 and asked.count(1) > 3
+
+    outs = gen.run(jobs, gone_after_three_steps)
+    assert outs[1].finish_reason == "abort" and len(outs[1].output_ids) == 3
+    assert outs[1].output_ids == reference[1].output_ids[:3]
+    assert [outs[0], outs[2]] == [reference[0], reference[2]]
+    split = HFGenerator(llama, [EOS], max_batch_tokens=20)  # one job per sub-batch
+    outs = split.run(jobs, lambda job: job != 2)
+    assert [o.finish_reason for o in outs] == ["abort", "abort", "length"] and outs[2] == reference[2]
+    assert outs[0].output_ids == outs[1].output_ids == ()
+
+
 # ------------------------------------------------------------------------------ sampling
 
 

@@ -47,6 +47,8 @@ QUIET = 0.15  # how long a thing that must NOT happen is given to happen anyway
         (dict(min_new_tokens=-1), "min_new_tokens"),
         (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
         (dict(n=0), "n"),
+        (dict(seed=2**63), "sampling_seed"),
+        (dict(seed=-(2**63) - 1), "sampling_seed"),
     ],
 )
 def test_sampling_params_rejects_bad_field(kwargs, field):
@@ -598,6 +600,40 @@ def test_stop_lets_the_running_batch_finish(make_worker):
     stopper.join(WAIT)
     assert running.result(WAIT) == (["out-r"], "v0")
     assert rec.sizes == [1]
+
+
+def test_a_request_cancelled_while_queued_never_runs(make_worker):
+    rec = Recorder()
+    w = make_worker(rec)
+    w.pause()
+    kept, dropped = w.submit(["kept"]), w.submit(["dropped"])
+    assert dropped.cancel()  # its caller gave up while it waited
+    w.resume()
+    assert kept.result(WAIT) == (["out-kept"], "v0")
+    assert rec.batches == [["kept"]]
+    only = w.submit(["x"])
+    only.cancel()
+    assert w.submit(["y"]).result(WAIT) == (["out-y"], "v0") and rec.batches[-1] == ["y"]
+
+
+def test_run_batch_sees_which_of_its_jobs_were_abandoned(make_worker):
+    seen = []
+    gate = threading.Event()
+
+    def run_batch(jobs):
+        assert gate.wait(WAIT)
+        seen.append([w.abandoned(i) for i in range(len(jobs))])
+        return [f"out-{j}" for j in jobs], "v0"
+
+    w = make_worker(run_batch)
+    w.pause()
+    gone, staying = w.submit(["a1", "a2"]), w.submit(["b1"])
+    w.resume()
+    time.sleep(QUIET)  # the batch is taken, waiting at the gate
+    assert gone.cancel()  # cancelled while its batch runs: a cancelled future cannot fail the others
+    gate.set()
+    assert staying.result(WAIT) == (["out-b1"], "v0")
+    assert seen == [[True, True, False]] and gone.cancelled()
 
 
 # --------------------------------------------------------------------------- per-sample seeds

@@ -9,13 +9,17 @@ Weight updates take :meth:`BatchingWorker.exclusive`: it waits for the running b
 and holds the next one back, so a batch never sees two versions of the weights, and every
 output of a batch is labelled with the version it was generated with.  ``pause`` stops new
 batches (queued requests wait) until ``resume``.
+
+A caller that gives up cancels its future (the HTTP handler does when its client hangs up): a
+queued request is then never taken, and during a batch :meth:`BatchingWorker.abandoned` tells
+``run_batch`` which of its jobs nobody waits for any more, so it can stop them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Callable, Generic, Sequence, TypeVar
 
 Job = TypeVar("Job")
@@ -38,6 +42,7 @@ class BatchingWorker(Generic[Job, Out]):
         self._exclusive = 0  # holders of exclusive(): no batch may start
         self._running = False
         self._stopped = False
+        self._owners: list[Future] = []  # the running batch's futures, one per job
         self.batches_run = 0
         self._thread = threading.Thread(target=self._loop, name="embedded-engine-batcher", daemon=True)
         self._thread.start()
@@ -64,6 +69,11 @@ class BatchingWorker(Generic[Job, Out]):
     def paused(self) -> bool:
         return self._paused
 
+    def abandoned(self, job: int) -> bool:
+        """Whether job ``job`` of the running batch belongs to a request its caller cancelled
+        (for ``run_batch``, on the worker thread, while the batch runs)."""
+        return self._owners[job].cancelled()
+
     @contextlib.contextmanager
     def exclusive(self):
         """No batch runs inside this block (waits for the running one to finish)."""
@@ -88,7 +98,9 @@ class BatchingWorker(Generic[Job, Out]):
         self._thread.join(timeout=30)
 
     def _take(self) -> list[tuple[list[Job], Future]]:
-        """Requests for the next batch: whole requests, at least one, about ``max_jobs`` jobs."""
+        """Requests for the next batch: whole requests, at least one, about ``max_jobs`` jobs.
+        Requests their callers cancelled while they waited are dropped here."""
+        self._queue = [req for req in self._queue if not req[1].cancelled()]
         taken, count = [], 0
         while self._queue and (not taken or count + len(self._queue[0][0]) <= self._max_jobs):
             req = self._queue.pop(0)
@@ -104,21 +116,35 @@ class BatchingWorker(Generic[Job, Out]):
                 if self._stopped:
                     return
                 taken = self._take()
+                if not taken:  # every queued request was cancelled
+                    continue
                 self._running = True
+            self._owners = [fut for req, fut in taken for _ in req]
             try:
                 jobs = [j for req, _ in taken for j in req]
                 outputs, tag = self._run_batch(jobs)
                 start = 0
                 for req, fut in taken:
-                    if not fut.cancelled():  # a caller that gave up must not fail the others
-                        fut.set_result((outputs[start:start + len(req)], tag))
+                    _resolve(fut, result=(outputs[start:start + len(req)], tag))
                     start += len(req)
                 self.batches_run += 1
             except BaseException as exc:  # a failed batch fails its requests, not the engine
                 for _, fut in taken:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                    _resolve(fut, exception=exc)
             finally:
+                self._owners = []
                 with self._cond:
                     self._running = False
                     self._cond.notify_all()
+
+
+def _resolve(fut: Future, result=None, exception: BaseException | None = None) -> None:
+    """Settle ``fut`` unless its caller cancelled it (even between a check and the set): a caller
+    that gave up must not fail the others of its batch."""
+    try:
+        if exception is not None:
+            fut.set_exception(exception)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass

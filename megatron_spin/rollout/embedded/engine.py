@@ -2,10 +2,16 @@
 
     engine = EmbeddedEngine.load("/path/to/hf_model")
     replies = engine.generate(GenerateRequest(...))     # [prompt][sample] Completions
+    pending = engine.submit(request); ...; replies = engine.replies(pending)   # the server's way
 
 What it does, operation by operation (the HTTP layer in ``server.py`` only maps routes here):
-  * generate: each prompt is expanded into ``n`` jobs; concurrent requests are batched by
-    :class:`BatchingWorker`; every completion carries the ``weight_version`` of its batch.
+  * generate: the request is checked first (token ids inside the vocabulary, prompt plus
+    ``max_new_tokens`` inside the context, at most ``max_samples_per_request`` samples): a bad
+    request is a :class:`ProtocolError` (HTTP 400) and never reaches a batch, where it would
+    fail the other requests too.  Each prompt is expanded into ``n`` jobs; concurrent requests
+    are batched by :class:`BatchingWorker`; every completion carries the ``weight_version`` of
+    its batch.  A caller that gives up cancels its :class:`PendingGeneration` (the server does
+    when the client's connection closes): its rows stop at the next decode step.
   * weight updates (tensor, disk, distributed): the whole request is checked first
     (:class:`ModelWeights`), then copied in while no batch runs; ``weight_version`` is set
     only after a successful load.  A failed update raises :class:`PayloadError`.  As in SGLang
@@ -13,7 +19,11 @@ What it does, operation by operation (the HTTP layer in ``server.py`` only maps 
     (``begin``/``end``), and a second ``begin`` is refused.
   * pause/continue generation, release/resume memory by tag (``weights``, ``kv_cache``,
     ``cuda_graph``; resuming a tag that is not released is refused — it kills an SGLang server),
-    flush cache (no cache persists between batches here), get weights by name.
+    flush cache (no cache persists between batches here), get weights by name (at most
+    ``MAX_WEIGHT_VALUES`` values per call).
+  * weight-update groups: joined under a :class:`JoinPolicy` (never as rank 0, only at a named
+    address — on this machine when the engine serves loopback only —, a bounded number at
+    once, each within a timeout; see ``group_joins.py``).
   * device locality, simulated on the CPU: with ``device_ids`` the engine behaves as
     ``len(device_ids)`` TP ranks, rank ``k`` holding device ``device_ids[k]``; a tensor update
     needs one payload per rank, each a bucket from that rank's device (SGLang opens a CUDA handle
@@ -25,16 +35,21 @@ Log-probs are of the raw (temperature 1) distribution: the quantity the trainer 
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
+from concurrent.futures import Future
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
-from megatron_spin.rollout.embedded.batching import BatchingWorker
+from megatron_spin.rollout.embedded.batching import BatchingWorker, WorkerStopped
 from megatron_spin.rollout.embedded.generator import GenerationJob, GenerationOutput, HFGenerator
+from megatron_spin.rollout.embedded.group_joins import JoinFailed, JoinPolicy, JoinSlots
 from megatron_spin.rollout.embedded.weights import ModelWeights, load_safetensors_dir
-from megatron_spin.rollout.protocol import Completion, GenerateRequest, ProtocolError, check_names, sample_seed
+from megatron_spin.rollout.protocol import (Completion, GenerateRequest, ProtocolError, check_names,
+                                            check_weight_version, sample_seed)
 from megatron_spin.wire.tensor_payload import PayloadError, decode_named_tensors
 from megatron_spin.wire.update_group import UpdateGroup, create_update_group
 
@@ -44,6 +59,16 @@ class EngineUnavailable(RuntimeError):
 
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's; none given means all three
+MAX_WEIGHT_VALUES = 1 << 20  # per /get_weights_by_name call: ~20 MB of JSON, a debugging peek
+
+
+@dataclasses.dataclass
+class PendingGeneration:
+    """A submitted request: ``future`` resolves to ``(outputs, weight_version)``; cancelling it
+    abandons the request (see :meth:`EmbeddedEngine.abandon`)."""
+
+    request: GenerateRequest
+    future: Future
 
 
 @dataclasses.dataclass
@@ -54,13 +79,15 @@ class EngineStats:
     generated_tokens: int = 0
     weight_updates: int = 0
     bytes_loaded: int = 0
+    abandoned_requests: int = 0  # their clients hung up before the reply
 
 
 class EmbeddedEngine:
     def __init__(self, model, tokenizer=None, *, model_path: str = "", weight_version: str = "default",
                  max_batch_tokens: int = 16384, max_batch_jobs: int = 256, max_samples_per_request: int = 1024,
-                 device_ids: Optional[Sequence[str]] = None):
-        """``device_ids``: simulate TP ranks holding these devices (see the module docstring)."""
+                 device_ids: Optional[Sequence[str]] = None, joins: JoinPolicy = JoinPolicy()):
+        """``device_ids``: simulate TP ranks holding these devices (see the module docstring);
+        ``joins``: which weight-update groups it joins, how many at once, how long each waits."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -68,9 +95,12 @@ class EmbeddedEngine:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.generator = HFGenerator(model, eos_ids, max_batch_tokens=max_batch_tokens)
-        self.weight_version = str(weight_version)
+        self.weight_version = check_weight_version(weight_version, "weight_version")
         self.max_samples_per_request = max_samples_per_request
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)  # rows an id may index
+        self.joins = joins
+        self._join_slots = JoinSlots(joins.max_pending)
         self.stats = EngineStats()
         self._groups: dict[str, UpdateGroup] = {}
         self._groups_lock = threading.Lock()
@@ -100,9 +130,11 @@ class EmbeddedEngine:
             raise EngineUnavailable(f"{len(self.weights.unloaded)} weight tensors not loaded since resume, "
                                     f"e.g. {sorted(self.weights.unloaded)[:3]}: push the full model first")
         version = self.weight_version  # updates cannot run during a batch (exclusive)
-        return self.generator.run(jobs), version
+        return self.generator.run(jobs, self._worker.abandoned), version
 
-    def generate(self, request: GenerateRequest, timeout: Optional[float] = None) -> list[list[Completion]]:
+    def submit(self, request: GenerateRequest) -> PendingGeneration:
+        """Check ``request`` (:class:`ProtocolError` if it is bad) and queue it; collect the answer
+        with :meth:`replies` once ``future`` is done."""
         self._check_limits(request)
         n = request.sampling.n
         seeds = request.seeds or (request.sampling.seed,) * len(request.input_ids)  # per prompt, or the request's
@@ -112,7 +144,23 @@ class EmbeddedEngine:
                           request.return_logprob, request.logprob_start_len)
             for p, seed in zip(request.input_ids, seeds) for j in range(n)
         ]
-        outputs, version = self._worker.submit(jobs).result(timeout=timeout)
+        try:
+            return PendingGeneration(request, self._worker.submit(jobs))
+        except WorkerStopped as exc:
+            raise EngineUnavailable(str(exc)) from None
+
+    def abandon(self, pending: PendingGeneration) -> None:
+        """Its caller has gone: drop it from the queue, or stop its rows at the next decode step."""
+        if pending.future.cancel():
+            self.stats.abandoned_requests += 1
+
+    def replies(self, pending: PendingGeneration) -> list[list[Completion]]:
+        """``[prompt][sample]`` completions of a finished request (raises what its batch raised)."""
+        request, n = pending.request, pending.request.sampling.n
+        try:
+            outputs, version = pending.future.result(timeout=0)
+        except WorkerStopped as exc:
+            raise EngineUnavailable(str(exc)) from None
         self.stats.requests += 1
         self.stats.prompt_tokens += sum(len(p) for p in request.input_ids) * n
         self.stats.generated_tokens += sum(len(o.output_ids) for o in outputs)
@@ -127,6 +175,16 @@ class EmbeddedEngine:
             ))
         return replies
 
+    def generate(self, request: GenerateRequest, timeout: Optional[float] = None) -> list[list[Completion]]:
+        """Submit and wait (in-process callers; the server waits without holding a thread)."""
+        pending = self.submit(request)
+        try:
+            pending.future.exception(timeout=timeout)  # wait; the outcome is read by replies()
+        except BaseException:
+            self.abandon(pending)
+            raise
+        return self.replies(pending)
+
     def _check_limits(self, request: GenerateRequest) -> None:
         """Refuse what would exhaust memory or hold the engine (and so every weight push) for long."""
         samples = len(request.input_ids) * request.sampling.n
@@ -134,6 +192,10 @@ class EmbeddedEngine:
             raise ProtocolError(f"{samples} samples in one request; this engine takes at most "
                                 f"{self.max_samples_per_request} (prompts x n)")
         for i, p in enumerate(request.input_ids):
+            if max(p) >= self.vocab_size:  # the embedding lookup would fail inside the batch, failing its neighbours
+                bad = next(k for k, t in enumerate(p) if t >= self.vocab_size)
+                raise ProtocolError(f"input_ids[{i}][{bad}] = {p[bad]} is outside the vocabulary "
+                                    f"[0, {self.vocab_size})")
             if len(p) + request.sampling.max_new_tokens > self.max_length:
                 raise ProtocolError(f"prompt {i}: {len(p)} tokens + max_new_tokens {request.sampling.max_new_tokens} "
                                     f"exceed the model's context of {self.max_length}")
@@ -147,13 +209,14 @@ class EmbeddedEngine:
             self.stats.bytes_loaded += self.weights.load(named)
             self.stats.weight_updates += 1
             if weight_version is not None:
-                self.weight_version = str(weight_version)
+                self.weight_version = weight_version
         return f"loaded {len(named)} tensors"
 
     def update_from_tensor(self, serialized: Sequence, load_format: Optional[str],
                            weight_version: Optional[str]) -> str:
         """SGLang sends one payload per engine TP rank; rank ``k`` reads entry ``k``."""
         self._require_session("update_weights_from_tensor")
+        weight_version = check_weight_version(weight_version, "update_weights_from_tensor")
         if not isinstance(serialized, list) or len(serialized) != self.tp_size:
             raise PayloadError(f"serialized_named_tensors must be a list with one entry per engine TP rank; "
                                f"this engine has {self.tp_size}")
@@ -186,21 +249,33 @@ class EmbeddedEngine:
             raise ProtocolError(f"{what} must run between begin_weight_update() and end_weight_update()")
 
     def update_from_disk(self, model_path: str, weight_version: Optional[str]) -> str:
+        weight_version = check_weight_version(weight_version, "update_weights_from_disk")
         with self._worker.exclusive():  # whole directory checked, then loaded, with no batch in between
             copied = load_safetensors_dir(self.weights, model_path)
             self.stats.bytes_loaded += copied
             self.stats.weight_updates += 1
             if weight_version is not None:
-                self.weight_version = str(weight_version)
+                self.weight_version = weight_version
         self.model_path = str(model_path)
         return f"loaded {copied} bytes from {model_path}"
 
     def init_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                           group_name: str, backend: str) -> str:
+        """Join as rank ``rank_offset`` under :attr:`joins` (``ProtocolError``: not allowed;
+        ``JoinsBusy``: too many joins waiting; ``JoinFailed``: the store or the peers did not answer)."""
+        self.joins.check(master_address, master_port, rank_offset, world_size, group_name)
         with self._groups_lock:
             if group_name in self._groups:
                 raise ProtocolError(f"weight update group {group_name!r} already exists")
-        group = create_update_group(master_address, master_port, rank_offset, world_size, group_name, backend)
+        with self._join_slots:
+            try:
+                group = create_update_group(master_address, master_port, rank_offset, world_size, group_name,
+                                            backend, join_timeout_s=self.joins.timeout_s)
+            except dist.DistError as exc:  # torch's store/rendezvous errors: the peers, not this engine
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise JoinFailed(f"could not join {group_name!r} at {master_address}:{master_port} as rank "
+                                 f"{rank_offset} of {world_size} (join timeout {self.joins.timeout_s:g} s): "
+                                 f"{first}") from None
         with self._groups_lock:
             self._groups[group_name] = group
         return f"joined {group_name!r} as rank {rank_offset} of {world_size}"
@@ -222,6 +297,7 @@ class EmbeddedEngine:
         """
         check_names(names, dtypes, shapes, "update_weights_from_distributed")
         self._require_session("update_weights_from_distributed")
+        weight_version = check_weight_version(weight_version, "update_weights_from_distributed")
         with self._groups_lock:
             group = self._groups.get(group_name)
         if group is None:
@@ -231,7 +307,12 @@ class EmbeddedEngine:
             dtype = getattr(torch, str(dt).removeprefix("torch."), None)
             if not isinstance(dtype, torch.dtype):
                 raise PayloadError(f"{name}: unknown dtype {dt!r}")
-            buffers.append((name, torch.empty(tuple(shape), dtype=dtype, device="meta")))
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise PayloadError(f"{name}: a shape is a list of non-negative integers, got {shape!r}"[:300])
+            try:
+                buffers.append((name, torch.empty(tuple(shape), dtype=dtype, device="meta")))
+            except (RuntimeError, TypeError) as exc:  # more elements than an int64 counts
+                raise PayloadError(f"{name}: shape {shape!r} is impossible ({exc})"[:300]) from None
         self.weights.check(buffers, where="update_weights_from_distributed")
         received = []
         for name, meta in buffers:
@@ -241,16 +322,26 @@ class EmbeddedEngine:
         return self._install(received, weight_version, complete=False, where="update_weights_from_distributed")
 
     def set_weight_version(self, version: str) -> None:
+        version = check_weight_version(version, "update_weight_version")
         with self._worker.exclusive():
-            self.weight_version = str(version)
+            self.weight_version = version
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """The first ``truncate_size`` rows (SGLang's convention), at most ``MAX_WEIGHT_VALUES`` values."""
         try:
             p = self.weights.get(name)
         except KeyError:
             raise ProtocolError(f"no parameter named {name!r}") from None
+        if truncate_size < 0:  # a negative slice would return all rows but the last few
+            raise ProtocolError(f"truncate_size must be >= 0, got {truncate_size}")
+        shape = self.weights.shape(name)  # the model's, also while the memory is released
+        row = math.prod(shape[1:])
+        values = min(truncate_size, shape[0] if shape else 1) * row
+        if values > MAX_WEIGHT_VALUES:
+            raise ProtocolError(f"truncate_size {truncate_size} asks for {values} values of {name!r}; at most "
+                                f"{MAX_WEIGHT_VALUES} per call (truncate_size <= {MAX_WEIGHT_VALUES // row})")
         with self._worker.exclusive():
-            return p.detach()[:truncate_size].tolist()  # SGLang's convention: the first rows
+            return p.detach()[:truncate_size].tolist()
 
     # -- control ----------------------------------------------------------------------------
     def pause(self) -> None:

@@ -24,6 +24,9 @@ Algorithm of ``HFGenerator.run(jobs)``:
        ``max_new_tokens`` ends it with ``"length"``.
    Finished rows are fed a pad token and their outputs are frozen; the loop ends when every
    row is done.
+   A row whose caller has gone (``abandoned(job)``, asked before the prefill and before every
+   decode step) ends with ``"abort"`` there; a sub-batch whose jobs are all abandoned is not
+   started, so a request its client gave up on stops costing compute within one step.
 5. Randomness: a job with ``params.seed`` draws its noise from its own ``torch.Generator``
    seeded with it, one ``Exp(1)`` vector per sampled step in vocabulary order, so the same
    seed, prompt and weights give the same output whatever else is in the batch.  Jobs without
@@ -33,7 +36,7 @@ Algorithm of ``HFGenerator.run(jobs)``:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -41,6 +44,11 @@ from megatron_spin.rollout.protocol import SamplingParams
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"  # SGLang's reason for a request aborted before it finished
+
+
+def _never(job: int) -> bool:
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +96,19 @@ class HFGenerator:
         self.generator.seed()  # unseeded jobs are meant to differ from run to run
 
     @torch.inference_mode()
-    def run(self, jobs: Sequence[GenerationJob]) -> list[GenerationOutput]:
+    def run(self, jobs: Sequence[GenerationJob],
+            abandoned: Callable[[int], bool] = _never) -> list[GenerationOutput]:
+        """Outputs in job order; ``abandoned(i)``: job ``i``'s caller has gone (stop its row)."""
         outputs: list[Optional[GenerationOutput]] = [None] * len(jobs)
         for batch in _plan_batches(jobs, self.max_batch_tokens):
-            for i, out in zip(batch, self._run_batch([jobs[i] for i in batch])):
+            outs = self._run_batch([jobs[i] for i in batch], lambda r, batch=batch: abandoned(batch[r]))
+            for i, out in zip(batch, outs):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------ one batch
 
-    def _run_batch(self, jobs: list[GenerationJob]) -> list[GenerationOutput]:
+    def _run_batch(self, jobs: list[GenerationJob], abandoned: Callable[[int], bool] = _never) -> list[GenerationOutput]:
         dev, B = self.device, len(jobs)
         lens = [len(j.input_ids) for j in jobs]
         L = max(lens)
@@ -122,6 +133,8 @@ class HFGenerator:
         out_lps: list[list[float]] = [[] for _ in jobs]
         finish: list[Optional[str]] = [None if m > 0 else FINISH_LENGTH for m in max_new]
         in_lps: list[Optional[tuple]] = [None] * B
+        if all(abandoned(r) for r in range(B)):  # nobody waits for this sub-batch: do not start it
+            return _assemble(jobs, out_ids, out_lps, [FINISH_ABORT] * B, in_lps)
         if all(f is not None for f in finish) and not any(j.wants_input_logprobs for j in jobs):
             return _assemble(jobs, out_ids, out_lps, finish, in_lps)
 
@@ -136,6 +149,8 @@ class HFGenerator:
         sampler = _RowSampler(jobs, self.eos_token_ids, logits.shape[-1], dev, self.generator)
         prompt_lens = torch.tensor(lens, device=dev)  # (B,)
         for step in range(max(max_new)):
+            if _abort_abandoned(finish, abandoned):
+                break
             active = [r for r in range(B) if finish[r] is None]
             tokens = sampler.choose(logits, active, step)  # (B,)
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]  # (B,)
@@ -229,6 +244,14 @@ def _prompt_logprobs(logits: torch.Tensor, job: GenerationJob, pad: int, first_c
         lps = torch.log_softmax(logits[cols].float(), dim=-1).gather(1, targets[:, None])[:, 0]  # (P,)
         entries.extend(lps.tolist())
     return tuple(entries)
+
+
+def _abort_abandoned(finish: list[Optional[str]], abandoned: Callable[[int], bool]) -> bool:
+    """Mark the unfinished rows whose caller has gone as aborted; True when no row is left."""
+    for r, f in enumerate(finish):
+        if f is None and abandoned(r):
+            finish[r] = FINISH_ABORT
+    return all(f is not None for f in finish)
 
 
 def _new_cache(model):

@@ -5,15 +5,26 @@
 Binds 127.0.0.1 unless ``--host`` says otherwise.  With an API key every route except the
 health checks needs ``Authorization: Bearer <key>`` and answers 401 without it — weight
 updates carry pickled tensor handles, which must never be accepted from an unauthenticated
-peer.  Replies follow SGLang: generation errors are 400 ``{"error": {"message": ...}}``,
-weight-update failures are 400 ``{"success": false, "message": ...}`` and leave the weights
-as they were, an engine that cannot serve (released memory, weights not loaded) answers 503.
+peer.  Bodies are capped at ``--max-request-bytes`` whether or not they declare a length
+(``http_guard.py``).  Replies follow SGLang: a request the engine refuses — malformed JSON,
+wrong types, token ids outside the vocabulary, bad sampling parameters, too many samples — is
+400 ``{"error": {"message": ...}}`` and leaves the engine serving; weight-update failures are
+400 ``{"success": false, "message": ...}`` and leave the weights as they were; an engine that
+cannot serve (released memory, weights not loaded, shutting down) answers 503; a group join
+beyond ``--max-pending-joins`` waiting ones answers 429.  Only a failure of the engine itself
+is a 5xx.
+
+A generation whose client hangs up is abandoned: the handler waits for the batch without
+holding a thread and watches the connection; when it closes, the request leaves the queue or
+its rows stop at the next decode step, so the next request is served at once.  SIGTERM stops
+the server: it stops accepting, gives requests in flight ``SHUTDOWN_GRACE_S`` to finish,
+abandons the rest and exits.
 """
 
 
 
 import argparse
-import hmac
+import asyncio
 import json
 import logging
 import os
@@ -23,34 +34,27 @@ from typing import Any, Optional
 import torch
 
 from megatron_spin.rollout import protocol as P
-from megatron_spin.rollout.embedded.engine import EmbeddedEngine, EngineUnavailable
+from megatron_spin.rollout.embedded.engine import EmbeddedEngine, EngineUnavailable, PendingGeneration
+from megatron_spin.rollout.embedded.group_joins import JoinFailed, JoinPolicy, JoinsBusy
+from megatron_spin.rollout.embedded.http_guard import RequestGuard
 from megatron_spin.wire.tensor_payload import PayloadError
 
 log = logging.getLogger("megatron_spin.embedded")
 
 
 MAX_REQUEST_BYTES = 64 * 1024**2  # tensor payloads carry handles, not data: requests stay small
+SHUTDOWN_GRACE_S = 3  # after SIGTERM: how long requests in flight may take before they are abandoned
+CLIENT_GONE = 499  # nginx's "client closed request": logged only, nobody reads it
 
 
 def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request_bytes: int = MAX_REQUEST_BYTES):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, Request, Response
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, PlainTextResponse
 
     app = FastAPI(title="megatron_spin embedded engine", docs_url=None, redoc_url=None)
-    expected = f"Bearer {api_key}".encode() if api_key else None
-
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        if expected is not None and request.url.path not in P.UNAUTHENTICATED_ROUTES:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return JSONResponse({"error": "Unauthorized"}, status_code=401)
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_request_bytes):
-            return JSONResponse({"error": {"message": f"request body over {max_request_bytes} bytes"}},
-                                status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestGuard, api_key=api_key, max_bytes=max_request_bytes,
+                       open_routes=P.UNAUTHENTICATED_ROUTES)
 
     async def body(request: Request) -> dict:
         raw = await request.body()
@@ -58,8 +62,8 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
             return {}
         try:
             d = json.loads(raw)
-        except ValueError as exc:
-            raise P.ProtocolError(f"{request.url.path}: body is not JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+            raise P.ProtocolError(f"{request.url.path}: body is not JSON ({type(exc).__name__}: {exc})") from None
         if not isinstance(d, dict):
             raise P.ProtocolError(f"{request.url.path}: body must be a JSON object")
         return d
@@ -82,7 +86,10 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
             return update_reply(False, f"{request.url.path}: bad request ({exc!r})", 400)
         try:
             message = await run_in_threadpool(fn, *args)
-        except (PayloadError, P.ProtocolError, ValueError, TypeError) as exc:
+        except JoinsBusy as exc:
+            return update_reply(False, str(exc), 429)
+        except (PayloadError, P.ProtocolError, JoinFailed, ValueError, TypeError) as exc:
+            # JoinFailed: the group's other members did not come; SGLang answers a failed join 400 too.
             log.warning("rejected weight update: %s", exc)
             return update_reply(False, str(exc), 400)
         except Exception as exc:  # e.g. a broadcast that timed out: report it, keep serving
@@ -117,27 +124,39 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
     async def weight_version():
         return {"weight_version": engine.weight_version}
 
+    async def answer(request: Request, req: P.GenerateRequest) -> Optional[list[list[P.Completion]]]:
+        """The replies to ``req``, or None if the client hung up first (its work is abandoned)."""
+        pending = engine.submit(req)
+        replies = await _wait_or_abandon(engine, pending, request.receive)
+        if replies is None:
+            log.info("client gone: abandoned a request of %d samples", len(req.input_ids) * req.sampling.n)
+        return replies
+
     @app.post(P.GENERATE)
     async def generate(request: Request):
         try:
-            req = P.GenerateRequest.from_json(await body(request))
-            replies = await run_in_threadpool(engine.generate, req)
+            replies = await answer(request, P.GenerateRequest.from_json(await body(request)))
         except P.ProtocolError as exc:
             return error(exc)
         except EngineUnavailable as exc:
             return error(exc, 503)
+        if replies is None:
+            return Response(status_code=CLIENT_GONE)
         flat = [c.to_json() for per_prompt in replies for c in per_prompt]
         return flat[0] if len(flat) == 1 else flat
 
     @app.post(P.COMPLETIONS)
     async def completions(request: Request):
         try:
-            reply = await run_in_threadpool(_openai_completion, engine, await body(request))
+            req, prompt_ids = await run_in_threadpool(_completion_request, engine, await body(request))
+            replies = await answer(request, req)
         except P.ProtocolError as exc:
             return error(exc)
         except EngineUnavailable as exc:
             return error(exc, 503)
-        return reply
+        if replies is None:
+            return Response(status_code=CLIENT_GONE)
+        return await run_in_threadpool(_completion_reply, engine, req, prompt_ids, replies)
 
     @app.api_route(P.FLUSH_CACHE, methods=["GET", "POST"])
     async def flush_cache():
@@ -153,9 +172,10 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
         P.UPDATE_FROM_TENSOR: (lambda d: (d.get("serialized_named_tensors"), d.get("load_format"),
                                           d.get("weight_version")), engine.update_from_tensor),
         P.UPDATE_FROM_DISK: (model_path, engine.update_from_disk),
-        P.INIT_UPDATE_GROUP: (lambda d: (str(d["master_address"]), int(d["master_port"]), int(d["rank_offset"]),
-                                         int(d["world_size"]), str(d.get("group_name", group)),
-                                         str(d.get("backend", "gloo"))), engine.init_update_group),
+        P.INIT_UPDATE_GROUP: (lambda d: (_string(d, "master_address"), _integer(d, "master_port"),
+                                         _integer(d, "rank_offset"), _integer(d, "world_size"),
+                                         _string(d, "group_name", group), _string(d, "backend", "gloo")),
+                              engine.init_update_group),
         P.DESTROY_UPDATE_GROUP: (lambda d: (str(d.get("group_name", group)),), engine.destroy_update_group),
         P.UPDATE_FROM_DISTRIBUTED: (lambda d: (list(d["names"]), list(d["dtypes"]), [list(x) for x in d["shapes"]],
                                                str(d.get("group_name", group)), d.get("weight_version")),
@@ -176,9 +196,12 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
             d = await body(request)
         except P.ProtocolError as exc:
             return update_reply(False, str(exc), 400)
-        if not isinstance(d.get("new_version"), (str, int)):
+        if d.get("new_version") is None:
             return update_reply(False, f"{P.UPDATE_WEIGHT_VERSION}: missing 'new_version'", 400)
-        await run_in_threadpool(engine.set_weight_version, str(d["new_version"]))
+        try:
+            await run_in_threadpool(engine.set_weight_version, d["new_version"])
+        except P.ProtocolError as exc:
+            return update_reply(False, str(exc), 400)
         return {"success": True, "message": "ok", "new_version": engine.weight_version}
 
     async def session(fn) -> JSONResponse:
@@ -199,8 +222,8 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
     async def get_weights_by_name(request: Request):
         try:
             d = await body(request)
-            return await run_in_threadpool(engine.get_weights_by_name, str(d.get("name")),
-                                           int(d.get("truncate_size", 100)))
+            return await run_in_threadpool(engine.get_weights_by_name, _string(d, "name"),
+                                           _integer(d, "truncate_size", 100))
         except (P.ProtocolError, ValueError, TypeError) as exc:
             return error(exc)
 
@@ -235,8 +258,47 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
     return app
 
 
-def _openai_completion(engine: EmbeddedEngine, d: Any) -> dict:
-    """``/v1/completions`` for text prompts (tokenised with the model's tokenizer)."""
+async def _wait_or_abandon(engine: EmbeddedEngine, pending: PendingGeneration,
+                           receive) -> Optional[list[list[P.Completion]]]:
+    """Wait for ``pending`` on the event loop (no thread held) while watching the connection:
+    if the client hangs up first, or this task is cancelled (shutdown), the engine abandons the
+    request and None is returned."""
+    done = asyncio.wrap_future(pending.future)
+    gone = asyncio.ensure_future(_client_gone(receive))
+    try:
+        await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not pending.future.done():
+            engine.abandon(pending)
+            done.cancel()
+    if pending.future.cancelled():
+        return None
+    return engine.replies(pending)
+
+
+async def _client_gone(receive) -> None:
+    """Returns when the server reports the client's disconnect (the body was read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _string(d: dict, key: str, default: Optional[str] = None) -> str:
+    value = d.get(key, default)
+    if not isinstance(value, str):
+        raise P.ProtocolError(f"field {key!r} must be a string, got {value!r}"[:200])
+    return value
+
+
+def _integer(d: dict, key: str, default: Optional[int] = None) -> int:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise P.ProtocolError(f"field {key!r} must be an integer, got {value!r}"[:200])
+    return value
+
+
+def _completion_request(engine: EmbeddedEngine, d: Any) -> tuple[P.GenerateRequest, tuple]:
+    """``/v1/completions`` for text prompts (tokenised with the model's tokenizer): the request."""
     if engine.tokenizer is None:
         raise P.ProtocolError(f"{P.COMPLETIONS}: this model has no tokenizer; use /generate with input_ids")
     if not isinstance(d, dict) or "prompt" not in d:
@@ -249,14 +311,18 @@ def _openai_completion(engine: EmbeddedEngine, d: Any) -> dict:
         "top_p": d.get("top_p", 1.0), "n": d.get("n", 1), "sampling_seed": d.get("seed"),
     })
     ids = tuple(tuple(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    want_logprobs = d.get("logprobs") is not None
-    replies = engine.generate(P.GenerateRequest(ids, sampling, return_logprob=want_logprobs))
+    return P.GenerateRequest(ids, sampling, return_logprob=d.get("logprobs") is not None), ids
+
+
+def _completion_reply(engine: EmbeddedEngine, req: P.GenerateRequest, ids: tuple,
+                      replies: list[list[P.Completion]]) -> dict:
+    """``/v1/completions``: OpenAI's reply to ``req``."""
     choices = []
     for per_prompt in replies:
         for c in per_prompt:
             choice = {"index": len(choices), "text": engine.tokenizer.decode(c.output_ids, skip_special_tokens=True),
                       "finish_reason": c.finish_reason}
-            if want_logprobs:
+            if req.return_logprob:
                 choice["logprobs"] = {"token_logprobs": list(c.output_logprobs or ()),
                                       "tokens": [engine.tokenizer.decode([t]) for t in c.output_ids]}
             choices.append(choice)
@@ -282,6 +348,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--weight-version", default="default")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                        help="largest request body, with or without a Content-Length (413 beyond)")
+    parser.add_argument("--max-pending-joins", type=int, default=JoinPolicy.max_pending,
+                        help="weight-update group joins that may wait for their peers at once (429 beyond)")
+    parser.add_argument("--join-timeout-s", type=float, default=JoinPolicy.timeout_s,
+                        help="how long a group join waits for the other members")
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--device", default="cpu", help="torch device of the model (cuda: the GPU check)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -295,13 +367,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.warning("binding %s without an API key: anyone who can reach it can replace the weights", args.host)
     if args.threads:
         torch.set_num_threads(args.threads)
+    joins = JoinPolicy.for_host(args.host, max_pending=args.max_pending_joins, timeout_s=args.join_timeout_s)
     engine = EmbeddedEngine.load(args.model_path, device=args.device, dtype=args.dtype,
                                  weight_version=args.weight_version, max_batch_tokens=args.max_batch_tokens,
-                                 device_ids=args.device_ids.split(",") if args.device_ids else None)
+                                 device_ids=args.device_ids.split(",") if args.device_ids else None, joins=joins)
     import uvicorn
 
-    config = uvicorn.Config(build_app(engine, args.api_key), host=args.host, port=args.port,
-                            log_level=args.log_level, access_log=False)
+    # SIGTERM: uvicorn stops accepting and waits for the requests in flight — without a bound, for
+    # a long generation or a group join waiting for its peers.  After the grace their tasks are
+    # cancelled (which abandons their generations), and uvicorn ends the process with the signal.
+    config = uvicorn.Config(build_app(engine, args.api_key, args.max_request_bytes), host=args.host,
+                            port=args.port, log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     server = uvicorn.Server(config)
     try:
         if args.fd is not None:
