@@ -12,6 +12,18 @@ import torch
 LAUNCH_TIMEOUT = float(os.environ.get("MEGATRON_SPIN_TEST_LAUNCH_TIMEOUT", "300"))
 
 
+def send_json(handler, status: int, payload) -> None:
+    """Answer a stdlib ``BaseHTTPRequestHandler`` request with ``payload`` as JSON (test servers)."""
+    import json
+
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def make_arch(**overrides):
     """A ModelArch without an HF config (GQA: 8 heads, 4 KV heads), fields overridable."""
     from megatron_spin.spec.arch import ModelArch

@@ -21,7 +21,7 @@ from megatron_spin.rollout.fleet import FleetError, RolloutFleet
 from megatron_spin.rollout.launcher import launch_embedded
 from megatron_spin.rollout.protocol import GenerateRequest, SamplingParams
 from megatron_spin.sync.push import PushCoordinator, _close_session
-from tests.conftest import make_tiny_hf
+from tests.conftest import make_tiny_hf, send_json
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -113,12 +113,7 @@ class StatusEngine:
                     reply = samples[0] if len(samples) == 1 else samples  # SGLang's shape
                 else:
                     reply = {"error": {"message": f"status {outer.status} as asked"}}
-                data = json.dumps(reply).encode()
-                self.send_response(outer.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, outer.status, reply)
 
             def log_message(self, *args):
                 pass

@@ -12,6 +12,7 @@ import torch
 from megatron_spin.errors import ConfigError
 from megatron_spin.reward import RewardConfig, RewardError, RewardInput, build_reward
 from megatron_spin.reward.rules import extract_answer
+from tests.conftest import send_json
 
 
 def inputs(*responses, reference=None, prompt="p", metadata=None):
@@ -94,12 +95,7 @@ class _Scorer(BaseHTTPRequestHandler):
             payload = {"rewards": [1.0]}
         else:
             payload = {"rewards": [x["response"].count("good") for x in body["inputs"]]}
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, payload)
 
     def log_message(self, *args):
         pass
