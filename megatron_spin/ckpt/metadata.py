@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,15 @@ HF_SUBDIR = "hf"  # config + tokenizer files of the source HF model, for export
 
 def write_spin_metadata(out: Path, arch: ModelArch, extra: Optional[dict] = None) -> None:
     (out / SPIN_METADATA).write_text(json.dumps({"arch": dataclasses.asdict(arch), **(extra or {})}, indent=2))
+
+
+def copy_identity(source_dir: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Give the weights in ``out`` the identity of the model in ``source_dir``: its architecture
+    record and ``hf/`` folder, so that ``out`` loads, exports and serves on its own."""
+    src, out = Path(source_dir), Path(out)
+    shutil.copy2(src / SPIN_METADATA, out / SPIN_METADATA)
+    if (src / HF_SUBDIR).exists():
+        shutil.copytree(src / HF_SUBDIR, out / HF_SUBDIR, dirs_exist_ok=True)
 
 
 def mark_complete(out: Path) -> None:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from megatron_spin.ckpt.atomic import publish_dir
-from megatron_spin.ckpt.metadata import HF_SUBDIR, SPIN_METADATA
+from megatron_spin.ckpt.metadata import copy_identity
 from megatron_spin.ckpt.safe_load import read_dcp_metadata
 
 
@@ -86,9 +86,7 @@ def publish_model_checkpoint(
     save_model_weights(chunks, tmp)
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.copy2(src / SPIN_METADATA, tmp / SPIN_METADATA)
-        if (src / HF_SUBDIR).exists():
-            shutil.copytree(src / HF_SUBDIR, tmp / HF_SUBDIR)
+        copy_identity(src, tmp)
         publish_dir(tmp, out, replace=replace)
     dist.barrier()
     return out

@@ -1,7 +1,9 @@
 """Run checkpoints: what a resumed run needs to continue exactly where it stopped.
 
     <run_dir>/checkpoints/step_00000004/
-        actor/          Megatron dist checkpoint of the actor (layout-free: loads at any TP/PP)
+        actor/          Megatron dist checkpoint of the actor (layout-free: loads at any TP/PP),
+                        with megatron_spin.json and hf/: exports (convert_megatron_to_hf.py) and
+                        serves (megatron-spin-serve) on its own
         reference/      the reference model's weights (absent for reference-free losses)
         optimizer/      one file per rank: optimizer and LR-schedule state, RNG state
         trainer_state.json   step, weight version, SPIN iteration, data position, evaluations
@@ -27,6 +29,7 @@ from typing import Optional
 from megatron_spin.ckpt.atomic import publish_dir
 
 STATE_FILE = "trainer_state.json"
+ACTOR_SUBDIR = "actor"  # the actor's weights, with the model's identity: exports and serves on its own
 
 
 def checkpoints_root(run_dir: str | os.PathLike) -> Path:

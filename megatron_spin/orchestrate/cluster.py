@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from megatron_spin.ckpt.metadata import HF_SUBDIR
+from megatron_spin.ckpt.metadata import HF_SUBDIR, copy_identity
+from megatron_spin.ckpt.run_state import ACTOR_SUBDIR
 from megatron_spin.config.run import RunConfig
 from megatron_spin.convert.prepare import PreparedModel
 from megatron_spin.errors import ClusterError
@@ -339,6 +340,8 @@ class TrainerCluster:
 
     def save_checkpoint(self, staged: Path, step: int) -> None:
         self._call("save_checkpoint", str(staged), what=f"checkpoint {step}")
+        # The actor's weights carry the model's identity, so that they export and serve on their own.
+        copy_identity(self.rank_spec.megatron_dir, Path(staged) / ACTOR_SUBDIR)
 
     def load_checkpoint(self, path: Path) -> None:
         self._call("load_checkpoint", str(path), what=f"resume from {path}")

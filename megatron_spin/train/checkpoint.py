@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from megatron_spin.ckpt.model_io import load_model_weights, save_model_weights, sharded_model_state
 from megatron_spin.ckpt.safe_load import load_checkpoint_object
+from megatron_spin.ckpt.run_state import ACTOR_SUBDIR
 
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # each DP rank writes its own bucket shards
 
@@ -176,7 +177,7 @@ def save_train_state(actor, reference, directory: str | os.PathLike) -> None:
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
-    save_model_weights(actor.modules, directory / "actor")
+    save_model_weights(actor.modules, directory / ACTOR_SUBDIR)
     if reference is not None:
         save_model_weights(reference.chunks, directory / "reference")
     _seed_state(actor.optimizer)
@@ -203,7 +204,7 @@ def load_train_state(actor, reference, directory: str | os.PathLike) -> None:
     if common.get("layout") != here:
         raise ResumeError(f"{directory} was saved at {common.get('layout')}; this run is {here}: the optimizer state "
                           "resumes at the same layout and number of ranks")
-    load_model_weights(actor.modules, directory / "actor")
+    load_model_weights(actor.modules, directory / ACTOR_SUBDIR)
     if reference is not None:
         load_model_weights(reference.chunks, directory / "reference")
     _seed_state(actor.optimizer)
