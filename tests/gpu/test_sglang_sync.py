@@ -48,7 +48,7 @@ def _serve(hf, tmp_path, gpu: int):
     port = sock.getsockname()[1]
     sock.close()  # SGLang binds by port number (a small race, acceptable in a test)
     return launch_sglang(str(hf), port=port, log_path=tmp_path / f"sglang-{gpu}.log", tp_size=1,
-                         mem_fraction_static=0.3, api_key=API_KEY, dtype="bfloat16", gpu_ids=(gpu,))
+                         mem_fraction_static=0.3, api_key=API_KEY, dtype="bfloat16", visible_devices=(str(gpu),))
 
 
 def _check(results):
