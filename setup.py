@@ -24,7 +24,8 @@ setup(
     packages=find_packages(include=["megatron_spin", "megatron_spin.*"]),
     include_package_data=True,
     package_data={"megatron_spin.config.conf": ["*.yaml", "*/*.yaml"]},
-    entry_points={"console_scripts": ["megatron-spin-train = megatron_spin.main:main"]},
+    entry_points={"console_scripts": ["megatron-spin-train = megatron_spin.main:main",
+                                      "megatron-spin-serve = megatron_spin.serve:main"]},
     install_requires=[
         "torch>=2.6",  # megatron-core 0.16.1's floor; the CPU set-up pins 2.13.0+cpu (constraints/cpu.txt)
         "megatron-core==0.16.1",  # what platform/cpu_patches.py and the converters are written against
@@ -59,7 +60,9 @@ setup(
         # PyTorch part is sdist-only: install it after torch with --no-build-isolation on a host with
         # nvcc and cuDNN (README), or use the TE an NGC container ships.  Unverified on GPU here.
         "te": ["transformer-engine[pytorch,core_cu13]==2.11.0"],
-        # trl (+ datasets, which it imports) is the reference the loss tests compare against.
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "trl>=1.16,<1.17", "datasets>=5"],
+        # trl (+ datasets, which it imports) is the reference the loss tests compare against; the
+        # official openai client and EleutherAI's lm-eval are the clients the serve tests talk to.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "trl>=1.16,<1.17", "datasets>=5",
+                "openai>=1.40", "lm-eval>=0.4.8,<0.5"],
     },
 )
