@@ -20,7 +20,10 @@ from typing import Any, Optional, Sequence
 # Routes (SGLang's native HTTP API).  Control and weight routes require the API key when the
 # engine has one; so does generation (SGLang guards every route but the health checks).
 GENERATE = "/generate"
+# OpenAI-compatible routes (SGLang serves them too); the embedded engine's are in embedded/openai_api.py.
 COMPLETIONS = "/v1/completions"
+CHAT_COMPLETIONS = "/v1/chat/completions"
+MODELS = "/v1/models"
 HEALTH = "/health"
 HEALTH_GENERATE = "/health_generate"
 MODEL_INFO = "/model_info"  # answers while paused (no generation): the liveness probe
