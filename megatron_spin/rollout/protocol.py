@@ -20,7 +20,10 @@ from typing import Any, Optional, Sequence
 # Routes (SGLang's native HTTP API).  Control and weight routes require the API key when the
 # engine has one; so does generation (SGLang guards every route but the health checks).
 GENERATE = "/generate"
+# OpenAI-compatible routes (SGLang serves them too); the embedded engine's are in embedded/openai_api.py.
 COMPLETIONS = "/v1/completions"
+CHAT_COMPLETIONS = "/v1/chat/completions"
+MODELS = "/v1/models"
 HEALTH = "/health"
 HEALTH_GENERATE = "/health_generate"
 MODEL_INFO = "/model_info"  # answers while paused (no generation): the liveness probe
@@ -51,6 +54,10 @@ class ProtocolError(ValueError):
 
 MAX_WEIGHT_VERSION_CHARS = 256  # a label (the trainer sends its step number), not a payload
 SEED_RANGE = (-(2**63), 2**63 - 1)  # SGLang's: a seed is an int64
+# Stop strings are matched on the decoded tail of every row at every step: bound their number and size.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 512
+MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit; each one costs a (token, log-prob) per position in the reply
 
 
 def check_weight_version(value: Any, where: str) -> Optional[str]:
@@ -87,6 +94,19 @@ def _field(d: dict, key: str, kind, default=None, *, where: str, required: bool 
     return value
 
 
+def stop_strings(value: Any, what: str) -> tuple[str, ...]:
+    """A ``stop`` field (SGLang and OpenAI: a string or a list of strings; null: none) as a tuple."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ProtocolError(f"{what} must be a string or a list of strings")
+    if len(items) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in items):
+        raise ProtocolError(f"{what}: at most {MAX_STOP_STRINGS} stop strings of 1 to {MAX_STOP_CHARS} "
+                            "characters each")
+    return tuple(items)
+
+
 def _token_list(value: Any, what: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
         raise ProtocolError(f"{what} must be a list of non-negative token ids")
@@ -97,7 +117,9 @@ def _token_list(value: Any, what: str) -> list[int]:
 class SamplingParams:
     """Per-request sampling.  ``top_k = -1`` and ``top_p = 1`` disable those filters;
     ``temperature = 0`` is greedy.  ``seed`` makes a request reproducible on the embedded
-    engine (SGLang: ``sampling_seed``, honoured with deterministic inference)."""
+    engine (SGLang: ``sampling_seed``, honoured with deterministic inference).  ``stop``:
+    strings that end a sample once its decoded text contains one (SGLang keeps the tokens
+    generated up to the one that completed it; the OpenAI routes cut the text before it)."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -108,6 +130,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         where = "sampling_params"
@@ -124,6 +147,9 @@ class SamplingParams:
         if self.n < 1:
             raise ProtocolError(f"{where}.n must be >= 1, got {self.n}")
         _check_seed(self.seed, f"{where}.sampling_seed")
+        if not isinstance(self.stop, tuple):  # a bare string would be taken as one stop per character
+            raise ProtocolError(f"{where}.stop must be a tuple of strings, got {type(self.stop).__name__}")
+        stop_strings(list(self.stop), f"{where}.stop")
 
     @property
     def greedy(self) -> bool:
@@ -143,6 +169,8 @@ class SamplingParams:
             out["stop_token_ids"] = list(self.stop_token_ids)
         if self.seed is not None:
             out["sampling_seed"] = self.seed
+        if self.stop:
+            out["stop"] = list(self.stop)
         return out
 
     @classmethod
@@ -163,6 +191,7 @@ class SamplingParams:
             ignore_eos=_field(d, "ignore_eos", bool, False, where=where),
             n=_field(d, "n", int, 1, where=where),
             seed=_field(d, "sampling_seed", int, None, where=where),
+            stop=stop_strings(d.get("stop"), f"{where}.stop"),
         )
 
 
@@ -181,6 +210,8 @@ class GenerateRequest:
     tokens from that position on; with ``max_new_tokens = 0`` this scores a fixed sequence,
     which is how trainer/engine log-prob parity is checked.  ``seeds``: one sampling seed per
     prompt, sent as SGLang's list of sampling params (see :meth:`per_sample_seeds`).
+    ``top_logprobs_num`` (with ``return_logprob``): also the ``k`` most likely tokens and their
+    log-probs at every scored position.
     """
 
     input_ids: tuple[tuple[int, ...], ...]
@@ -188,8 +219,12 @@ class GenerateRequest:
     return_logprob: bool = False
     logprob_start_len: int = -1
     seeds: Optional[tuple[int, ...]] = None
+    top_logprobs_num: int = 0
 
     def __post_init__(self):
+        if not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            raise ProtocolError(f"{GENERATE}: top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], "
+                                f"got {self.top_logprobs_num}")
         if self.seeds is not None and len(self.seeds) != len(self.input_ids):
             raise ProtocolError(f"{GENERATE}: {len(self.seeds)} seeds for {len(self.input_ids)} prompts")
         for i, seed in enumerate(self.seeds or ()):
@@ -197,12 +232,15 @@ class GenerateRequest:
 
     def to_json(self) -> dict:
         params = self.sampling.to_json()
-        return {
+        out = {
             "input_ids": [list(p) for p in self.input_ids],
             "sampling_params": params if self.seeds is None else [{**params, "sampling_seed": s} for s in self.seeds],
             "return_logprob": self.return_logprob,
             "logprob_start_len": self.logprob_start_len,
         }
+        if self.top_logprobs_num:
+            out["top_logprobs_num"] = self.top_logprobs_num
+        return out
 
     def per_sample_seeds(self) -> "GenerateRequest":
         """The same samples asked as ``n`` copies of each prompt, each copy with its own seed.
@@ -252,14 +290,21 @@ class GenerateRequest:
             sampling=SamplingParams.from_json(params),
             return_logprob=_field(d, "return_logprob", bool, False, where=where),
             logprob_start_len=_field(d, "logprob_start_len", int, -1, where=where),
+            top_logprobs_num=_field(d, "top_logprobs_num", int, 0, where=where),
         )
+
+
+TopLogprobs = tuple[tuple[int, float], ...]  # one position's (token_id, logprob) pairs, best first
 
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
     """One sampled response.  ``output_logprobs[i]`` is log p(output_ids[i] | prefix) under the
     engine's weights at temperature 1 (the trainer's quantity); ``input_logprobs`` covers the
-    prompt from ``logprob_start_len`` (the first prompt token has no log-prob: ``None``)."""
+    prompt from ``logprob_start_len`` (the first prompt token has no log-prob: ``None``).
+    ``output_top_logprobs`` / ``input_top_logprobs`` (with ``top_logprobs_num``): per position,
+    the ``(token_id, logprob)`` pairs of the most likely tokens, best first (``None`` where the
+    log-prob is)."""
 
     prompt_index: int
     sample_index: int
@@ -269,6 +314,8 @@ class Completion:
     prompt_tokens: int
     output_logprobs: Optional[tuple[float, ...]] = None
     input_logprobs: Optional[tuple[Optional[float], ...]] = None
+    output_top_logprobs: Optional[tuple[TopLogprobs, ...]] = None
+    input_top_logprobs: Optional[tuple[Optional[TopLogprobs], ...]] = None
 
     def to_json(self) -> dict:
         meta: dict[str, Any] = {
@@ -281,6 +328,11 @@ class Completion:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(self.output_logprobs, self.output_ids)]
         if self.input_logprobs is not None:
             meta["input_token_logprobs"] = [[lp, None, None] for lp in self.input_logprobs]
+        # SGLang's shape: per position a list of [logprob, token_id, text] triples (text: not asked).
+        if self.output_top_logprobs is not None:
+            meta["output_top_logprobs"] = [_top_json(top) for top in self.output_top_logprobs]
+        if self.input_top_logprobs is not None:
+            meta["input_top_logprobs"] = [_top_json(top) for top in self.input_top_logprobs]
         return {"output_ids": list(self.output_ids), "meta_info": meta}
 
     @classmethod
@@ -308,7 +360,22 @@ class Completion:
             prompt_tokens=int(meta.get("prompt_tokens", 0)),
             output_logprobs=None if out_lp is None else tuple(float(e[0]) for e in out_lp),
             input_logprobs=None if in_lp is None else tuple(None if e[0] is None else float(e[0]) for e in in_lp),
+            output_top_logprobs=_tops_from_json(meta.get("output_top_logprobs"), f"{where}: output_top_logprobs"),
+            input_top_logprobs=_tops_from_json(meta.get("input_top_logprobs"), f"{where}: input_top_logprobs"),
         )
+
+
+def _top_json(top: Optional[TopLogprobs]) -> Optional[list]:
+    return None if top is None else [[lp, t, None] for t, lp in top]
+
+
+def _tops_from_json(value: Any, what: str) -> Optional[tuple[Optional[TopLogprobs], ...]]:
+    if value is None:
+        return None
+    try:
+        return tuple(None if top is None else tuple((int(e[1]), float(e[0])) for e in top) for top in value)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ProtocolError(f"{what}: expected per position a list of [logprob, token_id, text] ({exc})") from None
 
 
 def expand_order(num_prompts: int, n: int) -> list[tuple[int, int]]:

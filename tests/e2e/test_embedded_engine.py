@@ -35,7 +35,7 @@ CONTROL_ROUTES = [
     ("POST", P.INIT_UPDATE_GROUP), ("POST", P.UPDATE_FROM_DISTRIBUTED), ("POST", P.DESTROY_UPDATE_GROUP),
     ("POST", P.GET_WEIGHTS_BY_NAME), ("POST", P.PAUSE), ("POST", P.CONTINUE), ("POST", P.RELEASE_MEMORY),
     ("POST", P.RESUME_MEMORY), ("POST", P.UPDATE_WEIGHT_VERSION), ("POST", P.COMPLETIONS),
-    ("GET", P.MODEL_INFO), ("GET", P.WEIGHT_VERSION),
+    ("POST", P.CHAT_COMPLETIONS), ("GET", P.MODELS), ("GET", P.MODEL_INFO), ("GET", P.WEIGHT_VERSION),
 ]
 
 
@@ -250,11 +250,14 @@ def test_openai_completions_route(smollm2_dir, tmp_path):
             "prompt": ["The capital of France is", "1, 2, 3,"], "max_tokens": 4, "temperature": 0, "logprobs": 1})
         assert reply.status_code == 200, reply.text
         body = reply.json()
-        assert len(body["choices"]) == 2 and body["usage"]["completion_tokens"] == 8
+        usage = body["usage"]
+        assert len(body["choices"]) == 2 and usage["completion_tokens"] == 8
+        assert usage["total_tokens"] == usage["prompt_tokens"] + 8 and body["model"] == str(smollm2_dir)
         assert "Paris" in body["choices"][0]["text"]
         assert len(body["choices"][1]["logprobs"]["token_logprobs"]) == 4
-        assert body["weight_version"] == "default"
-        assert requests.post(srv.url + P.COMPLETIONS, json={"max_tokens": 2}, timeout=10).status_code == 400
+        assert body["metadata"]["weight_version"] == "default"  # where SGLang reports it
+        missing = requests.post(srv.url + P.COMPLETIONS, json={"max_tokens": 2}, timeout=10)
+        assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
 
 
 def test_crafted_shared_memory_handles_and_oversized_requests_are_refused(server, client, tmp_path):

@@ -209,3 +209,58 @@ def test_eos_min_new_tokens_ignore_eos_and_length(llama):
     assert all(first not in o.output_ids and o.finish_reason == "length" for o in sampled)
     out = gen.run([GenerationJob(PROMPTS[0], greedy(7, ignore_eos=True))])[0]
     assert len(out.output_ids) == 7 and out.output_ids[0] == first and out.finish_reason == "length"
+
+
+def spelled(ids) -> str:
+    """A detokenizer for the tokenizer-less test model: every id spells itself, ``<id>``."""
+    return "".join(f"<{t}>" for t in ids)
+
+
+def test_stop_string_ends_row_at_the_token_that_completes_it(llama):
+    gen = HFGenerator(llama, [EOS], detokenize=spelled)
+    ref = gen.run([GenerationJob(PROMPTS[1], greedy(12, ignore_eos=True))])[0].output_ids
+    stop = f"{ref[4]}><{ref[5]}"  # spans two tokens, and starts inside the first of them
+    k = next(i for i in range(len(ref)) if stop in spelled(ref[:i + 1]))
+    other = GenerationJob(PROMPTS[0], greedy(12, ignore_eos=True))
+    out, longer = gen.run([GenerationJob(PROMPTS[1], greedy(12, ignore_eos=True, stop=(stop, "never"))), other])
+    assert out.output_ids == ref[:k + 1] and out.finish_reason == "stop" and k <= 5
+    assert longer == gen.run([other])[0]  # its neighbour decodes on, unchanged
+    unmatched = gen.run([GenerationJob(PROMPTS[1], greedy(12, ignore_eos=True, stop=("never",)))])[0]
+    assert unmatched.output_ids == ref and unmatched.finish_reason == "length"
+    # Not before min_new_tokens: the string in the first token ends the row at the first check after them.
+    early = f"<{ref[0]}>"
+    held = gen.run([GenerationJob(PROMPTS[1], greedy(12, ignore_eos=True, min_new_tokens=3, stop=(early,)))])[0]
+    assert held.output_ids == ref[:4] and held.finish_reason == "stop"
+    with pytest.raises(ValueError, match="detokenize"):
+        HFGenerator(llama, [EOS]).run([GenerationJob(PROMPTS[1], greedy(4, stop=("x",)))])
+
+
+def test_top_logprobs_are_the_best_tokens_of_the_same_distribution(llama):
+    """Output and prompt positions: the k best (token, log-prob) pairs of the full forward, best
+    first; at temperature 0 the chosen token is the best one with exactly its log-prob."""
+    gen = HFGenerator(llama, [EOS])
+    job = GenerationJob(PROMPTS[1], greedy(6, ignore_eos=True), return_logprob=True, logprob_start_len=0,
+                        top_logprobs_num=3)
+    out = gen.run([job, GenerationJob(PROMPTS[0], greedy(6), return_logprob=True)])[0]
+    seq = list(PROMPTS[1] + out.output_ids)
+    logp = torch.log_softmax(full_logits(llama, seq)[:-1], -1)  # (T-1, V): row t predicts seq[t+1]
+    ref_values, ref_ids = logp.topk(3, -1)
+    assert len(out.output_top_logprobs) == len(out.output_ids) == 6
+    for i, (tok, lp, top) in enumerate(zip(out.output_ids, out.output_logprobs, out.output_top_logprobs)):
+        assert top[0] == (tok, lp)  # greedy: identical floats, what lm-eval's is_greedy compares
+        row = len(PROMPTS[1]) - 1 + i
+        assert [t for t, _ in top] == ref_ids[row].tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), ref_values[row], atol=1e-5, rtol=0)
+    assert out.input_top_logprobs[0] is None and len(out.input_top_logprobs) == len(PROMPTS[1])
+    for p, top in enumerate(out.input_top_logprobs[1:], start=1):
+        assert [t for t, _ in top] == ref_ids[p - 1].tolist()
+    plain = gen.run([GenerationJob(PROMPTS[0], greedy(3), return_logprob=True)])[0]
+    assert plain.output_top_logprobs is None and plain.input_top_logprobs is None
+
+
+def test_on_token_hears_every_token_of_every_job_in_order(llama):
+    gen = HFGenerator(llama, [EOS], max_batch_tokens=20)  # one job per sub-batch: job indices are global
+    jobs = [GenerationJob(p, greedy(5, ignore_eos=True)) for p in PROMPTS]
+    heard: dict[int, list[int]] = {}
+    outs = gen.run(jobs, on_token=lambda job, tok: heard.setdefault(job, []).append(tok))
+    assert {j: tuple(t) for j, t in heard.items()} == {j: o.output_ids for j, o in enumerate(outs)}

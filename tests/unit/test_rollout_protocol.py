@@ -134,6 +134,25 @@ def test_sampling_params_bad_stop_token_ids(stop):
         SamplingParams.from_json({"stop_token_ids": stop})
 
 
+def test_sampling_params_stop_strings_as_sglang_and_openai_send_them():
+    assert SamplingParams.from_json({"stop": "\n\n"}).stop == ("\n\n",)
+    sp = SamplingParams.from_json({"stop": ["User:", "###"]})
+    assert sp.stop == ("User:", "###") and sp.to_json()["stop"] == ["User:", "###"]
+    assert SamplingParams.from_json(sp.to_json()) == sp
+    assert "stop" not in SamplingParams().to_json() and SamplingParams.from_json({"stop": None}).stop == ()
+
+
+@pytest.mark.parametrize("stop", [3, [1], [""], ["a"] * 17, ["x" * 513], {"a": 1}])
+def test_sampling_params_bad_stop_strings(stop):
+    with pytest.raises(ProtocolError, match=r"sampling_params\.stop"):
+        SamplingParams.from_json({"stop": stop})
+
+
+def test_sampling_params_stop_must_be_a_tuple():
+    with pytest.raises(ProtocolError, match="tuple of strings"):
+        SamplingParams(stop="ab")  # would otherwise stop at "a" or "b"
+
+
 # --------------------------------------------------------------------------- GenerateRequest
 
 
@@ -147,6 +166,15 @@ def test_generate_request_round_trip():
     back = GenerateRequest.from_json(d)
     assert back == req
     assert isinstance(back.input_ids, tuple) and all(isinstance(p, tuple) for p in back.input_ids)
+
+
+def test_generate_request_top_logprobs_num():
+    req = GenerateRequest(((1, 2),), return_logprob=True, top_logprobs_num=5)
+    assert req.to_json()["top_logprobs_num"] == 5 and GenerateRequest.from_json(req.to_json()) == req
+    assert "top_logprobs_num" not in GenerateRequest(((1,),)).to_json()
+    for bad in (-1, 21):
+        with pytest.raises(ProtocolError, match="top_logprobs_num"):
+            GenerateRequest.from_json({"input_ids": [1], "top_logprobs_num": bad})
 
 
 def test_generate_request_single_flat_prompt():
@@ -200,6 +228,19 @@ def test_completion_round_trip_with_logprobs():
     back = Completion.from_json(d, 3, 1)
     assert back == c
     assert back.input_logprobs[0] is None
+
+
+def test_completion_round_trip_with_top_logprobs_in_sglang_shape():
+    c = Completion(0, 0, (10, 11), "stop", "1", 2, output_logprobs=(-0.5, -1.0), input_logprobs=(None, -2.0),
+                   output_top_logprobs=(((10, -0.5), (3, -1.5)), ((4, -0.25), (11, -1.0))),
+                   input_top_logprobs=(None, ((7, -0.1), (8, -2.0))))
+    meta = c.to_json()["meta_info"]
+    assert meta["output_top_logprobs"][1] == [[-0.25, 4, None], [-1.0, 11, None]]
+    assert meta["input_top_logprobs"][0] is None
+    assert Completion.from_json(c.to_json(), 0, 0) == c
+    meta["output_top_logprobs"] = [[["x"]]]
+    with pytest.raises(ProtocolError, match="output_top_logprobs"):
+        Completion.from_json({"output_ids": [10, 11], "meta_info": meta}, 0, 0)
 
 
 def test_completion_round_trip_without_logprobs():
@@ -634,6 +675,28 @@ def test_run_batch_sees_which_of_its_jobs_were_abandoned(make_worker):
     gate.set()
     assert staying.result(WAIT) == (["out-b1"], "v0")
     assert seen == [[True, True, False]] and gone.cancelled()
+
+
+def test_a_listener_hears_the_tokens_of_its_own_request_only(make_worker):
+    heard = []
+
+    def run_batch(jobs):  # the second job of each request reports a token
+        for i, job in enumerate(jobs):
+            w.heard(i, 100 + i)
+        return [f"out-{j}" for j in jobs], "v0"
+
+    w = make_worker(run_batch)
+    w.pause()
+    quiet = w.submit(["q1"])
+    loud = w.submit(["l1", "l2"], listener=lambda j, tok: heard.append((j, tok)))
+    w.resume()
+    assert loud.result(WAIT) == (["out-l1", "out-l2"], "v0") and quiet.result(WAIT)[0] == ["out-q1"]
+    assert heard == [(0, 101), (1, 102)]  # indices within its request; the other request's token unheard
+
+    def broken(j, tok):
+        raise RuntimeError("listener gone")
+
+    assert w.submit(["b"], listener=broken).result(WAIT) == (["out-b"], "v0")  # a failing listener fails nothing
 
 
 # --------------------------------------------------------------------------- per-sample seeds

@@ -13,17 +13,24 @@ batches (queued requests wait) until ``resume``.
 A caller that gives up cancels its future (the HTTP handler does when its client hangs up): a
 queued request is then never taken, and during a batch :meth:`BatchingWorker.abandoned` tells
 ``run_batch`` which of its jobs nobody waits for any more, so it can stop them.
+
+A request may come with a ``listener`` (a streaming reply): ``run_batch`` reports each token
+through :meth:`BatchingWorker.heard`, which passes it on as ``listener(job_in_request, token)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from concurrent.futures import Future, InvalidStateError
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Callable, Generic, Optional, Sequence, TypeVar
 
 Job = TypeVar("Job")
 Out = TypeVar("Out")
+Listener = Callable[[int, int], None]  # (job index within its request, token)
+
+log = logging.getLogger(__name__)
 
 
 class WorkerStopped(RuntimeError):
@@ -37,22 +44,23 @@ class BatchingWorker(Generic[Job, Out]):
         self._run_batch = run_batch
         self._max_jobs = max_jobs
         self._cond = threading.Condition()
-        self._queue: list[tuple[list[Job], Future]] = []
+        self._queue: list[tuple[list[Job], Future, Optional[Listener]]] = []
         self._paused = False
         self._exclusive = 0  # holders of exclusive(): no batch may start
         self._running = False
         self._stopped = False
         self._owners: list[Future] = []  # the running batch's futures, one per job
+        self._listeners: list[tuple[Optional[Listener], int]] = []  # per job: its request's listener, its index there
         self.batches_run = 0
         self._thread = threading.Thread(target=self._loop, name="embedded-engine-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, jobs: Sequence[Job]) -> Future:
+    def submit(self, jobs: Sequence[Job], listener: Optional[Listener] = None) -> Future:
         fut: Future = Future()
         with self._cond:
             if self._stopped:
                 raise WorkerStopped("the engine is shutting down")
-            self._queue.append((list(jobs), fut))
+            self._queue.append((list(jobs), fut, listener))
             self._cond.notify_all()
         return fut
 
@@ -74,6 +82,16 @@ class BatchingWorker(Generic[Job, Out]):
         (for ``run_batch``, on the worker thread, while the batch runs)."""
         return self._owners[job].cancelled()
 
+    def heard(self, job: int, token: int) -> None:
+        """Job ``job`` of the running batch chose ``token``: tell its request's listener, if any
+        (for ``run_batch``; a failing listener is logged, never fails the batch)."""
+        listener, index = self._listeners[job]
+        if listener is not None and not self._owners[job].cancelled():
+            try:
+                listener(index, token)
+            except Exception:  # e.g. the server's event loop closed under a shutdown
+                log.exception("a token listener failed")
+
     @contextlib.contextmanager
     def exclusive(self):
         """No batch runs inside this block (waits for the running one to finish)."""
@@ -93,11 +111,11 @@ class BatchingWorker(Generic[Job, Out]):
             self._stopped = True
             pending, self._queue = self._queue, []
             self._cond.notify_all()
-        for _, fut in pending:
+        for _, fut, _ in pending:
             fut.set_exception(WorkerStopped("the engine is shutting down"))
         self._thread.join(timeout=30)
 
-    def _take(self) -> list[tuple[list[Job], Future]]:
+    def _take(self) -> list[tuple[list[Job], Future, Optional[Listener]]]:
         """Requests for the next batch: whole requests, at least one, about ``max_jobs`` jobs.
         Requests their callers cancelled while they waited are dropped here."""
         self._queue = [req for req in self._queue if not req[1].cancelled()]
@@ -119,20 +137,22 @@ class BatchingWorker(Generic[Job, Out]):
                 if not taken:  # every queued request was cancelled
                     continue
                 self._running = True
-            self._owners = [fut for req, fut in taken for _ in req]
+            self._owners = [fut for req, fut, _ in taken for _ in req]
+            self._listeners = [(listener, i) for req, _, listener in taken for i in range(len(req))]
             try:
-                jobs = [j for req, _ in taken for j in req]
+                jobs = [j for req, _, _ in taken for j in req]
                 outputs, tag = self._run_batch(jobs)
                 start = 0
-                for req, fut in taken:
+                for req, fut, _ in taken:
                     _resolve(fut, result=(outputs[start:start + len(req)], tag))
                     start += len(req)
                 self.batches_run += 1
             except BaseException as exc:  # a failed batch fails its requests, not the engine
-                for _, fut in taken:
+                for _, fut, _ in taken:
                     _resolve(fut, exception=exc)
             finally:
                 self._owners = []
+                self._listeners = []
                 with self._cond:
                     self._running = False
                     self._cond.notify_all()

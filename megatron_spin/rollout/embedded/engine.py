@@ -11,7 +11,9 @@ What it does, operation by operation (the HTTP layer in ``server.py`` only maps 
     fail the other requests too.  Each prompt is expanded into ``n`` jobs; concurrent requests
     are batched by :class:`BatchingWorker`; every completion carries the ``weight_version`` of
     its batch.  A caller that gives up cancels its :class:`PendingGeneration` (the server does
-    when the client's connection closes): its rows stop at the next decode step.
+    when the client's connection closes): its rows stop at the next decode step.  Stop strings
+    are matched on text decoded with the model's tokenizer (a request with stop strings to a
+    model without one is refused); a ``listener`` hears every token as it is chosen (streaming).
   * weight updates (tensor, disk, distributed): the whole request is checked first
     (:class:`ModelWeights`), then copied in while no batch runs; ``weight_version`` is set
     only after a successful load.  A failed update raises :class:`PayloadError`.  As in SGLang
@@ -44,7 +46,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_spin.rollout.embedded.batching import BatchingWorker, WorkerStopped
+from megatron_spin.rollout.embedded.batching import BatchingWorker, Listener, WorkerStopped
 from megatron_spin.rollout.embedded.generator import GenerationJob, GenerationOutput, HFGenerator
 from megatron_spin.rollout.embedded.group_joins import JoinFailed, JoinPolicy, JoinSlots
 from megatron_spin.rollout.embedded.weights import ModelWeights, load_safetensors_dir
@@ -94,7 +96,8 @@ class EmbeddedEngine:
         self.weights = ModelWeights(model)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        self.generator = HFGenerator(model, eos_ids, max_batch_tokens=max_batch_tokens)
+        detokenize = None if tokenizer is None else lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.generator = HFGenerator(model, eos_ids, max_batch_tokens=max_batch_tokens, detokenize=detokenize)
         self.weight_version = check_weight_version(weight_version, "weight_version")
         self.max_samples_per_request = max_samples_per_request
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
@@ -130,22 +133,23 @@ class EmbeddedEngine:
             raise EngineUnavailable(f"{len(self.weights.unloaded)} weight tensors not loaded since resume, "
                                     f"e.g. {sorted(self.weights.unloaded)[:3]}: push the full model first")
         version = self.weight_version  # updates cannot run during a batch (exclusive)
-        return self.generator.run(jobs, self._worker.abandoned), version
+        return self.generator.run(jobs, self._worker.abandoned, self._worker.heard), version
 
-    def submit(self, request: GenerateRequest) -> PendingGeneration:
+    def submit(self, request: GenerateRequest, listener: Optional[Listener] = None) -> PendingGeneration:
         """Check ``request`` (:class:`ProtocolError` if it is bad) and queue it; collect the answer
-        with :meth:`replies` once ``future`` is done."""
+        with :meth:`replies` once ``future`` is done.  ``listener(sample, token)`` hears each token
+        as it is chosen, on the engine's thread (``sample`` = prompt index * n + sample index)."""
         self._check_limits(request)
         n = request.sampling.n
         seeds = request.seeds or (request.sampling.seed,) * len(request.input_ids)  # per prompt, or the request's
         jobs = [
             GenerationJob(tuple(p), dataclasses.replace(request.sampling, n=1,
                           seed=None if seed is None else sample_seed(seed, p, j)),
-                          request.return_logprob, request.logprob_start_len)
+                          request.return_logprob, request.logprob_start_len, request.top_logprobs_num)
             for p, seed in zip(request.input_ids, seeds) for j in range(n)
         ]
         try:
-            return PendingGeneration(request, self._worker.submit(jobs))
+            return PendingGeneration(request, self._worker.submit(jobs, listener))
         except WorkerStopped as exc:
             raise EngineUnavailable(str(exc)) from None
 
@@ -172,6 +176,7 @@ class EmbeddedEngine:
                 finish_reason=out.finish_reason, weight_version=version,
                 prompt_tokens=len(request.input_ids[i]),
                 output_logprobs=out.output_logprobs, input_logprobs=out.input_logprobs,
+                output_top_logprobs=out.output_top_logprobs, input_top_logprobs=out.input_top_logprobs,
             ))
         return replies
 
@@ -187,6 +192,9 @@ class EmbeddedEngine:
 
     def _check_limits(self, request: GenerateRequest) -> None:
         """Refuse what would exhaust memory or hold the engine (and so every weight push) for long."""
+        if request.sampling.stop and self.generator.detokenize is None:
+            raise ProtocolError("sampling_params.stop: stop strings need the model's tokenizer, and this model "
+                                "has none (use stop_token_ids)")
         samples = len(request.input_ids) * request.sampling.n
         if samples > self.max_samples_per_request:
             raise ProtocolError(f"{samples} samples in one request; this engine takes at most "

@@ -20,8 +20,14 @@ Algorithm of ``HFGenerator.run(jobs)``:
        then the smallest prefix of those whose renormalised mass reaches ``top_p`` (the best
        token is always kept), and sample by the exponential race ``argmax(p / E)`` with
        ``E ~ Exp(1)`` i.i.d. over the vocabulary (exact sampling from ``p``);
-     - a stop token ends the row with ``"stop"`` (the token is kept, as in SGLang); reaching
-       ``max_new_tokens`` ends it with ``"length"``.
+     - a stop token ends the row with ``"stop"`` (the token is kept, as in SGLang); so does a
+       stop string (``params.stop``) found in the decoded tail of the row's output — the last
+       ``max(len(stop)) + 1`` tokens, as SGLang looks (a token decodes to at least one
+       character), once it has more than ``min_new_tokens`` tokens — so a row stops at the
+       token that completes the string; reaching ``max_new_tokens`` ends it with ``"length"``;
+     - with ``top_logprobs_num = k`` the ``k`` best tokens of the same fp32 log-softmax are
+       kept too (so the chosen token's log-prob equals the best one's exactly when greedy);
+     - ``on_token(job, token)`` hears every token as it is chosen (streaming replies).
    Finished rows are fed a pad token and their outputs are frozen; the loop ends when every
    row is done.
    A row whose caller has gone (``abandoned(job)``, asked before the prefill and before every
@@ -40,7 +46,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from megatron_spin.rollout.protocol import SamplingParams
+from megatron_spin.rollout.protocol import SamplingParams, TopLogprobs
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -51,6 +57,10 @@ def _never(job: int) -> bool:
     return False
 
 
+def _ignore(job: int, token: int) -> None:
+    pass
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationJob:
     """One sample to draw.  ``params.n`` is ignored: the server expands ``n`` into ``n`` jobs."""
@@ -59,6 +69,7 @@ class GenerationJob:
     params: SamplingParams
     return_logprob: bool = False
     logprob_start_len: int = -1  # >= 0 (with return_logprob): also score the prompt from here
+    top_logprobs_num: int = 0  # (with return_logprob) the k best tokens at every scored position
 
     def __post_init__(self):
         if not self.input_ids:
@@ -72,23 +83,31 @@ class GenerationJob:
 @dataclasses.dataclass(frozen=True)
 class GenerationOutput:
     """``input_logprobs`` covers prompt positions ``logprob_start_len .. len(prompt) - 1``;
-    entry ``p`` is ``log p(prompt[p] | prompt[:p])`` and position 0 (no context) is ``None``."""
+    entry ``p`` is ``log p(prompt[p] | prompt[:p])`` and position 0 (no context) is ``None``.
+    The ``*_top_logprobs`` (with ``top_logprobs_num``) line up with them: per position the
+    ``(token_id, logprob)`` pairs of the best tokens, best first."""
 
     output_ids: tuple[int, ...]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "abort"
     output_logprobs: Optional[tuple[float, ...]]
     input_logprobs: Optional[tuple[Optional[float], ...]]
+    output_top_logprobs: Optional[tuple[TopLogprobs, ...]] = None
+    input_top_logprobs: Optional[tuple[Optional[TopLogprobs], ...]] = None
 
 
 class HFGenerator:
     """Runs ``GenerationJob`` s on one HF causal LM (eval mode); see the module docstring."""
 
-    def __init__(self, model, eos_token_ids: Sequence[int], max_batch_tokens: int = 16384):
+    def __init__(self, model, eos_token_ids: Sequence[int], max_batch_tokens: int = 16384,
+                 detokenize: Optional[Callable[[Sequence[int]], str]] = None):
+        """``detokenize(ids) -> text`` (the tokenizer's decode, special tokens skipped) is needed
+        only by jobs with stop strings."""
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.model = model
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.max_batch_tokens = max_batch_tokens
+        self.detokenize = detokenize
         self.device = next(model.parameters()).device
         # Pads are always masked out, so any valid id does; eos is one the model knows.
         self.pad_id = self.eos_token_ids[0] if self.eos_token_ids else 0
@@ -96,19 +115,24 @@ class HFGenerator:
         self.generator.seed()  # unseeded jobs are meant to differ from run to run
 
     @torch.inference_mode()
-    def run(self, jobs: Sequence[GenerationJob],
-            abandoned: Callable[[int], bool] = _never) -> list[GenerationOutput]:
-        """Outputs in job order; ``abandoned(i)``: job ``i``'s caller has gone (stop its row)."""
+    def run(self, jobs: Sequence[GenerationJob], abandoned: Callable[[int], bool] = _never,
+            on_token: Callable[[int, int], None] = _ignore) -> list[GenerationOutput]:
+        """Outputs in job order; ``abandoned(i)``: job ``i``'s caller has gone (stop its row);
+        ``on_token(i, token)``: job ``i`` chose ``token`` (called on this thread, keep it short)."""
+        if any(j.params.stop for j in jobs) and self.detokenize is None:
+            raise ValueError("stop strings need a detokenize function (the model's tokenizer)")
         outputs: list[Optional[GenerationOutput]] = [None] * len(jobs)
         for batch in _plan_batches(jobs, self.max_batch_tokens):
-            outs = self._run_batch([jobs[i] for i in batch], lambda r, batch=batch: abandoned(batch[r]))
+            outs = self._run_batch([jobs[i] for i in batch], lambda r, batch=batch: abandoned(batch[r]),
+                                   lambda r, tok, batch=batch: on_token(batch[r], tok))
             for i, out in zip(batch, outs):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------ one batch
 
-    def _run_batch(self, jobs: list[GenerationJob], abandoned: Callable[[int], bool] = _never) -> list[GenerationOutput]:
+    def _run_batch(self, jobs: list[GenerationJob], abandoned: Callable[[int], bool] = _never,
+                   on_token: Callable[[int, int], None] = _ignore) -> list[GenerationOutput]:
         dev, B = self.device, len(jobs)
         lens = [len(j.input_ids) for j in jobs]
         L = max(lens)
@@ -131,20 +155,25 @@ class HFGenerator:
         max_new = [j.params.max_new_tokens for j in jobs]
         out_ids: list[list[int]] = [[] for _ in jobs]
         out_lps: list[list[float]] = [[] for _ in jobs]
+        out_tops: list[list[TopLogprobs]] = [[] for _ in jobs]
         finish: list[Optional[str]] = [None if m > 0 else FINISH_LENGTH for m in max_new]
         in_lps: list[Optional[tuple]] = [None] * B
+        in_tops: list[Optional[tuple]] = [None] * B
+        assemble = lambda finish: _assemble(jobs, out_ids, out_lps, out_tops, finish, in_lps, in_tops)  # noqa: E731
         if all(abandoned(r) for r in range(B)):  # nobody waits for this sub-batch: do not start it
-            return _assemble(jobs, out_ids, out_lps, [FINISH_ABORT] * B, in_lps)
+            return assemble([FINISH_ABORT] * B)
         if all(f is not None for f in finish) and not any(j.wants_input_logprobs for j in jobs):
-            return _assemble(jobs, out_ids, out_lps, finish, in_lps)
+            return assemble(finish)
 
         cache = _new_cache(self.model)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                             use_cache=True, logits_to_keep=keep).logits  # (B, keep, V)
         for r, job in enumerate(jobs):
             if job.wants_input_logprobs:
-                in_lps[r] = _prompt_logprobs(logits[r], job, pads[r], L - keep)
+                in_lps[r], in_tops[r] = _prompt_logprobs(logits[r], job, pads[r], L - keep)
         logits = logits[:, -1, :].float()  # (B, V): predicts each row's first new token
+        top_k = max((j.top_logprobs_num for j in jobs if j.return_logprob), default=0)
+        stops = [_StopStrings(j.params.stop, self.detokenize) if j.params.stop else None for j in jobs]
 
         sampler = _RowSampler(jobs, self.eos_token_ids, logits.shape[-1], dev, self.generator)
         prompt_lens = torch.tensor(lens, device=dev)  # (B,)
@@ -153,15 +182,20 @@ class HFGenerator:
                 break
             active = [r for r in range(B) if finish[r] is None]
             tokens = sampler.choose(logits, active, step)  # (B,)
-            logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]  # (B,)
+            logp = torch.log_softmax(logits, dim=-1)  # (B, V)
+            logprobs = logp.gather(1, tokens[:, None])[:, 0]  # (B,)
+            tops = _top_pairs(logp, top_k) if top_k else None  # B lists of (token, logprob)
             is_stop = sampler.stop_mask.gather(1, tokens[:, None])[:, 0]  # (B,)
             for r, tok, lp, stop in zip(range(B), tokens.tolist(), logprobs.tolist(), is_stop.tolist()):
                 if finish[r] is not None:
                     continue
                 out_ids[r].append(tok)
                 out_lps[r].append(lp)
+                if tops is not None:
+                    out_tops[r].append(tops[r][:jobs[r].top_logprobs_num])
+                on_token(r, tok)
                 # A stop token landing exactly on the limit still reports "stop": the text is complete.
-                if stop:
+                if stop or (stops[r] is not None and len(out_ids[r]) > sampler.min_new[r] and stops[r].found(out_ids[r])):
                     finish[r] = FINISH_STOP
                 elif len(out_ids[r]) >= max_new[r]:
                     finish[r] = FINISH_LENGTH
@@ -173,7 +207,27 @@ class HFGenerator:
             logits = self.model(input_ids=tokens[:, None], attention_mask=mask,
                                 position_ids=(prompt_lens + step)[:, None], past_key_values=cache,
                                 use_cache=True).logits[:, -1, :].float()  # (B, V)
-        return _assemble(jobs, out_ids, out_lps, finish, in_lps)
+        return assemble(finish)
+
+
+class _StopStrings:
+    """Whether a row's output has produced one of its stop strings: the decoded tail of the last
+    ``max(len(stop)) + 1`` tokens is searched (SGLang's window: a token decodes to >= 1 character)."""
+
+    def __init__(self, stop: Sequence[str], detokenize: Callable[[Sequence[int]], str]):
+        self.stop = tuple(stop)
+        self.window = max(map(len, stop)) + 1
+        self.detokenize = detokenize
+
+    def found(self, output_ids: Sequence[int]) -> bool:
+        tail = self.detokenize(output_ids[-self.window:])
+        return any(s in tail for s in self.stop)
+
+
+def _top_pairs(logp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Per row of ``logp`` (R, V) its ``k`` best ``(token, logprob)`` pairs, best first."""
+    values, ids = logp.topk(k, dim=-1)  # (R, k) each
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 class _RowSampler:
@@ -231,19 +285,23 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.zeros_like(probs).scatter_(1, order, probs)  # back to vocabulary order
 
 
-def _prompt_logprobs(logits: torch.Tensor, job: GenerationJob, pad: int, first_col: int) -> tuple:
+def _prompt_logprobs(logits: torch.Tensor, job: GenerationJob, pad: int, first_col: int) -> tuple[tuple, Optional[tuple]]:
     """log p(prompt[p] | prompt[:p]) for p = start .. len-1 from one row's kept prefill logits
-    (keep, V) whose column 0 is padded column ``first_col``; position 0 gets ``None``."""
+    (keep, V) whose column 0 is padded column ``first_col``; position 0 gets ``None``.  Also the
+    best ``top_logprobs_num`` pairs per position (None without ``top_logprobs_num``)."""
     n = len(job.input_ids)
     start = min(job.logprob_start_len, n)
     positions = list(range(max(start, 1), n))
     entries: list[Optional[float]] = [None] if start == 0 else []
+    tops: list[Optional[TopLogprobs]] = [None] if start == 0 else []
     if positions:
         cols = torch.tensor([pad + p - 1 - first_col for p in positions], device=logits.device)  # (P,)
         targets = torch.tensor([job.input_ids[p] for p in positions], device=logits.device)  # (P,)
-        lps = torch.log_softmax(logits[cols].float(), dim=-1).gather(1, targets[:, None])[:, 0]  # (P,)
-        entries.extend(lps.tolist())
-    return tuple(entries)
+        logp = torch.log_softmax(logits[cols].float(), dim=-1)  # (P, V)
+        entries.extend(logp.gather(1, targets[:, None])[:, 0].tolist())
+        if job.top_logprobs_num:
+            tops.extend(tuple(pairs) for pairs in _top_pairs(logp, job.top_logprobs_num))
+    return tuple(entries), (tuple(tops) if job.top_logprobs_num else None)
 
 
 def _abort_abandoned(finish: list[Optional[str]], abandoned: Callable[[int], bool]) -> bool:
@@ -277,13 +335,15 @@ def _plan_batches(jobs: Sequence[GenerationJob], max_batch_tokens: int) -> list[
     return batches
 
 
-def _assemble(jobs, out_ids, out_lps, finish, in_lps) -> list[GenerationOutput]:
+def _assemble(jobs, out_ids, out_lps, out_tops, finish, in_lps, in_tops) -> list[GenerationOutput]:
     return [
         GenerationOutput(
             output_ids=tuple(out_ids[r]),
             finish_reason=finish[r],
             output_logprobs=tuple(out_lps[r]) if job.return_logprob else None,
             input_logprobs=in_lps[r],
+            output_top_logprobs=tuple(map(tuple, out_tops[r])) if job.return_logprob and job.top_logprobs_num else None,
+            input_top_logprobs=in_tops[r],
         )
         for r, job in enumerate(jobs)
     ]

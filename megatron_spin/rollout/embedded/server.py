@@ -1,6 +1,21 @@
 """HTTP server for the embedded engine: SGLang's native routes on FastAPI/uvicorn.
 
     python -m megatron_spin.rollout.embedded --model-path DIR [--port 30000] [--api-key KEY]
+                                             [--served-model-name NAME]
+
+Routes (SGLang's names and fields; ``protocol.py`` holds the records):
+  * generation: ``/generate`` (token ids, ``n`` samples, stop tokens and strings, log-probs of
+    the output and the prompt, top-k log-probs, weight version per sample);
+  * OpenAI-compatible (``openai_api.py``): ``/v1/models``, ``/v1/completions``,
+    ``/v1/chat/completions``, with streaming — the model is named ``--served-model-name``;
+  * weights: ``/update_weights_from_tensor``, ``/update_weights_from_disk``,
+    ``/init_weights_update_group``, ``/update_weights_from_distributed``,
+    ``/destroy_weights_update_group``, ``/begin_weight_update``, ``/end_weight_update``,
+    ``/update_weight_version``, ``/get_weights_by_name``;
+  * control: ``/pause_generation``, ``/continue_generation``, ``/release_memory_occupation``,
+    ``/resume_memory_occupation``, ``/flush_cache``;
+  * status: ``/health``, ``/health_generate`` (no key needed), ``/model_info``
+    (``/get_model_info``), ``/get_weight_version``, ``/get_server_info``.
 
 Binds 127.0.0.1 unless ``--host`` says otherwise.  With an API key every route except the
 health checks needs ``Authorization: Bearer <key>`` and answers 401 without it — weight
@@ -8,7 +23,8 @@ updates carry pickled tensor handles, which must never be accepted from an unaut
 peer.  Bodies are capped at ``--max-request-bytes`` whether or not they declare a length
 (``http_guard.py``).  Replies follow SGLang: a request the engine refuses — malformed JSON,
 wrong types, token ids outside the vocabulary, bad sampling parameters, too many samples — is
-400 ``{"error": {"message": ...}}`` and leaves the engine serving; weight-update failures are
+400 ``{"error": {"message": ...}}`` (the OpenAI routes add ``type`` and ``param``, as OpenAI
+does) and leaves the engine serving; weight-update failures are
 400 ``{"success": false, "message": ...}`` and leave the weights as they were; an engine that
 cannot serve (released memory, weights not loaded, shutting down) answers 503; a group join
 beyond ``--max-pending-joins`` waiting ones answers 429.  Only a failure of the engine itself
@@ -24,19 +40,20 @@ abandons the rest and exits.
 
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from megatron_spin.rollout import protocol as P
-from megatron_spin.rollout.embedded.engine import EmbeddedEngine, EngineUnavailable, PendingGeneration
+from megatron_spin.rollout.embedded.engine import EmbeddedEngine, EngineUnavailable
 from megatron_spin.rollout.embedded.group_joins import JoinFailed, JoinPolicy, JoinsBusy
 from megatron_spin.rollout.embedded.http_guard import RequestGuard
+from megatron_spin.rollout.embedded.openai_api import add_openai_routes
+from megatron_spin.rollout.embedded.waiting import CLIENT_GONE, wait_or_abandon
 from megatron_spin.wire.tensor_payload import PayloadError
 
 log = logging.getLogger("megatron_spin.embedded")
@@ -44,10 +61,12 @@ log = logging.getLogger("megatron_spin.embedded")
 
 MAX_REQUEST_BYTES = 64 * 1024**2  # tensor payloads carry handles, not data: requests stay small
 SHUTDOWN_GRACE_S = 3  # after SIGTERM: how long requests in flight may take before they are abandoned
-CLIENT_GONE = 499  # nginx's "client closed request": logged only, nobody reads it
 
 
-def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request_bytes: int = MAX_REQUEST_BYTES):
+def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+              served_model_name: Optional[str] = None):
+    """The FastAPI app serving ``engine``; the OpenAI routes name the model ``served_model_name``
+    (default: the model path, as SGLang's ``--served-model-name``)."""
     from fastapi import FastAPI, Request, Response
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -127,7 +146,7 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
     async def answer(request: Request, req: P.GenerateRequest) -> Optional[list[list[P.Completion]]]:
         """The replies to ``req``, or None if the client hung up first (its work is abandoned)."""
         pending = engine.submit(req)
-        replies = await _wait_or_abandon(engine, pending, request.receive)
+        replies = await wait_or_abandon(engine, pending, request.receive)
         if replies is None:
             log.info("client gone: abandoned a request of %d samples", len(req.input_ids) * req.sampling.n)
         return replies
@@ -145,18 +164,7 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
         flat = [c.to_json() for per_prompt in replies for c in per_prompt]
         return flat[0] if len(flat) == 1 else flat
 
-    @app.post(P.COMPLETIONS)
-    async def completions(request: Request):
-        try:
-            req, prompt_ids = await run_in_threadpool(_completion_request, engine, await body(request))
-            replies = await answer(request, req)
-        except P.ProtocolError as exc:
-            return error(exc)
-        except EngineUnavailable as exc:
-            return error(exc, 503)
-        if replies is None:
-            return Response(status_code=CLIENT_GONE)
-        return await run_in_threadpool(_completion_reply, engine, req, prompt_ids, replies)
+    add_openai_routes(app, engine, served_model_name or engine.model_path)
 
     @app.api_route(P.FLUSH_CACHE, methods=["GET", "POST"])
     async def flush_cache():
@@ -258,31 +266,6 @@ def build_app(engine: EmbeddedEngine, api_key: Optional[str] = None, max_request
     return app
 
 
-async def _wait_or_abandon(engine: EmbeddedEngine, pending: PendingGeneration,
-                           receive) -> Optional[list[list[P.Completion]]]:
-    """Wait for ``pending`` on the event loop (no thread held) while watching the connection:
-    if the client hangs up first, or this task is cancelled (shutdown), the engine abandons the
-    request and None is returned."""
-    done = asyncio.wrap_future(pending.future)
-    gone = asyncio.ensure_future(_client_gone(receive))
-    try:
-        await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not pending.future.done():
-            engine.abandon(pending)
-            done.cancel()
-    if pending.future.cancelled():
-        return None
-    return engine.replies(pending)
-
-
-async def _client_gone(receive) -> None:
-    """Returns when the server reports the client's disconnect (the body was read before)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 def _string(d: dict, key: str, default: Optional[str] = None) -> str:
     value = d.get(key, default)
     if not isinstance(value, str):
@@ -297,43 +280,6 @@ def _integer(d: dict, key: str, default: Optional[int] = None) -> int:
     return value
 
 
-def _completion_request(engine: EmbeddedEngine, d: Any) -> tuple[P.GenerateRequest, tuple]:
-    """``/v1/completions`` for text prompts (tokenised with the model's tokenizer): the request."""
-    if engine.tokenizer is None:
-        raise P.ProtocolError(f"{P.COMPLETIONS}: this model has no tokenizer; use /generate with input_ids")
-    if not isinstance(d, dict) or "prompt" not in d:
-        raise P.ProtocolError(f"{P.COMPLETIONS}: missing required field 'prompt'")
-    prompts = d["prompt"] if isinstance(d["prompt"], list) else [d["prompt"]]
-    if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise P.ProtocolError(f"{P.COMPLETIONS}: 'prompt' must be a non-empty string or list of strings")
-    sampling = P.SamplingParams.from_json({
-        "max_new_tokens": d.get("max_tokens", 16), "temperature": d.get("temperature", 1.0),
-        "top_p": d.get("top_p", 1.0), "n": d.get("n", 1), "sampling_seed": d.get("seed"),
-    })
-    ids = tuple(tuple(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    return P.GenerateRequest(ids, sampling, return_logprob=d.get("logprobs") is not None), ids
-
-
-def _completion_reply(engine: EmbeddedEngine, req: P.GenerateRequest, ids: tuple,
-                      replies: list[list[P.Completion]]) -> dict:
-    """``/v1/completions``: OpenAI's reply to ``req``."""
-    choices = []
-    for per_prompt in replies:
-        for c in per_prompt:
-            choice = {"index": len(choices), "text": engine.tokenizer.decode(c.output_ids, skip_special_tokens=True),
-                      "finish_reason": c.finish_reason}
-            if req.return_logprob:
-                choice["logprobs"] = {"token_logprobs": list(c.output_logprobs or ()),
-                                      "tokens": [engine.tokenizer.decode([t]) for t in c.output_ids]}
-            choices.append(choice)
-    completion_tokens = sum(len(c.output_ids) for r in replies for c in r)
-    return {
-        "object": "text_completion", "model": engine.model_path, "choices": choices,
-        "usage": {"prompt_tokens": sum(map(len, ids)), "completion_tokens": completion_tokens},
-        "weight_version": replies[0][0].weight_version,
-    }
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_spin.rollout.embedded",
                                      description="Serve an HF model with SGLang's HTTP API on the CPU.")
@@ -345,6 +291,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--api-key", default=os.environ.get("MEGATRON_SPIN_ENGINE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (also read from MEGATRON_SPIN_ENGINE_API_KEY, "
                              "so it need not appear in the process list)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model's name on the OpenAI routes (/v1/models; default: --model-path, as SGLang)")
     parser.add_argument("--weight-version", default="default")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
@@ -376,7 +324,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # SIGTERM: uvicorn stops accepting and waits for the requests in flight — without a bound, for
     # a long generation or a group join waiting for its peers.  After the grace their tasks are
     # cancelled (which abandons their generations), and uvicorn ends the process with the signal.
-    config = uvicorn.Config(build_app(engine, args.api_key, args.max_request_bytes), host=args.host,
+    config = uvicorn.Config(build_app(engine, args.api_key, args.max_request_bytes, args.served_model_name), host=args.host,
                             port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     server = uvicorn.Server(config)
