@@ -63,6 +63,6 @@ setup(
         # trl (+ datasets, which it imports) is the reference the loss tests compare against; the
         # official openai client and EleutherAI's lm-eval are the clients the serve tests talk to.
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "trl>=1.16,<1.17", "datasets>=5",
-                "openai>=1.40", "lm-eval>=0.4.8,<0.5"],
+                "openai>=1.40", "lm-eval[api]>=0.4.8,<0.5"],
     },
 )

@@ -75,6 +75,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: --host {args.host} is reachable from other machines: give --api-key (or set "
               f"{API_KEY_ENV}); the weight routes must never be open", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # from here on SIGTERM stops as Ctrl-C does, also mid-start
+    started: list[ServerProcess] = []
+    try:
+        return _serve(args, started)
+    except KeyboardInterrupt:
+        print("[serve] stopping", flush=True)
+        return 0
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _serve(args: argparse.Namespace, started: list[ServerProcess]) -> int:
     try:
         target = resolve_servable(args.path, export_dir=args.export_dir)
     except (NotServable, OSError, ValueError) as exc:
@@ -93,6 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ServerStartError as exc:
         print(f"error: the engine did not start: {exc}", file=sys.stderr)
         return 1
+    started.append(server)
     print(f"[serve] model:   {name}  (from {target.source})", flush=True)
     print(f"[serve] url:     {server.url}/v1", flush=True)
     print(f"[serve] api key: {api_key}", flush=True)
@@ -100,7 +114,9 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"print(openai.OpenAI().chat.completions.create(model='{name}', messages=[{{'role': 'user', "
           f"'content': 'Hello!'}}]).choices[0].message.content)\"", flush=True)
     print("[serve] serving; Ctrl-C stops", flush=True)
-    return _serve_until_stopped(server)
+    code = server.proc.wait()
+    print(f"error: the engine exited with {code}; end of {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
+    return 1
 
 
 def _start(engine: EngineKind, hf_dir: Path, name: str, args: argparse.Namespace, api_key: str,
@@ -120,19 +136,6 @@ def _start(engine: EngineKind, hf_dir: Path, name: str, args: argparse.Namespace
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _serve_until_stopped(server: ServerProcess) -> int:
-    """Wait for the engine; Ctrl-C or SIGTERM stops it (the engine also dies with this process)."""
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        code = server.proc.wait()
-    except KeyboardInterrupt:
-        print("[serve] stopping", flush=True)
-        server.stop()
-        return 0
-    print(f"error: the engine exited with {code}; end of {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":
