@@ -844,3 +844,20 @@ def test_flatten_into_a_reused_buffer():
         assert n == m and torch.equal(t, u)
     with pytest.raises(ValueError, match=">= 24 bytes"):
         flatten(named, out=torch.empty(10, dtype=torch.uint8))
+
+
+def test_all_finite_finds_every_nan_and_infinity_and_no_overflowing_sum():
+    from megatron_spin.rollout.embedded.weights import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = torch.randn(1000, dtype=dtype)
+        assert all_finite(t)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            u = t.clone()
+            u[517] = bad
+            assert not all_finite(u), (dtype, bad)
+        both = t.clone()
+        both[3], both[9] = float("inf"), float("-inf")  # their sum is NaN, still caught
+        assert not all_finite(both)
+    huge = torch.full((1000,), torch.finfo(torch.float32).max / 2)  # finite, but the sum overflows
+    assert all_finite(huge) and all_finite(torch.full((1000,), torch.finfo(torch.float16).max, dtype=torch.float16))

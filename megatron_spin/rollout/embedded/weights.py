@@ -59,7 +59,7 @@ class ModelWeights:
                 problems.append(f"{name}: shape {tuple(t.shape)}, the model has {self._shapes[name]}")
             elif not t.dtype.is_floating_point:
                 problems.append(f"{name}: dtype {t.dtype} is not floating point")
-            elif not t.is_meta and not bool(torch.isfinite(t).all()):
+            elif not t.is_meta and not all_finite(t):
                 problems.append(f"{name}: holds NaN or Inf")
             if name in seen:
                 problems.append(f"{name}: sent twice")
@@ -96,6 +96,16 @@ class ModelWeights:
     @property
     def released(self) -> bool:
         return any(p.numel() == 0 and self._shapes[n] != (0,) for n, p in self._params.items())
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf, at the cost of one reduction (~half a memcpy).
+
+    A NaN or an infinity makes the sum NaN or infinite, so a finite sum proves every element
+    finite; only a non-finite sum (a bad element, or finite values whose sum overflows) pays for
+    the exact element-wise test.  ``isfinite(t).all()`` alone materialises a mask and took five
+    times a copy of the weights on every push."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 
 def read_safetensors_dir(path: str | os.PathLike) -> list[tuple[str, Path]]:
