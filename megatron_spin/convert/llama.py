@@ -1,7 +1,7 @@
 """Llama family (LlamaForCausalLM, Mistral-style without sliding window): the converter table."""
 
 from megatron_spin.convert.table import COLUMN, REPLICATED, ROW, ConverterTable, Rule
-from megatron_spin.convert.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY
+from megatron_spin.convert.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY, VOCAB_ROWS
 
 _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
@@ -9,7 +9,8 @@ _H = "model.layers.{layer}."
 
 def llama_rules(qkv_bias: bool = False) -> list[Rule]:
     rules = [
-        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), IDENTITY, COLUMN),
+        # Vocabulary tables: rows padded for TP (if any) are dropped on the way to HF.
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB_ROWS, COLUMN),
         Rule(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",), IDENTITY, REPLICATED),
         Rule(
             _L + "self_attention.linear_qkv.weight",
@@ -39,7 +40,7 @@ def llama_rules(qkv_bias: bool = False) -> list[Rule]:
         Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), IDENTITY, ROW),
         Rule("decoder.final_layernorm.weight", ("model.norm.weight",), IDENTITY, REPLICATED),
         # Tied models have no separate output layer on either side.
-        Rule("output_layer.weight", ("lm_head.weight",), IDENTITY, COLUMN,
+        Rule("output_layer.weight", ("lm_head.weight",), VOCAB_ROWS, COLUMN,
              when=lambda arch: not arch.tie_word_embeddings),
     ]
     return rules

@@ -6,6 +6,12 @@ value head (``[g, h/g + 2, head_dim, ...]``).  Because groups are contiguous, a 
 of these rows across TP ranks gives each rank whole groups; that is why TP must divide the
 number of KV heads.  The SwiGLU MLP fuses ``[gate; up]`` into ``linear_fc1``.  Each transform
 only reshapes and concatenates, so HF → Megatron → HF is bit-exact.
+
+The word embedding and output layer are vocabulary-row tables: a model built at a TP that does
+not divide the vocabulary holds extra, padded rows (``parallel.layout.padded_vocab_size``).
+``VOCAB_ROWS`` drops them on the way to HF, so exports and every weight push carry the true
+``[V, hidden]``; the other way it is the identity — the full TP=1 tensor is never padded (TP=1
+divides every V), and the checkpoint loader zero-fills the rows a padded model has beyond it.
 """
 
 from __future__ import annotations
@@ -71,6 +77,14 @@ def _gate_up_to_hf(arch: ModelArch, t: torch.Tensor) -> tuple[torch.Tensor, ...]
     return gate.contiguous(), up.contiguous()
 
 
+def _vocab_rows_to_hf(arch: ModelArch, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if t.shape[0] < arch.vocab_size:
+        raise ValueError(f"a vocabulary table of {t.shape[0]} rows is smaller than vocab_size={arch.vocab_size}")
+    # [V_pad, hidden] -> [V, hidden]; an unpadded tensor passes through untouched (no copy).
+    return (t if t.shape[0] == arch.vocab_size else t[: arch.vocab_size].contiguous(),)
+
+
 IDENTITY = Transform("identity", _identity_to_megatron, _identity_to_hf)
 FUSED_QKV = Transform("fused_qkv", _qkv_to_megatron, _qkv_to_hf)
+VOCAB_ROWS = Transform("vocab_rows", _identity_to_megatron, _vocab_rows_to_hf)
 FUSED_GATE_UP = Transform("fused_gate_up", _gate_up_to_megatron, _gate_up_to_hf, tp_blocks=2)

@@ -20,7 +20,8 @@ from megatron_spin import platform
 from megatron_spin.spec.arch import ModelArch
 from megatron_spin.spec.precision import Precision, PrecisionError
 from megatron_spin.parallel.groups import ParallelContext
-from megatron_spin.parallel.layout import ParallelLayout, validate_layout
+from megatron_spin.models.vocab_padding import mask_padded_vocab
+from megatron_spin.parallel.layout import ParallelLayout, padded_vocab_size, validate_layout
 
 
 def check_precision(precision: Precision, plat: platform.Platform) -> None:
@@ -109,6 +110,11 @@ def build_model(
 
     ``init_weights=False`` skips random initialisation (weights come from a checkpoint).
     ``on_meta=True`` builds shapes only (no memory): used to read Megatron's checkpoint layout.
+
+    When TP does not divide the vocabulary, the embedding and output layer get
+    ``padded_vocab_size(V, TP)`` rows and the padded logits are masked to -inf
+    (``models/vocab_padding.py``); each chunk's ``true_vocab_size`` is ``V``, which
+    ``forward_logits`` returns.  Randomly initialised padded rows are zeroed.
     """
     from megatron.core.models.gpt import GPTModel
 
@@ -119,12 +125,14 @@ def build_model(
     chunks = []
     vpp = pctx.layout.chunks_per_rank
     device = plat.local_device()
+    tp = pctx.layout.tp
+    vocab = padded_vocab_size(arch.vocab_size, tp)
     for vp_stage in range(vpp):
         with torch.device("meta") if on_meta else contextlib.nullcontext():
             model = GPTModel(
                 config=config,
                 transformer_layer_spec=spec,
-                vocab_size=arch.vocab_size,
+                vocab_size=vocab,
                 max_sequence_length=arch.max_position_embeddings,
                 pre_process=pctx.chunk_is_first(vp_stage),
                 post_process=pctx.chunk_is_last(vp_stage),
@@ -137,8 +145,28 @@ def build_model(
             )
         if not init_weights:
             _mark_tensor_parallel_weights(model)
+        elif vocab != arch.vocab_size and not on_meta:
+            _zero_padded_rows(model, arch.vocab_size, vocab, tp, pctx.tp_rank)
+        mask_padded_vocab(model, arch.vocab_size, vocab, tp, pctx.tp_rank)
+        model.true_vocab_size = arch.vocab_size
         chunks.append(model if on_meta else model.to(device))
     return chunks
+
+
+def _zero_padded_rows(model, vocab_size: int, padded: int, tp: int, tp_rank: int) -> None:
+    """Zero this rank's rows of vocabulary ids ``>= vocab_size`` (random init drew them).
+
+    They would be harmless (masked, never a label, never an input), but zero is what a loaded
+    checkpoint holds and what an export drops, so a fresh model and a loaded one agree.
+    """
+    per_rank = padded // tp
+    keep = max(0, vocab_size - tp_rank * per_rank)
+    with torch.no_grad():
+        for module in (getattr(model, "embedding", None), getattr(model, "output_layer", None)):
+            table = getattr(module, "word_embeddings", module)
+            weight = getattr(table, "weight", None)
+            if weight is not None and weight.shape[0] == per_rank:
+                weight[keep:].zero_()
 
 
 def _mark_tensor_parallel_weights(model) -> None:

@@ -18,8 +18,18 @@ def position_ids(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(s, device=tokens.device).unsqueeze(0).expand(n, s)
 
 
+def _true_vocab_size(chunk, default: int) -> int:
+    """The builder's ``true_vocab_size`` of a chunk, through DDP / Float16 wrappers (``.module``)."""
+    while not hasattr(chunk, "true_vocab_size") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return getattr(chunk, "true_vocab_size", default)
+
+
 def forward_logits(chunks: list, pctx, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
     """Logits ``[b, s, vocab]`` (fp32) on the last PP stage; ``None`` on other stages.
+
+    ``vocab`` is the true vocabulary: a model padded for TP (``builder.build_model``) computes
+    -inf logits for the padded ids, and they are cut off here, so callers compare with HF as is.
 
     Right-padded or unpadded batches only: attention is causal without a padding mask, so
     padding after a sequence's last token cannot change that sequence's logits.
@@ -56,4 +66,8 @@ def forward_logits(chunks: list, pctx, input_ids: torch.Tensor) -> Optional[torc
             micro_batch_size=1,
             forward_only=True,
         )
-    return torch.cat(captured, dim=0) if captured else None
+    if not captured:
+        return None
+    logits = torch.cat(captured, dim=0)  # [b, s, V_pad]
+    true_vocab = _true_vocab_size(chunks[-1], logits.shape[-1])
+    return logits[..., :true_vocab].contiguous() if true_vocab < logits.shape[-1] else logits

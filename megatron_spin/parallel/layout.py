@@ -2,6 +2,11 @@
 
 Every rule is checked before any tensor is allocated, and each error names the rule, so a
 bad layout costs a second rather than a hang or a silent mismatch on the cluster.
+
+The vocabulary is not a rule: any size runs at any TP.  When TP does not divide it, the
+embedding and output layer are padded (:func:`padded_vocab_size`); the padded logits are
+masked to -inf inside the model (``models/vocab_padding.py``) and the converter table strips
+the padded rows, so neither log-probs nor exported weights ever see them.
 """
 
 from __future__ import annotations
@@ -10,6 +15,26 @@ import dataclasses
 from typing import Optional
 
 from megatron_spin.spec.arch import ModelArch
+
+
+# Megatron-LM's ``--make-vocab-size-divisible-by`` default: a padded vocabulary is a multiple
+# of 128 x TP, so each rank's shard of the output GEMM stays a multiple of 128 rows.
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """The vocabulary size the Megatron model is built with at tensor parallelism ``tp``.
+
+    Unchanged when ``tp`` divides it: the GEMM shapes, and so every existing checkpoint and
+    parity result, stay bit-identical.  Otherwise Megatron-LM's convention: round up to a
+    multiple of ``VOCAB_PAD_MULTIPLE * tp`` (e.g. 32001 at TP=2 -> 32256, 16128 rows per rank).
+    The smallest multiple of ``tp`` would waste fewer rows (< tp instead of < 128·tp) but leave
+    each rank an odd-sized GEMM; padding is needed anyway, so it is made GEMM-friendly.
+    """
+    if vocab_size % tp == 0:
+        return vocab_size
+    multiple = VOCAB_PAD_MULTIPLE * tp
+    return -(-vocab_size // multiple) * multiple
 
 
 class LayoutError(ValueError):
@@ -56,11 +81,6 @@ def validate_layout(arch: ModelArch, layout: ParallelLayout, world_size: Optiona
     if arch.ffn_hidden_size % tp:
         raise LayoutError(
             f"rule intermediate_size % TP == 0 violated: {arch.ffn_hidden_size}, TP={tp}"
-        )
-    if arch.vocab_size % tp:
-        raise LayoutError(
-            f"rule vocab_size % TP == 0 violated: vocab_size={arch.vocab_size}, TP={tp} "
-            "(the vocabulary is not padded: padded logits would leak into log-probs)"
         )
     if arch.num_layers % pp:
         raise LayoutError(f"rule num_layers % PP == 0 violated: {arch.num_layers} layers, PP={pp}")

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from megatron_spin.parallel.layout import padded_vocab_size
 from megatron_spin.spec.arch import ModelArch
 
 
@@ -109,7 +110,7 @@ def checkpoint_bytes(arch: ModelArch, s: int, b: int, act_bytes: int = 2) -> flo
 
 def output_bytes(arch: ModelArch, s: int, b: int, tp: int, act_bytes: int = 2) -> float:
     """Last stage, per micro-batch: final-norm and output-layer inputs, fp32 logits for the loss."""
-    return 2 * s * b * arch.hidden_size * act_bytes + 4 * s * b * arch.vocab_size / tp
+    return 2 * s * b * arch.hidden_size * act_bytes + 4 * s * b * padded_vocab_size(arch.vocab_size, tp) / tp
 
 
 def in_flight_layers(num_layers: int, pp: int, vpp: int, stage: int, micro_batches: int) -> float:

@@ -36,7 +36,7 @@ import dataclasses
 from typing import Optional
 
 from megatron_spin.spec.arch import ModelArch
-from megatron_spin.parallel.layout import ParallelLayout
+from megatron_spin.parallel.layout import ParallelLayout, padded_vocab_size
 from megatron_spin.plan import activations as act
 from megatron_spin.plan.params import model_params, rank_params
 
@@ -130,7 +130,7 @@ def stage_memory(arch: ModelArch, setup: TrainSetup, stage: int) -> StageMemory:
     if setup.reference:
         fwd = act.layer_bytes(arch, setup.seq_len, setup.micro_seqs, lay.tp, setup.activation_model, pbytes)
         if stage == lay.pp - 1:
-            fwd += 6 * setup.seq_len * setup.micro_seqs * arch.vocab_size / lay.tp
+            fwd += 6 * setup.seq_len * setup.micro_seqs * padded_vocab_size(arch.vocab_size, lay.tp) / lay.tp
         phases["reference"] = static + ref_weights + fwd
     if setup.engine_fraction is not None:
         items["rollout_engine"] = setup.engine_fraction * setup.gpu_mem_gib * GIB

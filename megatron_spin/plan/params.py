@@ -9,18 +9,20 @@ Per transformer layer (h hidden, a heads, g KV heads, d head dim, f FFN size, TP
     linear_fc1 (gate ‖ up)   2·f·h / t              (SwiGLU)
     linear_fc2               h·f / t
 
-The first pipeline chunk adds the word embedding ``V·h / t`` (RoPE has no parameters); the
-last adds the final RMSNorm ``h`` and the output layer ``V·h / t`` — unless embeddings are
+The first pipeline chunk adds the word embedding ``V'·h / t`` (RoPE has no parameters); the
+last adds the final RMSNorm ``h`` and the output layer ``V'·h / t`` — unless embeddings are
 tied and both ends live on one rank (PP = 1), where the output layer reuses the embedding.
 With tied embeddings and PP > 1 the last stage keeps its own copy (Megatron all-reduces the
 two copies' gradients), so the sum over ranks then exceeds the model's unique count.
+``V'`` is the vocabulary as built at TP ``t`` (``padded_vocab_size``: ``V`` itself when ``t``
+divides it); the unique HF count (:func:`model_params`) is TP=1's, unpadded.
 The TE layer spec fuses the norms into the next linear (``layer_norm_weight``): same counts.
 """
 
 from __future__ import annotations
 
 from megatron_spin.spec.arch import ModelArch
-from megatron_spin.parallel.layout import ParallelLayout
+from megatron_spin.parallel.layout import ParallelLayout, padded_vocab_size
 
 
 def layer_params(arch: ModelArch, tp: int = 1) -> int:
@@ -32,7 +34,7 @@ def layer_params(arch: ModelArch, tp: int = 1) -> int:
 
 
 def embedding_params(arch: ModelArch, tp: int = 1) -> int:
-    return arch.vocab_size * arch.hidden_size // tp
+    return padded_vocab_size(arch.vocab_size, tp) * arch.hidden_size // tp
 
 
 def chunk_params(arch: ModelArch, layout: ParallelLayout, *, first: bool, last: bool) -> int:

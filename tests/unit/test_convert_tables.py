@@ -13,7 +13,8 @@ from megatron_spin.convert import ConverterTable, Param, canonical_name, convert
 from megatron_spin.convert.llama import LLAMA
 from megatron_spin.convert.qwen2 import QWEN2
 from megatron_spin.convert.table import COLUMN, REPLICATED, ROW
-from megatron_spin.convert.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY
+from megatron_spin.convert.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY, VOCAB_ROWS
+from megatron_spin.parallel.layout import padded_vocab_size
 from megatron_spin.spec.arch import ModelArch, arch_from_hf_config
 from tests.conftest import make_arch as tiny_arch
 
@@ -26,6 +27,37 @@ def make_arch(**kw) -> ModelArch:
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_vocab_rows_unpadded_is_the_tensor_itself():
+    t = torch.randn(32, 16)
+    assert VOCAB_ROWS.to_megatron(make_arch(), [t]) is t
+    (back,) = VOCAB_ROWS.to_hf(make_arch(), t)
+    assert back is t  # divisible vocabularies: nothing copied, nothing changed
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_padded_vocab_tables_export_the_true_shape(tp, tied):
+    """TP shards of a padded embedding / output layer merge and convert to HF's ``[V, h]``, bit-exact."""
+    arch = make_arch(vocab_size=33, tie_word_embeddings=tied)  # 33 = 32 tokens + one added
+    padded = padded_vocab_size(33, tp)
+    assert padded > 33
+    names = ["embedding.word_embeddings.weight"] + ([] if tied else ["output_layer.weight"])
+    assert {p.megatron for p in LLAMA.params(arch) if p.rule.transform is VOCAB_ROWS} == set(names)
+    for name in names:
+        param = LLAMA.param(name)
+        hf = torch.randn(33, 16)
+        full = torch.cat([LLAMA.to_megatron(arch, param, lambda _: hf), torch.zeros(padded - 33, 16)])
+        shards = list(torch.chunk(full, tp, dim=param.rule.tp_dim))
+        assert LLAMA.full_shape(param, shards[0].shape, tp) == (padded, 16)
+        (out,) = LLAMA.to_hf(arch, param, LLAMA.merge_tp_shards(param, shards)).values()
+        assert _bits_equal(out, hf) and out.is_contiguous()
+
+
+def test_vocab_rows_refuse_a_short_table():
+    with pytest.raises(ValueError, match="smaller than vocab_size=33"):
+        VOCAB_ROWS.to_hf(make_arch(vocab_size=33), torch.zeros(32, 16))
 
 
 # ---------------------------------------------------------------------------------------------

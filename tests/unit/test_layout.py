@@ -7,7 +7,13 @@ import dataclasses
 import pytest
 
 from megatron_spin.spec.arch import ModelArch
-from megatron_spin.parallel.layout import LayoutError, ParallelLayout, validate_layout
+from megatron_spin.parallel.layout import (
+    VOCAB_PAD_MULTIPLE,
+    LayoutError,
+    ParallelLayout,
+    padded_vocab_size,
+    validate_layout,
+)
 from tests.conftest import make_arch
 
 # SmolLM2-135M (DESIGN.md): 30 layers, hidden 576, 9 heads, 3 KV heads, vocab 49152.
@@ -63,9 +69,25 @@ def test_intermediate_size_rule():
     _violates(make_arch(ffn_hidden_size=90), ParallelLayout(tp=4), "intermediate_size % TP")
 
 
-def test_vocab_rule():
-    msg = _violates(make_arch(vocab_size=250), ParallelLayout(tp=4), "vocab_size % TP")
-    assert "vocab_size=250" in msg
+def test_any_vocab_at_any_tp():
+    # 32,000 tokens plus one added special token: padded, not refused.
+    for tp in (1, 2, 4):
+        validate_layout(make_arch(vocab_size=32001), ParallelLayout(tp=tp))
+
+
+@pytest.mark.parametrize("vocab,tp,padded", [
+    (32000, 1, 32000), (32000, 2, 32000), (32000, 4, 32000),  # divisible: unchanged (bit-identical GEMMs)
+    (49152, 3, 49152), (151936, 8, 151936),
+    (32001, 1, 32001),                                        # TP=1 divides everything
+    (32001, 2, 32256), (32001, 4, 32256), (32001, 8, 32768),  # Megatron-LM: multiple of 128·TP
+    (250, 4, 512), (257, 2, 512), (7, 3, 384),
+])
+def test_padded_vocab_size(vocab, tp, padded):
+    got = padded_vocab_size(vocab, tp)
+    assert got == padded
+    assert got >= vocab and got % tp == 0
+    if vocab % tp:
+        assert (got // tp) % VOCAB_PAD_MULTIPLE == 0  # each rank's shard stays GEMM-aligned
 
 
 def test_layers_pp_rule():
