@@ -38,14 +38,16 @@ def make_arch(**overrides):
 
 
 def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: int = 2, seed: int = 0,
-                 vocab_size: int = 256, hidden_size: int = 64, dtype: torch.dtype = torch.float32) -> Path:
-    """A random HF model with GQA (4 heads, 2 KV heads) saved as safetensors (head_dim = hidden/4)."""
+                 vocab_size: int = 256, hidden_size: int = 64, dtype: torch.dtype = torch.float32,
+                 kv_heads: int = 2) -> Path:
+    """A random HF model with GQA (4 heads, 2 KV heads) saved as safetensors (head_dim = hidden/4).
+    ``kv_heads=4`` makes it multi-head (TP=4 needs 4 KV heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     common = dict(
         hidden_size=hidden_size, intermediate_size=hidden_size * 3 // 2, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
+        num_key_value_heads=kv_heads, vocab_size=vocab_size, max_position_embeddings=128,
         tie_word_embeddings=tied, rms_norm_eps=1e-5,
     )
     if family == "llama":
