@@ -3,7 +3,9 @@
 Megatron's ``GPTModel.forward(..., labels=...)`` returns the per-token cross entropy computed
 with the vocab-parallel log-softmax (each TP rank holds ``V / TP`` logits; only max and
 sum-exp are all-reduced), so the full-vocabulary logits never exist on any rank.  Log-probs
-are minus that cross entropy.  Only the last pipeline stage has them.
+are minus that cross entropy.  Only the last pipeline stage has them.  A vocabulary padded for
+TP (``parallel.layout.padded_vocab_size``) has its padded logits set to -inf by the model itself
+(``models/vocab_padding.py``), so they add exp(-inf) = 0 to the sum-exp: HF's log-probs exactly.
 
 Shift convention: ``labels[:, t] = tokens[:, t + 1]`` and ``loss_mask[:, t] = 1`` iff token
 ``t + 1`` is a response token, so masked positions are exactly the response predictions.

@@ -40,6 +40,7 @@ TPS = (2, 4)
 MODELS = {"llama-untied": ("llama", False), "qwen2-tied": ("qwen2", True)}
 TABLES = ("word_embeddings.weight", "output_layer.weight")
 LOGIT_TOL = 1e-5  # fp32
+PUSHED = ("llama-untied", 2)  # its trained weights are pushed to an engine holding the original
 
 
 def _ids() -> torch.Tensor:
@@ -107,6 +108,8 @@ def _odd_vocab_jobs(rank, world_size, ckpts, ids, batch, out_root):
             ref_logps = ref.logps(mbs)
             losses = [actor.train_step(mbs, ref_logps)["loss"] for _ in range(2)]
             trained = _padded_rows(actor.modules, arch, pctx)
+            if (name, tp) == PUSHED:  # a model the engine does not hold yet, for the push test
+                publish_model_checkpoint(actor.modules, f"{out_root}/{name}-tp{tp}-trained", source_dir=ckpt)
             one = pctx.tp_rank == 0 and pctx.dp_rank == 0  # big results: one copy comes back
             out[(name, tp)] = dict(tp_rank=pctx.tp_rank, dp_rank=pctx.dp_rank, rows=rows, trained=trained,
                                    logits=logits if one else None, logps=logps if one else None,
@@ -126,7 +129,7 @@ def odd(tmp_path_factory):
         convert_hf_to_megatron(hf[name], ckpts[name], log=lambda *_: None)
     batch = collate_pairs(_pairs(), pad_id=0)
     per_rank = launch(_odd_vocab_jobs, 4, (ckpts, _ids(), batch, str(root / "saved")), timeout=LAUNCH_TIMEOUT)
-    return root, hf, batch, per_rank
+    return root, hf, batch, per_rank, ckpts
 
 
 def _first(per_rank, key, field):
@@ -137,7 +140,7 @@ def _first(per_rank, key, field):
 @pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("model", list(MODELS))
 def test_logits_on_the_real_rows_equal_hf(odd, model, tp):
-    root, hf, _, per_rank = odd
+    root, hf, _, per_rank, _ = odd
     ids = _ids()
     got = _first(per_rank, (model, tp), "logits")
     ref = hf_logits(hf[model], ids)
@@ -153,7 +156,7 @@ def test_logits_on_the_real_rows_equal_hf(odd, model, tp):
 def test_train_path_logprobs_equal_hf_log_softmax(odd, model, tp):
     """Megatron's vocab-parallel cross entropy over the padded shards gives HF's log-probs:
     unmasked zero-logit padding would shift each token by ~log(1 + 255/32001) ~ 8e-3."""
-    root, hf, batch, per_rank = odd
+    root, hf, batch, per_rank, _ = odd
     ref = torch.log_softmax(hf_logits(hf[model], batch.tokens).double(), dim=-1)
     labels = batch.tokens[:, 1:]
     token_ref = ref[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [n, S-1]
@@ -167,7 +170,7 @@ def test_train_path_logprobs_equal_hf_log_softmax(odd, model, tp):
 @pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("model", list(MODELS))
 def test_padded_rows_load_as_zero_and_never_move(odd, model, tp):
-    root, hf, _, per_rank = odd
+    root, hf, _, per_rank, _ = odd
     padded = padded_vocab_size(VOCAB, tp)
     tables = ("word_embeddings.weight",) if MODELS[model][1] else TABLES
     for table in tables:
@@ -184,7 +187,7 @@ def test_padded_rows_load_as_zero_and_never_move(odd, model, tp):
 @pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("model", list(MODELS))
 def test_round_trip_through_a_padded_checkpoint_is_bit_exact(odd, model, tp, tmp_path):
-    root, hf, _, per_rank = odd
+    root, hf, _, per_rank, _ = odd
     saved = root / "saved" / f"{model}-tp{tp}"
     stored = read_dcp_metadata(saved).state_dict_metadata["embedding.word_embeddings.weight"].size
     assert tuple(stored) == (padded_vocab_size(VOCAB, tp), 32)  # the checkpoint holds the padding
@@ -235,18 +238,15 @@ def _push_jobs(rank, world_size, url, jobs, disk_dir):
     return results
 
 
-def test_push_of_an_odd_vocabulary_actor_reaches_the_engine_in_its_true_shape(tmp_path):
+def test_push_of_an_odd_vocabulary_actor_reaches_the_engine_in_its_true_shape(odd, tmp_path):
     from tests.dist.test_weight_sync import API_KEY
 
-    hf = [make_tiny_hf(tmp_path / f"hf{s}", "llama", tied=False, layers=2, hidden_size=32, vocab_size=VOCAB,
-                       kv_heads=4, seed=s) for s in (0, 1)]
-    mcore = []
-    for s in (0, 1):
-        convert_hf_to_megatron(hf[s], tmp_path / f"mcore{s}", log=lambda *_: None)
-        mcore.append(str(tmp_path / f"mcore{s}"))
-    # The engine starts from model 0; each push changes its weights (1, then back to 0).
-    jobs = [("tensor", mcore[1]), ("distributed", mcore[0])]
-    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "engine.log", threads=1,
+    root, hf, _, _, ckpts = odd
+    model, tp = PUSHED
+    trained = str(root / "saved" / f"{model}-tp{tp}-trained")
+    # The engine starts from the original model; each push changes its weights (trained, then back).
+    jobs = [("tensor", trained), ("distributed", ckpts[model])]
+    with launch_embedded(hf[model], api_key=API_KEY, log_path=tmp_path / "engine.log", threads=1,
                          device_ids=["cpu:0"]) as engine:
         results = launch(_push_jobs, 2, (engine.url, jobs, str(tmp_path / "weights")), timeout=LAUNCH_TIMEOUT)[0]
     for r in results:

@@ -1,9 +1,9 @@
 """The planner's per-rank parameter counts equal what Megatron-core actually allocates.
 
 Real GPTModels (the repo's builder, on the meta device: shapes only, no memory) for tiny
-Llama and Qwen2 architectures, tied and untied, at TP1/PP1, TP2/PP1, TP1/PP2, TP2/PP2 and
-PP2×VPP2, all in one 4-rank gloo launch (smaller layouts use data parallelism over the spare
-ranks).  Every rank compares ``sum(p.numel())`` over its chunks with
+Llama and Qwen2 architectures, tied and untied, two with a vocabulary TP=2 does not divide
+(padded), at TP1/PP1, TP2/PP1, TP1/PP2, TP2/PP2 and PP2×VPP2, all in one 4-rank gloo launch
+(smaller layouts use data parallelism over the spare ranks).  Every rank compares ``sum(p.numel())`` over its chunks with
 ``plan.params.rank_params`` for its pipeline stage.
 """
 
@@ -30,6 +30,9 @@ ARCHS = {
     "qwen2-tied": make_arch(family="qwen2", hf_architecture="Qwen2ForCausalLM", qkv_bias=True,
                             tie_word_embeddings=True),
     "mha-untied": make_arch(num_kv_heads=8, ffn_hidden_size=128),
+    # 257 tokens: padded to 512 rows at TP=2 (embedding and output layer both count the padding)
+    "oddvocab-untied": make_arch(vocab_size=257),
+    "oddvocab-tied": make_arch(vocab_size=257, tie_word_embeddings=True),
 }
 
 
@@ -76,3 +79,14 @@ def test_stages_sum_to_the_model_when_untied(counts):
         replicated = 2 * arch.hidden_size * arch.num_layers + arch.hidden_size  # norms, held by every TP rank
         sharded = sum(seen.values()) - replicated * (layout.tp - 1)
         assert sharded == model_params(arch), lname
+
+
+def test_padded_vocabulary_adds_exactly_the_padded_rows(counts):
+    """257 tokens at TP=2: Megatron allocates 512 - 257 = 255 extra rows per vocabulary table."""
+    odd, even = ARCHS["oddvocab-untied"], ARCHS["llama-untied"]
+    for per_rank in counts:
+        pp_rank, tp_rank, actual, _ = per_rank[("oddvocab-untied", "tp2pp1")]
+        _, _, base, _ = per_rank[("llama-untied", "tp2pp1")]
+        # two tables (embedding, output layer), each 512 rows over 2 ranks instead of 256
+        assert actual - base == 2 * (512 - 256) // 2 * odd.hidden_size, (actual, base)
+    assert even.vocab_size == 256
