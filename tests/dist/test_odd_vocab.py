@@ -108,12 +108,15 @@ def _odd_vocab_jobs(rank, world_size, ckpts, ids, batch, out_root):
             ref_logps = ref.logps(mbs)
             losses = [actor.train_step(mbs, ref_logps)["loss"] for _ in range(2)]
             trained = _padded_rows(actor.modules, arch, pctx)
+            # Through the DDP wrapper (as the push probe calls it) the logits are cut to V too.
+            wrapped = forward_logits(actor.modules, pctx, ids)
             if (name, tp) == PUSHED:  # a model the engine does not hold yet, for the push test
                 publish_model_checkpoint(actor.modules, f"{out_root}/{name}-tp{tp}-trained", source_dir=ckpt)
             one = pctx.tp_rank == 0 and pctx.dp_rank == 0  # big results: one copy comes back
             out[(name, tp)] = dict(tp_rank=pctx.tp_rank, dp_rank=pctx.dp_rank, rows=rows, trained=trained,
                                    logits=logits if one else None, logps=logps if one else None,
-                                   gathered=gathered if one else None, losses=losses)
+                                   gathered=gathered if one else None, losses=losses,
+                                   wrapped_shape=tuple(wrapped.shape) if one else None)
             destroy_parallel()
     return out
 
@@ -182,6 +185,7 @@ def test_padded_rows_load_as_zero_and_never_move(odd, model, tp):
         assert any(r["rows"][table][2] != r["trained"][table][2] for r in replica), table
     losses = _first(per_rank, (model, tp), "losses")
     assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert _first(per_rank, (model, tp), "wrapped_shape") == (2, 12, VOCAB)
 
 
 @pytest.mark.parametrize("tp", TPS)
