@@ -3,7 +3,8 @@
 The HF model (``transformers``, fp32, eager attention) and the Megatron model loaded from a
 dist checkpoint at a given TP × PP (× VPP) layout, launched across TP·PP processes, run the
 same token batch; the result is the max absolute logit difference and the max per-token
-log-prob difference of next-token log-probs.
+log-prob difference of next-token log-probs.  A vocabulary padded for TP is compared on its real
+rows: ``forward_logits`` returns ``[b, s, V]`` (the padded ids are masked and cut off).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ TP=2 and TP=4 (DP over the spare ranks):
 
   * logits on the real rows equal HF's (fp32, <= 1e-5), with the added token among the inputs;
   * the train path's vocab-parallel response log-probs equal HF's log_softmax;
-  * the padded rows load as zeros, and stay exactly zero through Adam updates with weight decay;
+  * the padded rows load as zeros (and are zeroed after random initialisation), and stay exactly
+    zero through Adam updates with weight decay;
   * HF -> Megatron -> (a checkpoint saved at TP, stored padded) -> HF is bit-exact, and the live
     gather the weight push uses yields HF's tensors bit-exactly, in their true shape.
 
@@ -96,6 +97,7 @@ def _odd_vocab_jobs(rank, world_size, ckpts, ids, batch, out_root):
             chunks = build_model(arch, pctx, init_weights=False)
             load_model_weights(chunks, ckpt)
             rows = _padded_rows(chunks, arch, pctx)
+            fresh = _padded_rows(build_model(arch, pctx), arch, pctx)  # randomly initialised
             logits = forward_logits(chunks, pctx, ids)
             logps = forward_logps(chunks, batch.split_micro_batches(batch.num_pairs))
             gathered = {k: v.clone() for k, v in iter_hf_weights(chunks, arch, pctx)}
@@ -113,7 +115,7 @@ def _odd_vocab_jobs(rank, world_size, ckpts, ids, batch, out_root):
             if (name, tp) == PUSHED:  # a model the engine does not hold yet, for the push test
                 publish_model_checkpoint(actor.modules, f"{out_root}/{name}-tp{tp}-trained", source_dir=ckpt)
             one = pctx.tp_rank == 0 and pctx.dp_rank == 0  # big results: one copy comes back
-            out[(name, tp)] = dict(tp_rank=pctx.tp_rank, dp_rank=pctx.dp_rank, rows=rows, trained=trained,
+            out[(name, tp)] = dict(tp_rank=pctx.tp_rank, dp_rank=pctx.dp_rank, rows=rows, trained=trained, fresh=fresh,
                                    logits=logits if one else None, logps=logps if one else None,
                                    gathered=gathered if one else None, losses=losses,
                                    wrapped_shape=tuple(wrapped.shape) if one else None)
@@ -181,6 +183,7 @@ def test_padded_rows_load_as_zero_and_never_move(odd, model, tp):
         replica = [r[(model, tp)] for r in per_rank if r[(model, tp)]["dp_rank"] == 0]
         assert sum(r["rows"][table][0] for r in replica) == padded - VOCAB
         assert all(r["rows"][table][1] == 0.0 and r["trained"][table][1] == 0.0 for r in replica), table
+        assert all(r["fresh"][table][1] == 0.0 and r["fresh"][table][2] != 0.0 for r in replica), table
         # The real rows did train (the check is not vacuous).
         assert any(r["rows"][table][2] != r["trained"][table][2] for r in replica), table
     losses = _first(per_rank, (model, tp), "losses")
