@@ -25,8 +25,10 @@ from typing import Callable, Optional
 
 from megatron_spin import packaged
 from megatron_spin.ckpt import run_state
-from megatron_spin.ckpt.metadata import HF_SUBDIR, SPIN_METADATA
+from megatron_spin.ckpt.metadata import HF_SUBDIR, SPIN_METADATA, copy_identity
 from megatron_spin.convert.pipeline import convert_megatron_to_hf
+from megatron_spin.convert.prepare import locate_model
+from megatron_spin.errors import ConfigError
 
 EXPORT_STAMP = "megatron_spin_export.json"
 
@@ -71,11 +73,13 @@ def resolve_servable(path: str, *, export_dir: Optional[str] = None, log: Callab
 
 
 def _export(megatron_dir: Path, name: str, out: Path, log: Callable[[str], None]) -> Servable:
-    if not (megatron_dir / SPIN_METADATA).exists() or not (megatron_dir / HF_SUBDIR / "config.json").exists():
+    if not _has_identity(megatron_dir):
+        _restore_identity(megatron_dir, log)
+    if not _has_identity(megatron_dir):
         raise NotServable(f"{megatron_dir}: the weights carry no model identity ({SPIN_METADATA} and "
-                          f"{HF_SUBDIR}/config.json); checkpoints written before megatron_spin 0.1.0 lack it — "
-                          "export with tools/convert_megatron_to_hf.py after copying both from the run's "
-                          "converted model")
+                          f"{HF_SUBDIR}/config.json), and the model its run started from is not there to copy them "
+                          "from: copy both from the run's converted model (its actor_rollout_ref.model.megatron_dir, "
+                          "or the cache) into it")
     stamp = _stamp(megatron_dir)
     if (out / EXPORT_STAMP).exists() and json.loads((out / EXPORT_STAMP).read_text()) == stamp:
         log(f"[serve] {out}: exported before from {megatron_dir}, unchanged since")
@@ -85,6 +89,27 @@ def _export(megatron_dir: Path, name: str, out: Path, log: Callable[[str], None]
     tmp.write_text(json.dumps(stamp))
     os.replace(tmp, out / EXPORT_STAMP)  # last: an export without it is redone
     return Servable(out, name, str(megatron_dir))
+
+
+def _has_identity(megatron_dir: Path) -> bool:
+    return (megatron_dir / SPIN_METADATA).exists() and (megatron_dir / HF_SUBDIR / "config.json").exists()
+
+
+def _restore_identity(actor_dir: Path, log: Callable[[str], None]) -> None:
+    """A checkpoint saved before its ``actor/`` carried the model's identity: copy it from the
+    converted model its run started from (the run's ``config.json`` names it), if that is still
+    there.  Adds two small entries to the checkpoint; the weights are not touched."""
+    run = actor_dir.resolve().parent.parent.parent  # RUN/checkpoints/step_N/actor
+    if actor_dir.name != run_state.ACTOR_SUBDIR or not (run / "config.json").exists():
+        return
+    model = json.loads((run / "config.json").read_text()).get("actor_rollout_ref", {}).get("model", {})
+    try:
+        source = locate_model(str(model.get("path")), model.get("megatron_dir")).megatron_dir
+    except (ConfigError, FileNotFoundError):
+        return
+    if _has_identity(source):
+        log(f"[serve] {actor_dir}: saved without the model's identity; copying it from {source}")
+        copy_identity(source, actor_dir)
 
 
 def _stamp(megatron_dir: Path) -> dict:

@@ -52,3 +52,25 @@ def test_auto_engine_is_sglang_only_with_cuda_and_sglang():
     gpu = torch.cuda.is_available() and importlib.util.find_spec("sglang") is not None
     assert choose_engine("auto") == (EngineKind.SGLANG if gpu else EngineKind.EMBEDDED)
     assert choose_engine("sglang") == EngineKind.SGLANG
+
+
+def test_a_checkpoint_saved_without_identity_gets_it_from_the_model_its_run_started_from(tmp_path):
+    from megatron_spin.convert.servable import _has_identity, _restore_identity
+
+    hf, source = tmp_path / "hf_model", tmp_path / "converted"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (source / "hf").mkdir(parents=True)
+    for f in ("metadata.json", SPIN_METADATA, "hf/config.json"):
+        (source / f).write_text("{}")
+    run = tmp_path / "run"
+    actor = run_state.checkpoints_root(run) / "step_00000002" / run_state.ACTOR_SUBDIR
+    actor.mkdir(parents=True)
+    (actor / "metadata.json").write_text("{}")
+    logged = []
+    _restore_identity(actor, logged.append)  # no config.json: not a run's checkpoint, nothing copied
+    assert not _has_identity(actor) and not logged
+    (run / "config.json").write_text(json.dumps({"actor_rollout_ref": {"model": {"path": str(hf),
+                                                                                 "megatron_dir": str(source)}}}))
+    _restore_identity(actor, logged.append)
+    assert _has_identity(actor) and str(source) in logged[0]
