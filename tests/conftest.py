@@ -39,10 +39,12 @@ def make_arch(**overrides):
 
 def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: int = 2, seed: int = 0,
                  vocab_size: int = 256, hidden_size: int = 64, dtype: torch.dtype = torch.float32,
-                 kv_heads: int = 2) -> Path:
+                 kv_heads: int = 2, head_dim: int | None = None) -> Path:
     """A random HF model with GQA (4 heads, 2 KV heads) saved as safetensors (head_dim = hidden/4).
-    ``kv_heads=4`` makes it multi-head (TP=4 needs 4 KV heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    ``kv_heads=4`` makes it multi-head (TP=4 needs 4 KV heads).  Qwen3 defaults to
+    head_dim = hidden/2, so that a builder assuming hidden/heads would fail."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(
@@ -54,6 +56,8 @@ def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: i
         model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1000000.0, **common))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(rope_theta=1000000.0, head_dim=head_dim or hidden_size // 2, **common))
     else:
         raise ValueError(family)
     # HF initialises norms to 1 and biases to 0: perturb them so a dropped or swapped

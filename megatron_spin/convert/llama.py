@@ -7,7 +7,8 @@ _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
 
 
-def llama_rules(qkv_bias: bool = False) -> list[Rule]:
+def llama_rules(qkv_bias: bool = False, qk_layernorm: bool = False) -> list[Rule]:
+    """Rules for the Llama layer; Qwen2 adds a QKV bias, Qwen3 per-head q/k RMSNorms."""
     rules = [
         # Vocabulary tables: rows padded for TP (if any) are dropped on the way to HF.
         Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB_ROWS, COLUMN),
@@ -28,6 +29,12 @@ def llama_rules(qkv_bias: bool = False) -> list[Rule]:
                 COLUMN,
             )
         )
+    if qk_layernorm:
+        # One [head_dim] weight shared by every head, so every TP rank holds all of it.
+        rules += [
+            Rule(_L + f"self_attention.{p}_layernorm.weight", (_H + f"self_attn.{p}_norm.weight",), IDENTITY, REPLICATED)
+            for p in "qk"
+        ]
     rules += [
         Rule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), IDENTITY, ROW),
         Rule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), IDENTITY, REPLICATED),

@@ -1,6 +1,6 @@
 """Converter tables: Megatron parameter name ↔ HF tensor names + a named transform.
 
-One table per architecture (``llama.py``, ``qwen2.py``) serves every path that moves
+One table per architecture (``llama.py``, ``qwen2.py``, ``qwen3.py``) serves every path that moves
 weights between the two worlds: the checkpoint tools, the rollout weight sync and the
 tests.  Names on the Megatron side are the *local-spec* parameter names with global layer
 indices at TP=1 (``decoder.layers.3.self_attention.linear_qkv.weight``); TE-spec names

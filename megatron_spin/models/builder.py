@@ -60,6 +60,7 @@ def build_transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=arch.initializer_range,
@@ -88,13 +89,14 @@ def build_transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def build_layer_spec(plat: Optional[platform.Platform] = None):
+def build_layer_spec(plat: Optional[platform.Platform] = None, *, qk_layernorm: bool = False):
+    """The layer spec; ``qk_layernorm`` adds the per-head query/key RMSNorm (Qwen3)."""
     plat = plat or platform.current()
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if plat.has_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
 
 
 def build_model(
@@ -121,7 +123,7 @@ def build_model(
     plat = platform.prepare_megatron()
     config = build_transformer_config(arch, pctx.layout, precision, recompute=recompute)
     config.perform_initialization = init_weights
-    spec = build_layer_spec(plat)
+    spec = build_layer_spec(plat, qk_layernorm=arch.qk_layernorm)
     chunks = []
     vpp = pctx.layout.chunks_per_rank
     device = plat.local_device()

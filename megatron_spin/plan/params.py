@@ -4,6 +4,7 @@ Per transformer layer (h hidden, a heads, g KV heads, d head dim, f FFN size, TP
 
     input RMSNorm            h                      (replicated over TP)
     linear_qkv               (a + 2g)·d·h / t       (+ (a + 2g)·d / t bias for Qwen2)
+    q/k RMSNorm (Qwen3)      2·d                    (replicated over TP)
     linear_proj              h·a·d / t              (no bias: add_bias_linear=False)
     pre-MLP RMSNorm          h
     linear_fc1 (gate ‖ up)   2·f·h / t              (SwiGLU)
@@ -30,7 +31,8 @@ def layer_params(arch: ModelArch, tp: int = 1) -> int:
     qkv_out = (arch.num_attention_heads + 2 * arch.num_kv_heads) * d
     attn = qkv_out * h // tp + (qkv_out // tp if arch.qkv_bias else 0) + h * arch.num_attention_heads * d // tp
     mlp = 3 * f * h // tp
-    return attn + mlp + 2 * h  # two RMSNorm weights
+    qk_norms = 2 * d if arch.qk_layernorm else 0
+    return attn + mlp + 2 * h + qk_norms  # two RMSNorm weights
 
 
 def embedding_params(arch: ModelArch, tp: int = 1) -> int:

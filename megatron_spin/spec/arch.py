@@ -23,8 +23,12 @@ _FAMILIES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_DEFAULT_ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Families whose configs default ``use_sliding_window`` to false (the window size is then ignored).
+_SLIDING_WINDOW_OPT_IN = {"qwen2", "qwen3"}
 
 # Megatron-core's Llama-3 RoPE scaling hard-codes these (rotary_pos_embedding._apply_scaling);
 # only the factor is a parameter.
@@ -37,7 +41,7 @@ _LLAMA3_ROPE_FIXED = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelArch:
-    family: str  # "llama" | "qwen2"
+    family: str  # "llama" | "qwen2" | "qwen3"
     hf_architecture: str
     num_layers: int
     hidden_size: int
@@ -53,6 +57,8 @@ class ModelArch:
     tie_word_embeddings: bool
     qkv_bias: bool
     initializer_range: float = 0.02
+    # Qwen3: an RMSNorm over head_dim applied to each query and key head before RoPE.
+    qk_layernorm: bool = False
 
     @property
     def heads_per_group(self) -> int:
@@ -86,16 +92,24 @@ def arch_from_hf_config(cfg: Mapping[str, Any], source: str = "config") -> Model
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
-    if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", family != "qwen2"):
+    if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", family not in _SLIDING_WINDOW_OPT_IN):
         raise UnsupportedModelError(
             f"{source}: sliding_window={cfg['sliding_window']} attention is not supported"
+        )
+    # transformers 5 lists each layer's attention kind; anything but full causal attention
+    # (sliding-window layers of Qwen2/Qwen3 above max_window_layers) Megatron would not reproduce.
+    other_layers = sorted({t for t in cfg.get("layer_types") or [] if t != "full_attention"})
+    if other_layers:
+        raise UnsupportedModelError(
+            f"{source}: layer_types contains {', '.join(map(repr, other_layers))}; "
+            "only 'full_attention' layers are supported"
         )
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: attention_bias / mlp_bias are not supported")
     rope_theta, factor = _rope(cfg, source)
     return ModelArch(
         family=family,
-        hf_architecture=arch_name or {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family],
+        hf_architecture=arch_name or _DEFAULT_ARCHITECTURE[family],
         num_layers=int(_get(cfg, "num_hidden_layers", source)),
         hidden_size=hidden,
         ffn_hidden_size=int(_get(cfg, "intermediate_size", source)),
@@ -110,6 +124,7 @@ def arch_from_hf_config(cfg: Mapping[str, Any], source: str = "config") -> Model
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",
         initializer_range=float(cfg.get("initializer_range") or 0.02),
+        qk_layernorm=family == "qwen3",
     )
 
 

@@ -26,7 +26,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
-@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True), ("qwen3", False)])
 def test_roundtrip_is_bit_exact_in_bf16(tmp_path, family, tied):
     hf = make_tiny_hf(tmp_path / "hf", family, tied)
     # Store the source in bf16 so that a silent fp32 detour would show up as a dtype change.

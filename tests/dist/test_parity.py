@@ -29,6 +29,9 @@ MODELS = {
     "llama-tied": ("llama", True),
     "qwen2-untied": ("qwen2", False),
     "qwen2-tied": ("qwen2", True),
+    # head_dim 32 != hidden 64 / 4 heads; per-head q/k RMSNorm before RoPE.
+    "qwen3-untied": ("qwen3", False),
+    "qwen3-tied": ("qwen3", True),
 }
 
 

@@ -1,7 +1,7 @@
 """The planner's per-rank parameter counts equal what Megatron-core actually allocates.
 
 Real GPTModels (the repo's builder, on the meta device: shapes only, no memory) for tiny
-Llama and Qwen2 architectures, tied and untied, two with a vocabulary TP=2 does not divide
+Llama, Qwen2 and Qwen3 architectures, tied and untied, two with a vocabulary TP=2 does not divide
 (padded), at TP1/PP1, TP2/PP1, TP1/PP2, TP2/PP2 and PP2×VPP2, all in one 4-rank gloo launch
 (smaller layouts use data parallelism over the spare ranks).  Every rank compares ``sum(p.numel())`` over its chunks with
 ``plan.params.rank_params`` for its pipeline stage.
@@ -29,6 +29,8 @@ ARCHS = {
     "llama-tied": make_arch(tie_word_embeddings=True),
     "qwen2-tied": make_arch(family="qwen2", hf_architecture="Qwen2ForCausalLM", qkv_bias=True,
                             tie_word_embeddings=True),
+    # per-head q/k norms (replicated over TP), head_dim 16 != hidden 64 / 8 heads
+    "qwen3-untied": make_arch(family="qwen3", hf_architecture="Qwen3ForCausalLM", qk_layernorm=True, head_dim=16),
     "mha-untied": make_arch(num_kv_heads=8, ffn_hidden_size=128),
     # 257 tokens: padded to 512 rows at TP=2 (embedding and output layer both count the padding)
     "oddvocab-untied": make_arch(vocab_size=257),

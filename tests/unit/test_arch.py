@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from megatron_spin.spec.arch import ModelArch, UnsupportedModelError, arch_from_hf_config, arch_from_hf_dir
 
@@ -79,6 +79,22 @@ def test_qwen2_fields():
     assert (arch.num_attention_heads, arch.num_kv_heads, arch.head_dim) == (4, 2, 8)
 
 
+def test_qwen3_fields():
+    # head_dim 16 != hidden 32 / 4 heads: Qwen3 states it explicitly.
+    cfg = Qwen3Config(**SHAPE, head_dim=16, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True).to_dict()
+    arch = arch_from_hf_config(cfg)
+    assert (arch.family, arch.hf_architecture) == ("qwen3", "Qwen3ForCausalLM")
+    assert arch.qk_layernorm is True and arch.qkv_bias is False
+    assert (arch.num_attention_heads, arch.num_kv_heads, arch.head_dim) == (4, 2, 16)
+    assert (arch.rope_theta, arch.norm_eps, arch.tie_word_embeddings) == (1000000.0, 1e-6, True)
+    assert arch_from_hf_config(Qwen3Config(**SHAPE, tie_word_embeddings=False).to_dict()).tie_word_embeddings is False
+
+
+def test_qk_layernorm_only_for_qwen3():
+    assert arch_from_hf_config(llama()).qk_layernorm is False
+    assert arch_from_hf_config(Qwen2Config(**SHAPE).to_dict()).qk_layernorm is False
+
+
 def test_qwen2_sliding_window_ignored_when_not_used():
     # HF only applies Qwen2's sliding window when use_sliding_window is true.
     cfg = Qwen2Config(**SHAPE).to_dict()
@@ -148,6 +164,21 @@ def test_rejects_mistral_sliding_window():
 def test_rejects_qwen2_with_sliding_window_enabled():
     cfg = Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=64).to_dict()
     _rejects(cfg, "sliding_window")
+
+
+def test_rejects_qwen3_with_sliding_window_enabled():
+    cfg = Qwen3Config(**SHAPE, use_sliding_window=True, sliding_window=64).to_dict()
+    _rejects(cfg, "sliding_window", "64")
+
+
+def test_rejects_sliding_attention_layers():
+    cfg = Qwen3Config(**SHAPE).to_dict()
+    cfg["layer_types"] = ["full_attention", "sliding_attention", "full_attention"]
+    _rejects(cfg, "layer_types", "sliding_attention")
+
+
+def test_rejects_qwen3_attention_bias():
+    _rejects(Qwen3Config(**SHAPE, attention_bias=True).to_dict(), "attention_bias")
 
 
 def test_rejects_attention_bias():

@@ -7,11 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from megatron_spin.convert import ConverterTable, Param, canonical_name, converter_for
 from megatron_spin.convert.llama import LLAMA
 from megatron_spin.convert.qwen2 import QWEN2
+from megatron_spin.convert.qwen3 import QWEN3
 from megatron_spin.convert.table import COLUMN, REPLICATED, ROW
 from megatron_spin.convert.transforms import FUSED_GATE_UP, FUSED_QKV, IDENTITY, VOCAB_ROWS
 from megatron_spin.parallel.layout import padded_vocab_size
@@ -207,16 +208,19 @@ def tiny_hf(family: str, tied: bool):
     if family == "llama":
         cfg = LlamaConfig(**common)
         model = LlamaForCausalLM(cfg)
-    else:
+    elif family == "qwen2":
         cfg = Qwen2Config(**common)
         model = Qwen2ForCausalLM(cfg)
+    else:  # head_dim 16 != hidden 32 / 4 heads
+        cfg = Qwen3Config(head_dim=16, **common)
+        model = Qwen3ForCausalLM(cfg)
     with torch.no_grad():  # biases start at zero and norms at one: make every tensor distinct
         for p in model.parameters():
             p.add_(torch.randn_like(p))
     return arch_from_hf_config(cfg.to_dict()), model.state_dict()
 
 
-CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]
+CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("qwen3", False), ("qwen3", True)]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{'tied' if t else 'untied'}" for f, t in CASES])
@@ -227,6 +231,7 @@ def hf_model(request):
 def test_converter_for_family():
     assert converter_for(make_arch(family="llama")) is LLAMA
     assert converter_for(make_arch(family="qwen2", qkv_bias=True)) is QWEN2
+    assert converter_for(make_arch(family="qwen3", qk_layernorm=True)) is QWEN3
     assert isinstance(LLAMA, ConverterTable)
 
 
@@ -257,7 +262,7 @@ def test_params_order_and_layers(hf_model):
     params = list(converter_for(arch).params(arch))
     assert params[0].megatron == "embedding.word_embeddings.weight"
     per_layer = [p for p in params if p.layer is not None]
-    per_kind = 6 + (1 if arch.qkv_bias else 0)
+    per_kind = 6 + (1 if arch.qkv_bias else 0) + (2 if arch.qk_layernorm else 0)
     assert len(per_layer) == arch.num_layers * per_kind
     assert sorted({p.layer for p in per_layer}) == list(range(arch.num_layers))
     for p in per_layer:
@@ -265,6 +270,8 @@ def test_params_order_and_layers(hf_model):
         assert all(h.startswith(f"model.layers.{p.layer}.") for h in p.hf)
     has_bias = any(p.megatron.endswith("linear_qkv.bias") for p in params)
     assert has_bias is (arch.family == "qwen2")
+    has_qk_norm = any(p.megatron.endswith("q_layernorm.weight") for p in params)
+    assert has_qk_norm is (arch.family == "qwen3")
 
 
 def test_tp_dims():
@@ -283,6 +290,18 @@ def test_tp_dims():
         "decoder.final_layernorm.weight": REPLICATED,
         "output_layer.weight": COLUMN,
     }
+
+
+def test_qwen3_qk_norms_are_replicated_per_head_vectors():
+    """q_norm/k_norm map one-to-one onto Megatron's q/k_layernorm, whole on every TP rank."""
+    arch = make_arch(family="qwen3", qk_layernorm=True, head_dim=16)
+    for x in "qk":
+        p = QWEN3.param(f"decoder.layers.2.self_attention.{x}_layernorm.weight")
+        assert p.hf == (f"model.layers.2.self_attn.{x}_norm.weight",)
+        assert p.rule.tp_dim is REPLICATED and p.rule.transform is IDENTITY
+        with pytest.raises(KeyError):
+            QWEN2.param(f"decoder.layers.2.self_attention.{x}_layernorm.weight")
+    assert not any(p.megatron.endswith("linear_qkv.bias") for p in QWEN3.params(arch))
 
 
 def test_param_lookup_round_trips_every_name(hf_model):
