@@ -193,6 +193,27 @@ def test_push_matches_trainer_logprobs_tp2_pp2_all_transports(checkpoints, tmp_p
     assert results[0]["buckets"] < results[0]["tensors"]
 
 
+def test_push_of_a_qwen3_actor_matches_trainer_logprobs(tmp_path):
+    """Qwen3 (per-head q/k norms, head_dim 32 != hidden 64 / 4 heads, tied) through the same
+    push path into an engine that loads it natively: q/k norms travel replicated, whole."""
+    hf = [make_tiny_hf(tmp_path / f"hf{s}", "qwen3", tied=True, layers=2, seed=s) for s in (0, 1)]
+    mcore = []
+    for s in (0, 1):
+        convert_hf_to_megatron(hf[s], tmp_path / f"mcore{s}", log=lambda *_: None)
+        mcore.append(tmp_path / f"mcore{s}")
+    jobs = [(TP2, "tensor", mcore[1], 64 * 1024), (PP2, "distributed", mcore[0], 64 * 1024)]
+    with launch_embedded(hf[0], api_key=API_KEY, log_path=tmp_path / "engine.log", threads=1,
+                         device_ids=["cpu:0"]) as engine:
+        results = launch(_sync_jobs, 2, ([engine.url], jobs, str(tmp_path / "weights")), timeout=LAUNCH_TIMEOUT)[0]
+    assert [r["version"] for r in results] == ["1", "2"]
+    for r in results:
+        assert min(r["before"].values()) > 1e-2, r  # the push had something to change
+        assert max(r["after"].values()) <= 1e-4, r
+        assert r["sample_gap"] <= 1e-4, r
+        assert r["versions"] == {r["version"]}, r
+        # per layer: norm, q, k, v, q_norm, k_norm, o, norm, gate, up, down; embed, final norm (tied: no lm_head)
+        assert r["tensors"] == 2 * 11 + 2, r
+
 def lose_second_bucket(feed):
     """SIMULATED FAULT: a feed that reports its second bucket delivered but never sends it."""
     original, seen = feed._feed_bucket, []
