@@ -111,6 +111,37 @@ def test_update_is_layout_independent(tiny_ckpt, tmp_path):
     assert delta > 1e-4
 
 
+def test_qwen3_update_is_layout_independent(tmp_path):
+    """Qwen3's q/k norm weights are replicated over TP but each rank's copy only sees its own
+    heads: Megatron sums their gradients across TP (finalize_model_grads).  Were that skipped,
+    TP=2's norms would move differently from TP=1's (and the TP ranks' copies would diverge)."""
+    from megatron_spin.convert.pipeline import convert_hf_to_megatron
+    from tests.conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", "qwen3", tied=True, layers=2)
+    ckpt = tmp_path / "mcore"
+    convert_hf_to_megatron(hf, ckpt, log=lambda *_: None)
+    sgd = OptimConfig(optimizer="sgd", lr=0.05, clip_grad=1.0)
+    jobs = [("tp1_dp4", ParallelLayout(1, 1), sgd, 1), ("tp2_dp2", ParallelLayout(2, 1), sgd, 1),
+            ("tp2pp2", ParallelLayout(2, 2), sgd, 1)]
+    batch = collate_pairs(synthetic_pairs(4, seed=0), pad_id=0)
+    per_rank = launch(_train_jobs, 4, (str(ckpt), jobs, batch, str(tmp_path)), timeout=LAUNCH_TIMEOUT)
+    metrics = {k: v for r in per_rank for k, v in r.items()}
+    names = [j[0] for j in jobs]
+    (weights,) = launch(_read_weights, 1, ([str(tmp_path / n) for n in names], str(ckpt)), timeout=LAUNCH_TIMEOUT)
+    weights = dict(zip(names, weights))
+    (before,) = launch(_read_weights, 1, ([str(ckpt)], str(ckpt)), timeout=LAUNCH_TIMEOUT)[0]
+    q_norm = "decoder.layers.1.self_attention.q_layernorm.weight"
+    # The norms did move, by 10× the tolerance below (a TP rank's partial gradient alone would
+    # miss it by about half the step).
+    assert (weights["tp1_dp4"][q_norm] - before[q_norm]).abs().max() > 2e-5
+    for name in names[1:]:
+        for step in range(2):
+            for key in ("loss", "grad_norm"):
+                assert metrics[name][step][key] == pytest.approx(metrics["tp1_dp4"][step][key], rel=1e-5, abs=1e-6)
+        for pname, w in weights["tp1_dp4"].items():
+            torch.testing.assert_close(weights[name][pname], w, rtol=0, atol=2e-6, msg=f"{name}: {pname}")
+
 def _learn(rank, world_size, ckpt, train_batch, held_out, steps):
     from megatron_spin.ckpt.metadata import read_arch
     from megatron_spin.parallel.groups import init_parallel
