@@ -32,7 +32,7 @@ def layer_params(arch: ModelArch, tp: int = 1) -> int:
     attn = qkv_out * h // tp + (qkv_out // tp if arch.qkv_bias else 0) + h * arch.num_attention_heads * d // tp
     mlp = 3 * f * h // tp
     qk_norms = 2 * d if arch.qk_layernorm else 0
-    return attn + mlp + 2 * h + qk_norms  # two RMSNorm weights
+    return attn + mlp + 2 * h + qk_norms  # input and pre-MLP RMSNorm weights, q/k norms
 
 
 def embedding_params(arch: ModelArch, tp: int = 1) -> int:
