@@ -130,7 +130,7 @@ def _wait_for_training(slurm, job, run_dir, tmp_path, seconds=400):
     while not metrics.exists() or '"kind": "train"' not in metrics.read_text():
         assert slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), (tmp_path / "job.out").read_text()
         assert time.monotonic() < deadline, "training never started"
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 @pytest.fixture
