@@ -45,8 +45,8 @@ def _read_all(rank, world_size, arch, ckpts):
 
 
 def _hop_then_read_all(rank, world_size, arch, layout, src, dst, input_ids, ckpts):
-    """The last hop and the read of every checkpoint (``dst`` included, written and closed by
-    then) in one single-rank process: one process start-up less."""
+    """A hop, then a read of every checkpoint (``dst`` included, written and closed by then) by
+    the hop's own ranks (each reads locally, at TP=1): one launch, one process start-up less."""
     return _hop(rank, world_size, arch, layout, src, dst, input_ids), _read_all(rank, world_size, arch, ckpts)
 
 
@@ -83,10 +83,9 @@ def test_converted_checkpoint_loads_and_resaves_at_tp2(tmp_path):
     arch = arch_from_hf_dir(hf)
     convert_hf_to_megatron(hf, tmp_path / "conv", log=lambda *_: None)
     ids = sample_batch(arch.vocab_size, seed=2)
-    launch(_hop, 2, (arch, ParallelLayout(2, 1), str(tmp_path / "conv"), str(tmp_path / "saved"), ids),
-           timeout=LAUNCH_TIMEOUT)
-    w1, w2 = launch(_read_all, 1, (arch, [str(tmp_path / "conv"), str(tmp_path / "saved")]),
-                    timeout=LAUNCH_TIMEOUT)[0]
+    conv, saved = str(tmp_path / "conv"), str(tmp_path / "saved")
+    _, (w1, w2) = launch(_hop_then_read_all, 2, (arch, ParallelLayout(2, 1), conv, saved, ids, [conv, saved]),
+                         timeout=LAUNCH_TIMEOUT)[0]
     assert w1.keys() == w2.keys()
     for name in w1:
         assert torch.equal(w1[name], w2[name]), name
