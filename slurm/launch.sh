@@ -87,6 +87,11 @@ if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" ]]; then
   export RAY_AUTH_TOKEN
 fi
 export PYTHONUNBUFFERED=1
+# Ray's SIGTERM handler first drains its node (for Ray Serve), for up to 30 s, through the GCS.  At
+# teardown, and on scancel, Slurm signals every process of a step at once, the GCS among them, so
+# that drain can only time out: the Ray steps outlive the job script until Slurm's KillWait SIGKILL.
+# Nothing here needs draining: stop at once.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
 say "job $SLURM_JOB_ID: $nnodes node(s) [${nodes[*]}], $gpus GPU(s) and $cpus CPU(s) per node, preset $preset"
 say "run directory $run_dir"
 

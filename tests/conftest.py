@@ -71,8 +71,17 @@ def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: i
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """The packaged SmolLM2-135M-Instruct materialised once per test session."""
+def spin_cache(tmp_path_factory) -> Path:
+    """One ``MEGATRON_SPIN_CACHE`` root for the session's runs and benchmarks: the packaged model is
+    materialised into it once (``smollm2_dir``) and a model a run converts is converted once, on
+    first use (what a user's cache does between runs), instead of once per test."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(spin_cache) -> Path:
+    """The packaged SmolLM2-135M-Instruct materialised once per test session, where
+    ``packaged:smollm2`` finds it under ``spin_cache``."""
     from megatron_spin.packaged import smollm2
 
-    return smollm2.materialize_smollm2(tmp_path_factory.mktemp("packaged") / "smollm2")
+    return smollm2.materialize_smollm2(spin_cache / smollm2.default_dir().name)

@@ -153,7 +153,7 @@ class LocalSlurm:
                 return field.split("=", 1)[1]
         return "UNKNOWN"
 
-    def wait(self, job: str, timeout: float, poll: float = 2.0) -> str:
+    def wait(self, job: str, timeout: float, poll: float = 0.5) -> str:
         """Poll until the job leaves the queue (``sbatch --wait`` polls slowly and reports 0 for a
         cancelled job); return its final JobState, cancelling it if ``timeout`` passes first."""
         deadline = time.monotonic() + timeout

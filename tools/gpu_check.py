@@ -112,7 +112,15 @@ def check_platform(sizes: Sizes) -> dict:
     return out
 
 
-def _parity_rank(rank, world_size, hf_dir, mcore_dir, dtype):
+def _parity_rank(rank, world_size, models):
+    """{dtype: differences} for each (HF dir, Megatron dir, dtype) of ``models``, in one process."""
+    out = {}
+    for hf_dir, mcore_dir, dtype in models:
+        out[dtype] = _parity_one(hf_dir, mcore_dir, dtype)
+    return out
+
+
+def _parity_one(hf_dir, mcore_dir, dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -125,9 +133,12 @@ def _parity_rank(rank, world_size, hf_dir, mcore_dir, dtype):
     from megatron_spin.parallel.layout import ParallelLayout
     from megatron_spin.spec.precision import Precision
 
+    from megatron_spin.parallel.groups import destroy_parallel
+
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
     arch = read_arch(mcore_dir)
     ids = torch.randint(0, arch.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    destroy_parallel()  # a fresh parallel state (and model-parallel RNG) for each model
     pctx = init_parallel(ParallelLayout())
     chunks = build_model(arch, pctx, Precision(dtype), init_weights=False)
     load_model_weights(chunks, mcore_dir)
@@ -144,11 +155,12 @@ def check_parity(sizes: Sizes, work: Path) -> dict:
     from megatron_spin.convert.pipeline import convert_hf_to_megatron
     from megatron_spin.parallel.launch import launch
 
-    out = {}
+    models = []
     for dtype in ("float32", "bfloat16"):
         hf = random_llama(work / f"parity-hf-{dtype}", sizes.parity, dtype)
         convert_hf_to_megatron(hf, work / f"parity-mcore-{dtype}", log=lambda *_: None)
-        (out[dtype],) = launch(_parity_rank, 1, (str(hf), str(work / f"parity-mcore-{dtype}"), dtype), timeout=300)
+        models.append((str(hf), str(work / f"parity-mcore-{dtype}"), dtype))
+    (out,) = launch(_parity_rank, 1, (models,), timeout=600)  # both dtypes in one rank process
     # fp32 on both sides agrees to rounding; bf16 to bf16's 3 significant digits
     out["ok"] = out["float32"]["max_logprob_diff"] <= 1e-3 and out["bfloat16"]["max_logprob_diff"] <= 0.25
     return out

@@ -6,7 +6,12 @@ Megatron-core assumes CUDA in a handful of ways (DESIGN.md, "Facts about the pla
   2. it creates tensors with a literal ``device="cuda"`` (causal mask, schedules, optimizer);
   3. its model-parallel RNG tracker stores CUDA generator states;
   4. optimizers and grad clipping check ``tensor.type()`` strings for ``torch.cuda.*Tensor``;
-  5. tied embeddings under PP move the output weight with ``tensor.cuda()``.
+  5. tied embeddings under PP move the output weight with ``tensor.cuda()``;
+  6. its checkpoint writer starts a *spawn*-context ``multiprocessing`` Manager (a fresh
+     interpreter, ~2.3 s on 2 cores) on a process's first save, for a queue that, in the
+     synchronous saves megatron_spin makes, passes one result back into the same process.
+     Spawn guards CUDA state a fork would copy; without CUDA a fork-context Manager gives the
+     same kind of queue in ~20 ms.
 
 Rather than editing call sites, each megatron module that references the global ``torch`` is
 given a *view* of torch (``_CpuTorchView``) whose ``cuda`` namespace answers with CPU
@@ -23,6 +28,7 @@ import contextlib
 import functools
 import importlib
 import importlib.metadata
+import multiprocessing
 import sys
 import types
 from typing import Any
@@ -230,6 +236,19 @@ def _patch_methods() -> None:
                 modules["megatron.core.optimizer.distrib_optimizer"].DistributedOptimizer, "__init__")
 
 
+def _patch_writer_results_queue(fs_async: types.ModuleType) -> None:
+    """Item 6: the writer's results queue from a fork-context Manager (created once per process,
+    as megatron does; its server is a child forked from the rank, so it dies with it: see
+    :mod:`megatron_spin.lifetime`)."""
+
+    def get_write_results_queue():
+        if fs_async._results_queue is None:
+            fs_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        return fs_async._results_queue
+
+    fs_async._get_write_results_queue = get_write_results_queue
+
+
 _APPLIED = False
 # The releases these patches were written against (module list, method names, the RNG tracker's
 # private hooks).  Another release may have moved any of them: refuse it rather than half-patch.
@@ -274,4 +293,5 @@ def apply() -> None:
             mod.torch = view
     _patch_rng(sys.modules["megatron.core.tensor_parallel.random"])
     _patch_methods()
+    _patch_writer_results_queue(sys.modules["megatron.core.dist_checkpointing.strategies.filesystem_async"])
     _APPLIED = True

@@ -88,9 +88,19 @@ def test_training_state_resumes_bit_exactly(tiny_ckpt, tmp_path):
 
 
 def test_another_layout_is_refused_naming_both(tiny_ckpt, tmp_path):
-    launch(_save_one, 2, (tiny_ckpt, tmp_path / "tp2", ParallelLayout(tp=2)), timeout=LAUNCH_TIMEOUT)
-    errors = launch(_load_one, 2, (tiny_ckpt, tmp_path / "tp2", ParallelLayout(pp=2)), timeout=LAUNCH_TIMEOUT)
+    errors = launch(_save_then_load, 2, (tiny_ckpt, tmp_path / "tp2", ParallelLayout(tp=2), ParallelLayout(pp=2)),
+                    timeout=LAUNCH_TIMEOUT)
     assert all("was saved at {'layout': 'ParallelLayout(tp=2, pp=1, vpp=None)'" in e and "pp=2" in e for e in errors), errors
+
+
+def _save_then_load(rank, world_size, ckpt, where, save_layout, load_layout):
+    """Save at ``save_layout``, then (a fresh parallel state and actor) load at ``load_layout``:
+    the same two ranks, one launch."""
+    from megatron_spin.parallel.groups import destroy_parallel
+
+    _save_one(rank, world_size, ckpt, where, save_layout)
+    destroy_parallel()
+    return _load_one(rank, world_size, ckpt, where, load_layout)
 
 
 def _save_one(rank, world_size, ckpt, where, layout):

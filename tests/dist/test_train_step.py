@@ -76,6 +76,18 @@ def _read_weights(rank, world_size, ckpt_dirs, arch_from):
     return [{p.megatron: t.clone() for p, t in iter_megatron_checkpoint(arch, pctx, d)} for d in ckpt_dirs]
 
 
+def _train_jobs_then_read(rank, world_size, ckpt, jobs, batch, out_root):
+    """``_train_jobs``, then rank 0 reads every saved model back (full TP=1 tensors, from the
+    files): the same ranks, one process start-up less than a separate read launch."""
+    from megatron_spin.parallel.groups import init_parallel
+
+    results = _train_jobs(rank, world_size, ckpt, jobs, batch, out_root)
+    if rank != 0:
+        init_parallel(ParallelLayout())  # collective: rank 0's _read_weights calls it too
+        return results, None
+    return results, _read_weights(rank, world_size, [f"{out_root}/{name}" for name, *_ in jobs], ckpt)
+
+
 def test_update_is_layout_independent(tiny_ckpt, tmp_path):
     sgd = OptimConfig(optimizer="sgd", lr=0.05, clip_grad=1.0)
     adam = OptimConfig(optimizer="adam", lr=1e-3, adam_eps=1e-2, clip_grad=1.0)
@@ -91,11 +103,10 @@ def test_update_is_layout_independent(tiny_ckpt, tmp_path):
         ("adam_distopt_tp2_dp2", ParallelLayout(2, 1), dataclasses.replace(adam, use_distributed_optimizer=True), 1),
     ]
     batch = collate_pairs(synthetic_pairs(4, seed=0), pad_id=0)
-    per_rank = launch(_train_jobs, 4, (str(tiny_ckpt), jobs, batch, str(tmp_path)), timeout=LAUNCH_TIMEOUT)
-    metrics = {k: v for r in per_rank for k, v in r.items()}
+    per_rank = launch(_train_jobs_then_read, 4, (str(tiny_ckpt), jobs, batch, str(tmp_path)), timeout=LAUNCH_TIMEOUT)
+    metrics = {k: v for r, _ in per_rank for k, v in r.items()}
     names = [j[0] for j in jobs]
-    (weights,) = launch(_read_weights, 1, ([str(tmp_path / n) for n in names], str(tiny_ckpt)), timeout=LAUNCH_TIMEOUT)
-    weights = dict(zip(names, weights))
+    weights = dict(zip(names, per_rank[0][1]))
     # The first step starts from actor == reference: loss log 2 exactly, everywhere.
     for name in names:
         assert metrics[name][0]["loss"] == pytest.approx(math.log(2), abs=1e-6), name

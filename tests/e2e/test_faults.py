@@ -37,10 +37,10 @@ def processes_of(marker: str) -> list[str]:
     return found
 
 
-def test_a_rank_killed_inside_a_checkpoint_write_ends_the_run_within_its_timeout(tiny_chat_model, tmp_path):
+def test_a_rank_killed_inside_a_checkpoint_write_ends_the_run_within_its_timeout(tiny_chat_model, spin_cache, tmp_path):
     train, run_dir, marker = write_prompts(tmp_path / "train.jsonl", 12), tmp_path / "run", uuid.uuid4().hex
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests' / 'e2e' / 'faults'}{os.pathsep}{REPO}",
-           "MEGATRON_SPIN_CACHE": str(tmp_path / "cache"), "SPIN_TEST_FAULT": "kill_rank_from_checkpoint_writer",
+           "MEGATRON_SPIN_CACHE": str(spin_cache), "SPIN_TEST_FAULT": "kill_rank_from_checkpoint_writer",
            "SPIN_TEST_RUN": marker}
     cmd = [sys.executable, "-m", "megatron_spin.main", f"actor_rollout_ref.model.path={tiny_chat_model}",
            f"data.train_files=[{train}]", "data.val_files=[]", "data.train_batch_size=4", "data.max_response_length=8",

@@ -61,11 +61,12 @@ def write_prompts(path, n, with_truth=False):
     return path
 
 
-def run_cli(tmp_path, *overrides, env=None):
-    env_cache = tmp_path / "cache"
+def run_cli(tmp_path, *overrides, cache, env=None):
+    """``python -m megatron_spin.main`` in ``tmp_path`` with ``cache`` as its cache (the session's:
+    the tiny model is converted by the first run that needs it and reused by the others)."""
     cmd = [sys.executable, "-m", "megatron_spin.main", *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=800, cwd=tmp_path,
-                          env={**__import__("os").environ, "MEGATRON_SPIN_CACHE": str(env_cache),
+                          env={**__import__("os").environ, "MEGATRON_SPIN_CACHE": str(cache),
                                "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[2]),
                                **(env or {})})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -76,7 +77,7 @@ def records(run_dir, kind):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def test_online_dpo_tp2_from_the_command_line(tiny_chat_model, tmp_path):
+def test_online_dpo_tp2_from_the_command_line(tiny_chat_model, spin_cache, tmp_path):
     train = write_prompts(tmp_path / "train.jsonl", 12)
     val = write_prompts(tmp_path / "val.jsonl", 3)
     run_dir = tmp_path / "run"
@@ -86,7 +87,7 @@ def test_online_dpo_tp2_from_the_command_line(tiny_chat_model, tmp_path):
                    "actor_rollout_ref.actor.micro_pairs=1", "reward_model.type=function",
                    "reward_model.function=tests.e2e.test_online:length_reward", "trainer.total_training_steps=2",
                    "trainer.ref_update_freq=1", "trainer.test_freq=1", "trainer.logger=[console,jsonl,tensorboard]",
-                   f"trainer.default_local_dir={run_dir}", "actor_rollout_ref.actor.optim.lr=1e-4")
+                   f"trainer.default_local_dir={run_dir}", "actor_rollout_ref.actor.optim.lr=1e-4", cache=spin_cache)
     assert "[train step 2]" in done.stdout
     train_steps = records(run_dir, "train")
     assert [r["step"] for r in train_steps] == [1, 2]
@@ -106,14 +107,14 @@ def test_online_dpo_tp2_from_the_command_line(tiny_chat_model, tmp_path):
     assert "held-out reward" in done.stdout
 
 
-def test_spin_from_the_command_line(tiny_chat_model, tmp_path):
+def test_spin_from_the_command_line(tiny_chat_model, spin_cache, tmp_path):
     train = write_prompts(tmp_path / "train.jsonl", 8, with_truth=True)
     run_dir = tmp_path / "spin"
     run_cli(tmp_path, f"actor_rollout_ref.model.path={tiny_chat_model}", f"data.train_files=[{train}]",
             f"data.val_files=[{train}]", "data.val_size=2", "data.train_batch_size=4", "data.max_response_length=16",
             "algorithm.spin=true", "actor_rollout_ref.rollout.n=1", "actor_rollout_ref.actor.micro_pairs=2",
             "reward_model.type=function", "reward_model.function=tests.e2e.test_online:length_reward",
-            "trainer.total_training_steps=2", f"trainer.default_local_dir={run_dir}")
+            "trainer.total_training_steps=2", f"trainer.default_local_dir={run_dir}", cache=spin_cache)
     steps = records(run_dir, "train")
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:  # ground truth vs the policy's own sample: one pair per prompt
@@ -132,7 +133,7 @@ EXACT_KEYS = ("loss", "grad_norm", "logps_chosen", "logps_rejected", "reward/mea
 
 
 @pytest.fixture(scope="module")
-def resume_runs(tiny_chat_model, tmp_path_factory):
+def resume_runs(tiny_chat_model, spin_cache, tmp_path_factory):
     """Four steps straight through, and the same four stopped after step 2 and resumed: (straight, resumed,
     the resuming run's output, (its working directory, its overrides)).  Module-scoped: the report test reads the same two runs (no extra trainer run)."""
     tmp_path = tmp_path_factory.mktemp("resume")
@@ -144,10 +145,12 @@ def resume_runs(tiny_chat_model, tmp_path_factory):
               "actor_rollout_ref.actor.optim.lr=1e-3", "trainer.ref_update_freq=3", "trainer.save_freq=2",
               "actor_rollout_ref.actor.micro_pairs=1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={straight}")
-    run_cli(tmp_path, *common, "trainer.total_training_steps=2", f"trainer.default_local_dir={resumed}")
+    for steps, run_dir in ((4, straight), (2, resumed)):
+        run_cli(tmp_path, *common, f"trainer.total_training_steps={steps}", f"trainer.default_local_dir={run_dir}",
+                cache=spin_cache)
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
-    done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={resumed}")
+    done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={resumed}",
+                   cache=spin_cache)
     return straight, resumed, done, (tmp_path, common)
 
 
@@ -169,7 +172,7 @@ def assert_same_run(straight, resumed, done) -> list[dict]:
     return a
 
 
-def test_a_killed_engine_is_restarted_and_the_run_equals_an_uninterrupted_one(resume_runs):
+def test_a_killed_engine_is_restarted_and_the_run_equals_an_uninterrupted_one(resume_runs, spin_cache):
     """kill -9 of the only engine during step 2: the push after the update finds it gone, starts
     it again on its address, pushes the actor's weights and re-admits it; steps 3 and 4 sample
     from it.  Sampling is seeded, so every metric and the final weights equal the straight run's."""
@@ -178,7 +181,7 @@ def test_a_killed_engine_is_restarted_and_the_run_equals_an_uninterrupted_one(re
     overrides = [o for o in common if not o.startswith("reward_model.function=")]
     done = run_cli(tmp_path, *overrides, "reward_model.function=tests.e2e.test_online:length_reward_killing_the_engine",
                    "trainer.total_training_steps=4", f"trainer.default_local_dir={killed}",
-                   env={"SPIN_TEST_RUN": uuid.uuid4().hex})
+                   cache=spin_cache, env={"SPIN_TEST_RUN": uuid.uuid4().hex})
     assert "engine 0 has exited: restarting it (1/3)" in done.stdout + done.stderr, done.stderr[-3000:]
     a, b = records(straight, "train"), records(killed, "train")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -198,7 +201,7 @@ def test_resume_continues_exactly(resume_runs):
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
 
 
-def test_a_finished_run_started_again_evaluates_its_final_weights(resume_runs):
+def test_a_finished_run_started_again_evaluates_its_final_weights(resume_runs, spin_cache):
     """The final checkpoint is written before the final evaluation, so a crash during that
     evaluation leaves a run at its last step unevaluated: started again, it loads the checkpoint,
     trains nothing and evaluates — the same held-out reward as the straight run's last."""
@@ -208,7 +211,8 @@ def test_a_finished_run_started_again_evaluates_its_final_weights(resume_runs):
     summary = json.loads((again / "summary.json").read_text())
     (again / "summary.json").unlink()
     evals_at_4 = sum(r["step"] == 4 for r in records(again, "eval"))
-    done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={again}")
+    done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={again}",
+                   cache=spin_cache)
     assert "at step 4" in done.stdout
     assert [r["step"] for r in records(again, "train")] == [1, 2, 3, 4]  # nothing trained again
     final = json.loads((again / "summary.json").read_text())
@@ -217,7 +221,7 @@ def test_a_finished_run_started_again_evaluates_its_final_weights(resume_runs):
     assert sum(r["step"] == 4 for r in records(again, "eval")) == evals_at_4 + 1
 
 
-def test_resume_dp2_with_the_distributed_optimizer_continues_exactly(tiny_chat_model, tmp_path):
+def test_resume_dp2_with_the_distributed_optimizer_continues_exactly(tiny_chat_model, spin_cache, tmp_path):
     """Two data-parallel CPU ranks (trainer.cpu_ranks=2), the distributed optimizer (its state
     sharded over DP, saved through its sharded state dict) and a warmup + cosine schedule: 2 steps,
     stop, resume, 2 more equal 4 straight — metrics and every weight, bit for bit."""
@@ -231,9 +235,11 @@ def test_resume_dp2_with_the_distributed_optimizer_continues_exactly(tiny_chat_m
               "actor_rollout_ref.actor.optim.lr_decay_style=cosine", "trainer.save_freq=2",
               "actor_rollout_ref.actor.micro_pairs=1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={straight}")
-    run_cli(tmp_path, *common, "trainer.total_training_steps=2", f"trainer.default_local_dir={resumed}")
-    done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={resumed}")
+    for steps, run_dir in ((4, straight), (2, resumed)):
+        run_cli(tmp_path, *common, f"trainer.total_training_steps={steps}", f"trainer.default_local_dir={run_dir}",
+                cache=spin_cache)
+    done = run_cli(tmp_path, *common, "trainer.total_training_steps=4", f"trainer.default_local_dir={resumed}",
+                   cache=spin_cache)
     a = assert_same_run(straight, resumed, done)
     lrs = [r["lr"] for r in a]  # warmup, peak, cosine: a resume one schedule step off would show
     assert all(x != y for x, y in zip(lrs, lrs[1:])), lrs
@@ -270,7 +276,7 @@ def test_report_over_two_runs_renders(resume_runs, tmp_path):
         assert "Slowest rank" in section, section[:1500]
 
 
-def test_joins_an_existing_ray_cluster(tiny_chat_model, tmp_path):
+def test_joins_an_existing_ray_cluster(tiny_chat_model, spin_cache, tmp_path):
     """``trainer.ray_address`` joins a running cluster (here a head started with ``ray start``)."""
     import os
     import shutil
@@ -303,13 +309,22 @@ def test_joins_an_existing_ray_cluster(tiny_chat_model, tmp_path):
                        "data.max_response_length=8", "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.actor.micro_pairs=1",
                        "reward_model.type=function", "reward_model.function=tests.e2e.test_online:length_reward",
                        "trainer.total_training_steps=1", f"trainer.ray_address=127.0.0.1:{port}",
-                       f"trainer.default_local_dir={run_dir}", env={"RAY_AUTH_MODE": "disabled"})
+                       f"trainer.default_local_dir={run_dir}", cache=spin_cache,
+                       env={"RAY_AUTH_MODE": "disabled"})
         assert "Connected to Ray cluster" in done.stdout + done.stderr
         assert [r["step"] for r in records(run_dir, "train")] == [1]
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        # SIGTERM to `ray start --block` alone: it stops its node's processes itself (~2 s).  The
+        # same signal to the whole group stops the GCS first, and the head then waits out Ray's
+        # 30 s SIGTERM drain (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S) for a GCS that is gone.
+        head.send_signal(signal.SIGTERM)
         try:
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever of the group is left (nothing, normally)
             os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)

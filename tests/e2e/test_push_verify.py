@@ -20,10 +20,10 @@ from megatron_spin.wire.tensor_payload import encode_named_tensors
 pytestmark = [pytest.mark.timeout(600)]
 
 
-def test_a_corrupted_push_is_caught_by_the_probe(tiny_chat_model, tmp_path, monkeypatch):
+def test_a_corrupted_push_is_caught_by_the_probe(tiny_chat_model, spin_cache, tmp_path, monkeypatch):
     from megatron_spin.driver.build import build_run
 
-    monkeypatch.setenv("MEGATRON_SPIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEGATRON_SPIN_CACHE", str(spin_cache))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(f'{{"prompt": "Say something about {i}."}}\n' for i in range(4)))
     sync = SyncConfig(verify_every=1, verify_tolerance=0.05)

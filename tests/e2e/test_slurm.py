@@ -39,13 +39,13 @@ def _ray_processes(port: int) -> list[str]:
     return [line for line in out.splitlines() if "ray" in line and "pgrep" not in line]
 
 
-def test_launcher_runs_across_two_nodes(slurm, tiny_chat_model, tmp_path):
+def test_launcher_runs_across_two_nodes(slurm, tiny_chat_model, spin_cache, tmp_path):
     train = write_prompts(tmp_path / "train.jsonl", 8)
     val = write_prompts(tmp_path / "val.jsonl", 2)
     run_dir, port = tmp_path / "run", free_port()
     home = tmp_path / "home"  # a fresh home: no Ray token from earlier runs, nothing written to the real one
     home.mkdir()
-    env = {"HOME": str(home), "MEGATRON_SPIN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO),
+    env = {"HOME": str(home), "MEGATRON_SPIN_CACHE": str(spin_cache), "PYTHONPATH": str(REPO),
            "SPIN_PYTHON": os.path.join(REPO, ".venv", "bin", "python")}
     job = slurm.sbatch([
         "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
@@ -93,12 +93,13 @@ def test_launcher_runs_across_two_nodes(slurm, tiny_chat_model, tmp_path):
     assert _ray_processes(port) == []
 
 
-def _submit(slurm, tmp_path, tiny_model, run_dir, port, *overrides, job_name=None):
-    """``run_dir=None``: the launcher's default, <repo>/runs/spin_trainer/<job name>."""
+def _submit(slurm, tmp_path, tiny_model, cache, run_dir, port, *overrides, job_name=None):
+    """``run_dir=None``: the launcher's default, <repo>/runs/spin_trainer/<job name>; ``cache``: the
+    session's (the tiny model converted once, not once per job)."""
     train = write_prompts(tmp_path / "train.jsonl", 8)
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    env = {"HOME": str(home), "MEGATRON_SPIN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO),
+    env = {"HOME": str(home), "MEGATRON_SPIN_CACHE": str(cache), "PYTHONPATH": str(REPO),
            "SPIN_PYTHON": os.path.join(REPO, ".venv", "bin", "python")}
     return slurm.sbatch([
         "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
@@ -129,7 +130,7 @@ def _wait_for_training(slurm, job, run_dir, tmp_path, seconds=400):
     while not metrics.exists() or '"kind": "train"' not in metrics.read_text():
         assert slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), (tmp_path / "job.out").read_text()
         assert time.monotonic() < deadline, "training never started"
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -142,11 +143,13 @@ def default_run_dir(tmp_path):
     shutil.rmtree(REPO / "runs" / "spin_trainer" / name, ignore_errors=True)
 
 
-def test_usr1_saves_a_checkpoint_and_a_resubmission_resumes(slurm, tiny_chat_model, tmp_path, default_run_dir):
+def test_usr1_saves_a_checkpoint_and_a_resubmission_resumes(slurm, tiny_chat_model, spin_cache, tmp_path,
+                                                            default_run_dir):
     # No --run-dir: the default (runs/<preset>/<job name>) must be the same for the resubmission.
     name, run_dir = default_run_dir
     port = free_port()
-    job = _submit(slurm, tmp_path, tiny_chat_model, None, port, "trainer.total_training_steps=500", job_name=name)
+    job = _submit(slurm, tmp_path, tiny_chat_model, spin_cache, None, port, "trainer.total_training_steps=500",
+                  job_name=name)
     _wait_for_training(slurm, job, run_dir, tmp_path)
     # What `#SBATCH --signal=B:USR1@900` does before the time limit.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm.env, check=True)
@@ -161,7 +164,8 @@ def test_usr1_saves_a_checkpoint_and_a_resubmission_resumes(slurm, tiny_chat_mod
     assert _gone(port) == []
 
     # The same command, now for one more step: it resumes from the checkpoint the signal left.
-    job = _submit(slurm, tmp_path, tiny_chat_model, None, free_port(), f"trainer.total_training_steps={stopped + 1}",
+    job = _submit(slurm, tmp_path, tiny_chat_model, spin_cache, None, free_port(),
+                  f"trainer.total_training_steps={stopped + 1}",
                   job_name=name)
     state = slurm.wait(job, timeout=400)
     out = (tmp_path / "job.out").read_text(errors="replace")
@@ -172,9 +176,9 @@ def test_usr1_saves_a_checkpoint_and_a_resubmission_resumes(slurm, tiny_chat_mod
     assert steps == list(range(1, stopped + 2))  # every step once, none lost, none repeated
 
 
-def test_scancel_tears_the_job_down(slurm, tiny_chat_model, tmp_path):
+def test_scancel_tears_the_job_down(slurm, tiny_chat_model, spin_cache, tmp_path):
     run_dir, port = tmp_path / "run", free_port()
-    job = _submit(slurm, tmp_path, tiny_chat_model, run_dir, port, "trainer.total_training_steps=500")
+    job = _submit(slurm, tmp_path, tiny_chat_model, spin_cache, run_dir, port, "trainer.total_training_steps=500")
     _wait_for_training(slurm, job, run_dir, tmp_path)
     assert _ray_processes(port), "the job's Ray cluster should be up while it trains"
     subprocess.run(["scancel", job], env=slurm.env, check=True)
@@ -185,10 +189,10 @@ def test_scancel_tears_the_job_down(slurm, tiny_chat_model, tmp_path):
     assert _gone(port) == []
 
 
-def test_a_failing_trainer_fails_the_job_and_still_tears_down(slurm, tiny_chat_model, tmp_path):
+def test_a_failing_trainer_fails_the_job_and_still_tears_down(slurm, tiny_chat_model, spin_cache, tmp_path):
     run_dir, port = tmp_path / "run", free_port()
     # A layout the model cannot take: refused at start-up, after the Ray cluster came up.
-    job = _submit(slurm, tmp_path, tiny_chat_model, run_dir, port, "trainer.total_training_steps=2",
+    job = _submit(slurm, tmp_path, tiny_chat_model, spin_cache, run_dir, port, "trainer.total_training_steps=2",
                   "actor_rollout_ref.actor.pp=4")
     state = slurm.wait(job, timeout=400)
     out = (tmp_path / "job.out").read_text(errors="replace")

@@ -121,3 +121,19 @@ def test_second_call_is_a_noop(model_dir):
     assert time.perf_counter() - started < 1.0
     after = (marker.read_bytes(), marker.stat().st_mtime_ns, (model_dir / "model.safetensors").stat().st_mtime_ns)
     assert after == before
+
+
+def test_a_run_naming_the_packaged_model_finds_it_in_the_cache(model_dir, monkeypatch):
+    """``actor_rollout_ref.model.path: packaged:smollm2`` (the default run's model) resolves to the
+    materialisation in the cache, without rebuilding it, and its conversion's place beside it."""
+    from megatron_spin.convert.prepare import locate_model, model_arch
+
+    monkeypatch.setenv("MEGATRON_SPIN_CACHE", str(model_dir.parent))
+    marker = (model_dir / smollm2.MARKER_NAME).stat().st_mtime_ns
+    model = locate_model("packaged:smollm2")
+    assert model.hf_dir.resolve() == model_dir.resolve()
+    assert (model_dir / smollm2.MARKER_NAME).stat().st_mtime_ns == marker
+    assert model.megatron_dir.parent.resolve() == (model_dir.parent / "megatron").resolve()
+    assert model.megatron_dir.name.startswith(model_dir.name + "-")
+    arch = model_arch(model)
+    assert (arch.num_layers, arch.hidden_size, arch.num_attention_heads, arch.num_kv_heads) == (30, 576, 9, 3)
