@@ -4,10 +4,11 @@ streaming HF ↔ dist-checkpoint conversion, the parity harness, and resolving t
 from megatron_spin.convert.llama import LLAMA
 from megatron_spin.convert.qwen2 import QWEN2
 from megatron_spin.convert.qwen3 import QWEN3
+from megatron_spin.convert.qwen3_moe import QWEN3_MOE
 from megatron_spin.convert.table import ConverterTable, Param, canonical_name
 from megatron_spin.spec.arch import ModelArch
 
-_TABLES = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3}
+_TABLES = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3, "qwen3_moe": QWEN3_MOE}
 
 
 def converter_for(arch: ModelArch) -> ConverterTable:

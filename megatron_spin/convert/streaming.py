@@ -51,8 +51,9 @@ def _layout_model(arch: ModelArch, pctx):
 
 class _Chunk:
     """One DCP write item: a slice of a Megatron sharded tensor and how to produce it."""
-    def __init__(self, sh_ten, produce: Callable[[], torch.Tensor]):
+    def __init__(self, sh_ten, param: Param, produce: Callable[[], torch.Tensor]):
         self.key = sh_ten.key
+        self.param = param
         self.offsets = tuple(sh_ten.global_offset)
         self.sizes = (1,) * sh_ten.prepend_axis_num + tuple(sh_ten.local_shape)
         self.global_shape = tuple(sh_ten.global_shape)
@@ -80,7 +81,7 @@ def _plan_chunks(arch: ModelArch, pctx, table: ConverterTable, read_hf, dtype: O
         if isinstance(obj, ShardedTensor):
             def produce(param=param, shape=obj.local_shape, pre=obj.prepend_axis_num):
                 return full(param).reshape((1,) * pre + tuple(shape))
-            chunks.append(_Chunk(obj, produce))
+            chunks.append(_Chunk(obj, param, produce))
         elif isinstance(obj, ShardedTensorFactory):
             # Build once on meta to learn the sub-tensors' keys/offsets; rebuild on real data later.
             for i, sub in enumerate(obj.build()):
@@ -88,7 +89,7 @@ def _plan_chunks(arch: ModelArch, pctx, table: ConverterTable, read_hf, dtype: O
                     built = obj.build_fn(obj.key, full(param), obj.replica_id, obj.flattened_range)
                     s = built[i]
                     return s.data.reshape((1,) * s.prepend_axis_num + tuple(s.local_shape))
-                chunks.append(_Chunk(sub, produce))
+                chunks.append(_Chunk(sub, param, produce))
         else:
             raise TypeError(f"unexpected sharded object for {state_key}: {type(obj).__name__}")
     return chunks
@@ -156,8 +157,7 @@ def write_megatron_checkpoint(
     def dtype_of(c: _Chunk) -> torch.dtype:
         if dtype is not None:
             return dtype
-        param = table.param(_any_state_key(c.key, c.offsets))
-        return hf_dtype_of(param.hf[0])
+        return hf_dtype_of(c.param.hf[0])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,13 +169,6 @@ def write_megatron_checkpoint(
     write_spin_metadata(out, arch, extra_metadata)
     mark_complete(out)  # last: marks a complete checkpoint
     return len(chunks)
-
-
-def _any_state_key(sharded_key: str, offsets: tuple[int, ...]) -> str:
-    """A state-dict name that maps to ``sharded_key`` (layer taken from the leading offset)."""
-    if sharded_key.startswith("decoder.layers."):
-        return sharded_key.replace("decoder.layers.", f"decoder.layers.{offsets[0]}.", 1)
-    return sharded_key
 
 
 class _ChunkLoadPlanner(DefaultLoadPlanner):
@@ -214,7 +207,7 @@ class _ChunkLoadPlanner(DefaultLoadPlanner):
 
 
 def iter_megatron_checkpoint(arch: ModelArch, pctx, ckpt_dir: str | os.PathLike) -> Iterator[tuple[Param, torch.Tensor]]:
-    """Yield (param, full TP=1 tensor) from a dist checkpoint, one layer at a time.
+    """Yield (param, full TP=1 tensor) from a dist checkpoint, one layer (or expert) at a time.
 
     ``pctx`` is a 1-rank ParallelContext (Megatron's meta model names the sharded key of each
     parameter).  The stored layout of every key is TP-independent (fused QKV rows grouped by
@@ -227,20 +220,22 @@ def iter_megatron_checkpoint(arch: ModelArch, pctx, ckpt_dir: str | os.PathLike)
     table = converter_for(arch)
     reader = SafeFileSystemReader(ckpt_dir)
     stored = reader.read_metadata().state_dict_metadata
-    by_layer: dict[Optional[int], list[tuple[Param, str, int]]] = {}
+    # Stored keys fold the layer (and, for MoE experts, the expert) into leading axes; one DCP read
+    # per (layer, expert) group, since the experts of a layer share their stored keys.
+    groups: dict[tuple[int, ...], list[tuple[Param, str]]] = {}
     for state_key, obj in _layout_model(arch, pctx).sharded_state_dict().items():
         if not isinstance(obj, (ShardedTensor, ShardedTensorFactory)):
             continue
         param = table.param(state_key)
-        prepend = 1 if param.layer is not None else 0
-        by_layer.setdefault(param.layer, []).append((param, obj.key, prepend))
-    for layer in sorted(by_layer, key=lambda x: -1 if x is None else x):
+        leading = tuple(i for i in (param.layer, param.expert) if i is not None)
+        groups.setdefault(leading, []).append((param, obj.key))
+    for leading in sorted(groups):
         requests, order = {}, []
-        for param, key, prepend in by_layer[layer]:
+        for param, key in groups[leading]:
             md = stored[key]
-            shape = tuple(md.size)[prepend:]
-            dest = torch.empty((1,) * prepend + shape, dtype=md.properties.dtype)
-            requests[key] = ((layer,) + (0,) * len(shape) if prepend else (0,) * len(shape), dest)
+            shape = tuple(md.size)[len(leading):]
+            dest = torch.empty((1,) * len(leading) + shape, dtype=md.properties.dtype)
+            requests[key] = (leading + (0,) * len(shape), dest)
             order.append((param, key, shape))
         with warnings.catch_warnings(), raising_refusals():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")

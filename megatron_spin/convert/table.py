@@ -3,8 +3,10 @@
 One table per architecture (``llama.py``, ``qwen2.py``, ``qwen3.py``) serves every path that moves
 weights between the two worlds: the checkpoint tools, the rollout weight sync and the
 tests.  Names on the Megatron side are the *local-spec* parameter names with global layer
-indices at TP=1 (``decoder.layers.3.self_attention.linear_qkv.weight``); TE-spec names
-(layer norms fused into the following linear) are mapped onto them by :func:`canonical_name`.
+indices at TP=1 (``decoder.layers.3.self_attention.linear_qkv.weight``) and, for MoE models,
+global expert indices at EP=1 (``decoder.layers.3.mlp.experts.local_experts.17.linear_fc1.weight``);
+TE-spec names (layer norms fused into the following linear) are mapped onto them by
+:func:`canonical_name`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def canonical_name(megatron_name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    megatron: str  # template, may contain {layer}
+    megatron: str  # template, may contain {layer} and, after it, {expert}
     hf: tuple[str, ...]
     transform: Transform
     tp_dim: Optional[int]
@@ -47,6 +49,10 @@ class Rule:
     @property
     def per_layer(self) -> bool:
         return "{layer}" in self.megatron
+
+    @property
+    def per_expert(self) -> bool:
+        return "{expert}" in self.megatron
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,7 @@ class Param:
     hf: tuple[str, ...]
     rule: Rule
     layer: Optional[int]
+    expert: Optional[int] = None  # global expert index (MoE expert weights only)
 
 
 class ConverterTable:
@@ -64,31 +71,35 @@ class ConverterTable:
         self.family = family
         self.rules = tuple(rules)
         self._patterns = [
-            (re.compile("^" + re.escape(r.megatron).replace(r"\{layer\}", r"(\d+)") + "$"), r)
+            (re.compile("^" + re.escape(r.megatron).replace(r"\{layer\}", r"(?P<layer>\d+)")
+                        .replace(r"\{expert\}", r"(?P<expert>\d+)") + "$"), r)
             for r in self.rules
         ]
 
     def params(self, arch: ModelArch) -> Iterator[Param]:
-        """Every Megatron parameter of ``arch`` (global layer numbering), in model order."""
+        """Every Megatron parameter of ``arch`` (global layer and expert numbering), in model order."""
         for rule in self.rules:
             if not rule.when(arch):
                 continue
             layers = range(arch.num_layers) if rule.per_layer else [None]
+            experts = range(arch.num_experts) if rule.per_expert else [None]
             for layer in layers:
-                yield self._param(rule, layer)
+                for expert in experts:
+                    yield self._param(rule, layer, expert)
 
     def param(self, megatron_name: str) -> Param:
         name = canonical_name(megatron_name)
         for pattern, rule in self._patterns:
             m = pattern.match(name)
             if m:
-                return self._param(rule, int(m.group(1)) if rule.per_layer else None)
+                index = {k: int(v) for k, v in m.groupdict().items()}
+                return self._param(rule, index.get("layer"), index.get("expert"))
         raise KeyError(f"no {self.family} converter rule for Megatron parameter {megatron_name!r}")
 
     @staticmethod
-    def _param(rule: Rule, layer: Optional[int]) -> Param:
-        fmt = {"layer": layer} if layer is not None else {}
-        return Param(rule.megatron.format(**fmt), tuple(h.format(**fmt) for h in rule.hf), rule, layer)
+    def _param(rule: Rule, layer: Optional[int], expert: Optional[int] = None) -> Param:
+        fmt = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
+        return Param(rule.megatron.format(**fmt), tuple(h.format(**fmt) for h in rule.hf), rule, layer, expert)
 
     def hf_names(self, arch: ModelArch) -> list[str]:
         return [h for p in self.params(arch) for h in p.hf]

@@ -37,10 +37,12 @@ def build_transformer_config(
     precision: Precision = Precision(),
     *,
     recompute: bool = False,
+    moe_aux_loss_coeff: float = 0.0,
     plat: Optional[platform.Platform] = None,
 ):
     """The TransformerConfig equal to the HF model's computation (dropout off: RL fine-tuning).
-    ``plat``: the platform to build for (default: this process's)."""
+    ``plat``: the platform to build for (default: this process's).  ``moe_aux_loss_coeff``: weight
+    of Megatron's load-balancing loss in a MoE model's update (0: no auxiliary loss)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     plat = plat or platform.current()
@@ -83,20 +85,54 @@ def build_transformer_config(
         recompute_num_layers=1 if recompute else None,
         **precision.transformer_config_kwargs(),
     )
+    if arch.is_moe:
+        kwargs.update(_moe_kwargs(arch, layout, moe_aux_loss_coeff))
     if layout.pp > 1 and not plat.is_cuda:
         # On gloo, batched isend/irecv interleaves wrongly with interleaved PP (DESIGN.md).
         kwargs["batch_p2p_comm"] = False
     return TransformerConfig(**kwargs)
 
 
-def build_layer_spec(plat: Optional[platform.Platform] = None, *, qk_layernorm: bool = False):
-    """The layer spec; ``qk_layernorm`` adds the per-head query/key RMSNorm (Qwen3)."""
+def _moe_kwargs(arch: ModelArch, layout: ParallelLayout, aux_loss_coeff: float) -> dict:
+    """Megatron's MoE layer computing what HF's Qwen3-MoE block computes.
+
+    HF: ``p = softmax(router(x))`` in fp32, top-k of p, renormalised over the k when
+    ``norm_topk_prob``.  Megatron without pre-softmax takes the top-k *logits* and softmaxes over
+    them, which is the same renormalised distribution; with pre-softmax it softmaxes first and
+    keeps the raw top-k probabilities (``norm_topk_prob`` false).  The router runs in fp32 as HF's
+    does.  Tokens reach their experts by all-to-all over EP (the dispatcher Megatron recommends;
+    on CPU ranks it runs on gloo's all_to_all_single).
+    """
+    if aux_loss_coeff < 0:
+        raise ValueError(f"moe_aux_loss_coeff must be >= 0, got {aux_loss_coeff}")
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_top_k,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        # One linear pair per expert (SequentialMLP): the parameter names the converter table
+        # knows on every platform.  Grouped GEMM would be faster on GPUs (see the README).
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=layout.ep,
+    )
+
+
+def build_layer_spec(plat: Optional[platform.Platform] = None, *, qk_layernorm: bool = False,
+                     num_experts: Optional[int] = None):
+    """The layer spec; ``qk_layernorm`` adds the per-head query/key RMSNorm (Qwen3);
+    ``num_experts`` makes every layer's MLP a MoE layer of that many experts."""
     plat = plat or platform.current()
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    moe = dict(num_experts=num_experts or None, moe_grouped_gemm=False)
     if plat.has_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm, **moe)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm", **moe)
 
 
 def build_model(
@@ -107,6 +143,7 @@ def build_model(
     recompute: bool = False,
     init_weights: bool = True,
     on_meta: bool = False,
+    moe_aux_loss_coeff: float = 0.0,
 ) -> list:
     """One GPTModel per virtual pipeline stage on this rank, on the platform's device.
 
@@ -121,9 +158,10 @@ def build_model(
     from megatron.core.models.gpt import GPTModel
 
     plat = platform.prepare_megatron()
-    config = build_transformer_config(arch, pctx.layout, precision, recompute=recompute)
+    config = build_transformer_config(arch, pctx.layout, precision, recompute=recompute,
+                                      moe_aux_loss_coeff=moe_aux_loss_coeff)
     config.perform_initialization = init_weights
-    spec = build_layer_spec(plat, qk_layernorm=arch.qk_layernorm)
+    spec = build_layer_spec(plat, qk_layernorm=arch.qk_layernorm, num_experts=arch.num_experts)
     chunks = []
     vpp = pctx.layout.chunks_per_rank
     device = plat.local_device()

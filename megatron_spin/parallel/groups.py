@@ -30,6 +30,11 @@ class ParallelContext:
     embedding_group: Any
     pp_last_rank: int  # global rank of the last stage in this rank's pipeline group
     model_parallel_ranks: tuple[int, ...] = ()  # global ranks of this rank's model replica (TP x PP)
+    # Expert parallelism (MoE): this rank's place among the EP ranks that split each layer's
+    # experts, and the groups expert weights are gathered over (EP) and averaged over (expert DP).
+    ep_rank: int = 0
+    ep_group: Any = None
+    expert_dp_group: Any = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -65,6 +70,7 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelContext:
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if (layout.vpp or 1) > 1 else None,
+        expert_model_parallel_size=layout.ep,
     )
     model_parallel_cuda_manual_seed(seed)
     return ParallelContext(
@@ -81,6 +87,9 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelContext:
         embedding_group=ps.get_embedding_group(check_initialized=False),
         pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
         model_parallel_ranks=tuple(dist.get_process_group_ranks(ps.get_model_parallel_group())),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
     )
 
 

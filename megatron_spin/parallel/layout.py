@@ -1,4 +1,4 @@
-"""Parallel layout (TP × PP × virtual PP × DP) and the start-up rules it must satisfy.
+"""Parallel layout (TP × PP × virtual PP × DP, and EP for mixture-of-experts models) and the start-up rules it must satisfy.
 
 Every rule is checked before any tensor is allocated, and each error names the rule, so a
 bad layout costs a second rather than a hang or a silent mismatch on the cluster.
@@ -46,6 +46,11 @@ class ParallelLayout:
     tp: int = 1
     pp: int = 1
     vpp: Optional[int] = None  # virtual pipeline chunks per PP rank (interleaved schedule)
+    # Expert parallelism (MoE models): the experts of each layer are split over EP ranks, which are
+    # data-parallel ranks of the dense layers (Megatron's "expert folding"): each holds
+    # num_experts / EP experts and tokens travel to their experts by all-to-all.  Experts are split
+    # across TP like the dense MLP (expert TP = TP).
+    ep: int = 1
 
     @property
     def model_parallel_size(self) -> int:
@@ -61,14 +66,29 @@ class ParallelLayout:
                 f"rule world_size % (TP*PP) == 0 violated: world_size={world_size}, "
                 f"TP*PP={self.model_parallel_size}"
             )
-        return world_size // self.model_parallel_size
+        dp = world_size // self.model_parallel_size
+        if dp % self.ep:
+            raise LayoutError(
+                f"rule DP % EP == 0 violated: DP={dp} (world_size={world_size}, TP*PP={self.model_parallel_size}), "
+                f"EP={self.ep} (expert-parallel ranks are data-parallel ranks of the dense layers)"
+            )
+        return dp
 
 
 def validate_layout(arch: ModelArch, layout: ParallelLayout, world_size: Optional[int] = None) -> None:
     """Raise :class:`LayoutError` naming the first rule ``layout`` breaks for ``arch``."""
-    tp, pp, vpp = layout.tp, layout.pp, layout.vpp
-    if tp < 1 or pp < 1 or (vpp is not None and vpp < 1):
-        raise LayoutError(f"rule TP, PP, VPP >= 1 violated: TP={tp}, PP={pp}, VPP={vpp}")
+    tp, pp, vpp, ep = layout.tp, layout.pp, layout.vpp, layout.ep
+    if tp < 1 or pp < 1 or ep < 1 or (vpp is not None and vpp < 1):
+        raise LayoutError(f"rule TP, PP, EP, VPP >= 1 violated: TP={tp}, PP={pp}, EP={ep}, VPP={vpp}")
+    if ep > 1 and not arch.is_moe:
+        raise LayoutError(f"rule EP > 1 needs a mixture-of-experts model violated: EP={ep}, "
+                          f"{arch.hf_architecture} is dense")
+    if arch.is_moe and arch.num_experts % ep:
+        raise LayoutError(f"rule num_experts % EP == 0 violated: {arch.num_experts} experts, EP={ep}")
+    if arch.is_moe and arch.moe_ffn_hidden_size % tp:
+        raise LayoutError(
+            f"rule moe_intermediate_size % TP == 0 violated: {arch.moe_ffn_hidden_size}, TP={tp}"
+        )
     if arch.num_attention_heads % tp:
         raise LayoutError(
             f"rule num_attention_heads % TP == 0 violated: {arch.num_attention_heads} heads, TP={tp}"
@@ -78,7 +98,7 @@ def validate_layout(arch: ModelArch, layout: ParallelLayout, world_size: Optiona
             f"rule num_key_value_heads % TP == 0 violated: {arch.num_kv_heads} KV heads, TP={tp} "
             "(megatron_spin does not replicate KV heads across TP ranks)"
         )
-    if arch.ffn_hidden_size % tp:
+    if not arch.is_moe and arch.ffn_hidden_size % tp:
         raise LayoutError(
             f"rule intermediate_size % TP == 0 violated: {arch.ffn_hidden_size}, TP={tp}"
         )

@@ -101,4 +101,15 @@ def prepare_megatron() -> Platform:
             warnings.filterwarnings("ignore", message=pattern)
 
         cpu_patches.apply()
+    _define_missing_te_gemm()
     return plat
+
+
+def _define_missing_te_gemm() -> None:
+    """megatron-core 0.16's MoE router calls ``te_general_gemm`` when it is not None, but defines the
+    name only when TransformerEngine imports: without TE every MoE forward dies with a NameError.
+    Defining it as None gives the router its own torch matmul, on CPU and on a GPU without TE."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

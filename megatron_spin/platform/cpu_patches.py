@@ -12,6 +12,11 @@ Megatron-core assumes CUDA in a handful of ways (DESIGN.md, "Facts about the pla
      synchronous saves megatron_spin makes, passes one result back into the same process.
      Spawn guards CUDA state a fork would copy; without CUDA a fork-context Manager gives the
      same kind of queue in ~20 ms.
+  7. its MoE all-to-all token dispatcher copies the per-rank split sizes "to the host" on a side
+     CUDA stream and hands them to ``all_to_all_single`` as numpy arrays; the copy helper only
+     converts device tensors, so on the CPU the splits stay tensors, which the collective refuses.
+     The streams are answered by a host stream (``_HostStream``) and the helper converts host
+     tensors the way it converts device ones.
 
 Rather than editing call sites, each megatron module that references the global ``torch`` is
 given a *view* of torch (``_CpuTorchView``) whose ``cuda`` namespace answers with CPU
@@ -78,6 +83,11 @@ _MEGATRON_MODULES = (
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
 )
 
 _FACTORIES = (
@@ -143,6 +153,52 @@ class _CudaOnCpu(types.SimpleNamespace):
     @staticmethod
     def max_memory_allocated(*_args, **_kwargs) -> int:
         return 0
+
+    # The MoE all-to-all dispatcher copies its split sizes to the host on a side stream and
+    # waits on an event; a CPU process has one implicit stream on which every op is complete.
+    @staticmethod
+    def Stream(*_args, **_kwargs) -> "_HostStream":  # noqa: N802 (torch's name)
+        return _HOST_STREAM
+
+    @staticmethod
+    def current_stream(*_args, **_kwargs) -> "_HostStream":
+        return _HOST_STREAM
+
+    @staticmethod
+    def stream(*_args, **_kwargs):
+        return contextlib.nullcontext()
+
+
+class _HostEvent:
+    """An event on the host stream: already complete when recorded."""
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, *_args) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+class _HostStream:
+    """The one stream a CPU process has: ops complete in program order."""
+
+    def wait_stream(self, _other) -> None:
+        return None
+
+    def wait_event(self, _event) -> None:
+        return None
+
+    def record_event(self, *_args) -> _HostEvent:
+        return _HostEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+
+_HOST_STREAM = _HostStream()
 
 
 class _CpuTorchView(types.ModuleType):
@@ -236,6 +292,18 @@ def _patch_methods() -> None:
                 modules["megatron.core.optimizer.distrib_optimizer"].DistributedOptimizer, "__init__")
 
 
+def _patch_moe_host_copies(moe_utils: types.ModuleType, dispatcher: types.ModuleType) -> None:
+    """Item 7: split sizes become numpy arrays as on a GPU (the tensors already live on the host)."""
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu  # from-imported there
+
+
 def _patch_writer_results_queue(fs_async: types.ModuleType) -> None:
     """Item 6: the writer's results queue from a fork-context Manager (created once per process,
     as megatron does; its server is a child forked from the rank, so it dies with it: see
@@ -294,4 +362,6 @@ def apply() -> None:
     _patch_rng(sys.modules["megatron.core.tensor_parallel.random"])
     _patch_methods()
     _patch_writer_results_queue(sys.modules["megatron.core.dist_checkpointing.strategies.filesystem_async"])
+    _patch_moe_host_copies(sys.modules["megatron.core.transformer.moe.moe_utils"],
+                           sys.modules["megatron.core.transformer.moe.token_dispatcher"])
     _APPLIED = True

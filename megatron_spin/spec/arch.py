@@ -24,11 +24,14 @@ _FAMILIES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-_DEFAULT_ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
+_DEFAULT_ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                         "qwen3_moe": "Qwen3MoeForCausalLM"}
 # Families whose configs default ``use_sliding_window`` to false (the window size is then ignored).
-_SLIDING_WINDOW_OPT_IN = {"qwen2", "qwen3"}
+_SLIDING_WINDOW_OPT_IN = {"qwen2", "qwen3", "qwen3_moe"}
+_MOE_FAMILIES = {"qwen3_moe"}
 
 # Megatron-core's Llama-3 RoPE scaling hard-codes these (rotary_pos_embedding._apply_scaling);
 # only the factor is a parameter.
@@ -41,7 +44,7 @@ _LLAMA3_ROPE_FIXED = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelArch:
-    family: str  # "llama" | "qwen2" | "qwen3"
+    family: str  # "llama" | "qwen2" | "qwen3" | "qwen3_moe"
     hf_architecture: str
     num_layers: int
     hidden_size: int
@@ -59,10 +62,23 @@ class ModelArch:
     initializer_range: float = 0.02
     # Qwen3: an RMSNorm over head_dim applied to each query and key head before RoPE.
     qk_layernorm: bool = False
+    # Mixture of experts (Qwen3-MoE): every layer's MLP is ``num_experts`` SwiGLU experts of width
+    # ``moe_ffn_hidden_size``; a linear router scores them, each token goes to its top
+    # ``moe_top_k`` with softmax weights, renormalised over those k when ``moe_norm_topk_prob``.
+    # No shared expert.  0 experts: a dense model (``ffn_hidden_size`` is its MLP width).
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.0  # the HF config's load-balancing coefficient (pre-training's)
 
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_kv_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
 
 def _get(cfg: Mapping[str, Any], key: str, source: str) -> Any:
@@ -107,6 +123,7 @@ def arch_from_hf_config(cfg: Mapping[str, Any], source: str = "config") -> Model
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: attention_bias / mlp_bias are not supported")
     rope_theta, factor = _rope(cfg, source)
+    moe = _moe(cfg, source) if family in _MOE_FAMILIES else {}
     return ModelArch(
         family=family,
         hf_architecture=arch_name or _DEFAULT_ARCHITECTURE[family],
@@ -124,7 +141,35 @@ def arch_from_hf_config(cfg: Mapping[str, Any], source: str = "config") -> Model
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",
         initializer_range=float(cfg.get("initializer_range") or 0.02),
-        qk_layernorm=family == "qwen3",
+        qk_layernorm=family in ("qwen3", "qwen3_moe"),
+        **moe,
+    )
+
+
+def _moe(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config; refuses what Megatron's MoE layer would not reproduce."""
+    # Qwen's published configs say num_experts; transformers 5 writes num_local_experts.
+    key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+    experts = int(_get(cfg, key, source))
+    top_k = int(_get(cfg, "num_experts_per_tok", source))
+    if not 1 <= top_k <= experts:
+        raise UnsupportedModelError(f"{source}: num_experts_per_tok={top_k} must be in [1, num_experts={experts}]")
+    # Dense layers between sparse ones (decoder_sparse_step > 1, mlp_only_layers) would need a
+    # per-layer spec; the published Qwen3-MoE models have none.
+    if int(cfg.get("decoder_sparse_step") or 1) != 1:
+        raise UnsupportedModelError(f"{source}: decoder_sparse_step={cfg['decoder_sparse_step']} is not supported "
+                                    "(every layer must be a MoE layer: decoder_sparse_step=1)")
+    if cfg.get("mlp_only_layers"):
+        raise UnsupportedModelError(f"{source}: mlp_only_layers={cfg['mlp_only_layers']} is not supported "
+                                    "(dense layers inside a MoE model)")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise UnsupportedModelError(f"{source}: shared_expert_intermediate_size is not supported (no shared expert)")
+    return dict(
+        num_experts=experts,
+        moe_top_k=top_k,
+        moe_ffn_hidden_size=int(_get(cfg, "moe_intermediate_size", source)),
+        moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        router_aux_loss_coef=float(cfg.get("router_aux_loss_coef") or 0.0),
     )
 
 

@@ -33,16 +33,23 @@ from megatron_spin.convert.table import canonical_name
 from megatron_spin.spec.arch import ModelArch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.")
 
 
 def global_name(chunk, local_name: str) -> str:
-    """``decoder.layers.<local i>.x`` → ``decoder.layers.<global i>.x`` (canonical local-spec name)."""
+    """``decoder.layers.<local i>.x`` → ``decoder.layers.<global i>.x`` (canonical local-spec name);
+    a MoE expert's ``local_experts.<local e>`` → ``local_experts.<global e>`` (its EP rank's offset)."""
     name = canonical_name(local_name)
     m = _LAYER.match(name)
     if m is None:
         return name
     layer = chunk.decoder.layers[int(m.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}." + name[m.end():]
+    rest = name[m.end():]
+    e = _EXPERT.match(rest)
+    if e is not None:
+        expert = layer.mlp.local_expert_indices[int(e.group(1))]
+        rest = f"mlp.experts.local_experts.{expert}." + rest[e.end():]
+    return f"decoder.layers.{layer.layer_number - 1}." + rest
 
 
 def stage_parameters(modules: list, arch: ModelArch) -> Iterator[tuple[str, torch.nn.Parameter]]:

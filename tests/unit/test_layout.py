@@ -116,7 +116,7 @@ def test_world_size_rule_on_data_parallel_size():
 
 @pytest.mark.parametrize("layout", [ParallelLayout(tp=0), ParallelLayout(pp=0), ParallelLayout(vpp=0)])
 def test_non_positive_sizes(layout):
-    _violates(make_arch(), layout, "TP, PP, VPP >= 1")
+    _violates(make_arch(), layout, "TP, PP, EP, VPP >= 1")
 
 
 def test_layout_properties():
