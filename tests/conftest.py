@@ -39,12 +39,14 @@ def make_arch(**overrides):
 
 def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: int = 2, seed: int = 0,
                  vocab_size: int = 256, hidden_size: int = 64, dtype: torch.dtype = torch.float32,
-                 kv_heads: int = 2, head_dim: int | None = None) -> Path:
+                 kv_heads: int = 2, head_dim: int | None = None, experts: int = 4, top_k: int = 2) -> Path:
     """A random HF model with GQA (4 heads, 2 KV heads) saved as safetensors (head_dim = hidden/4).
     ``kv_heads=4`` makes it multi-head (TP=4 needs 4 KV heads).  Qwen3 defaults to
-    head_dim = hidden/2, so that a builder assuming hidden/heads would fail."""
+    head_dim = hidden/2, so that a builder assuming hidden/heads would fail.  ``qwen3_moe``: Qwen3's
+    attention and ``experts`` SwiGLU experts of width hidden*3/4 per layer, top-``top_k`` routing
+    with renormalised weights (the published Qwen3-MoE settings)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(
@@ -58,6 +60,11 @@ def make_tiny_hf(out: Path, family: str = "llama", tied: bool = False, layers: i
         model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1000000.0, **common))
     elif family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(rope_theta=1000000.0, head_dim=head_dim or hidden_size // 2, **common))
+    elif family == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            rope_theta=1000000.0, head_dim=head_dim or hidden_size // 2, num_experts=experts,
+            num_experts_per_tok=top_k, moe_intermediate_size=hidden_size * 3 // 4, norm_topk_prob=True,
+            decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001, **common))
     else:
         raise ValueError(family)
     # HF initialises norms to 1 and biases to 0: perturb them so a dropped or swapped

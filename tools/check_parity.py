@@ -1,7 +1,7 @@
 """Check that the Megatron model computes what the Hugging Face model computes.
 
 Runs the HF forward (transformers, fp32) and the Megatron forward — the dist checkpoint
-loaded at ``--tp × --pp`` (× ``--vpp``), launched across TP·PP local processes — on the
+loaded at ``--tp × --pp`` (× ``--vpp``, × ``--ep`` for MoE models), launched across TP·PP·EP local processes — on the
 same token batch, prints the max absolute logit difference and the max per-token log-prob
 difference, and exits 1 when either exceeds ``--tol`` (default 1e-4, fp32).
 
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--megatron-dir", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     p.add_argument("--vpp", type=int, default=None)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=2, help="random-token batch size")
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="use the tokenised text instead of random tokens (repeatable; right-padded)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before the ranks are killed")
     args = p.parse_args(argv)
-    layout = ParallelLayout(args.tp, args.pp, args.vpp)
+    layout = ParallelLayout(args.tp, args.pp, args.vpp, ep=args.ep)
     if args.text:
         from transformers import AutoTokenizer
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     verdict = "OK" if r.ok(args.tol) else "FAIL"
-    print(f"TP={layout.tp} PP={layout.pp} VPP={layout.vpp or 1} tokens={r.tokens}: "
+    print(f"TP={layout.tp} PP={layout.pp} VPP={layout.vpp or 1} EP={layout.ep} tokens={r.tokens}: "
           f"max |logit diff| = {r.max_abs_logit_diff:.3e}, max |log-prob diff| = {r.max_logprob_diff:.3e} "
           f"(tol {args.tol:g}) {verdict}")
     return 0 if r.ok(args.tol) else 1

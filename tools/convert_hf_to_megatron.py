@@ -25,13 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output Megatron checkpoint directory")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate against")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate against")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per PP rank")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="store weights in this dtype (default: keep the HF dtype)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     try:
-        convert_hf_to_megatron(args.hf_dir, args.out, layout=ParallelLayout(args.tp, args.pp, args.vpp),
+        convert_hf_to_megatron(args.hf_dir, args.out, layout=ParallelLayout(args.tp, args.pp, args.vpp, ep=args.ep),
                                dtype=args.dtype, force=args.force)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

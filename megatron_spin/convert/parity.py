@@ -77,12 +77,13 @@ def megatron_logits_many(
 ) -> list[torch.Tensor]:
     """Megatron logits for several (checkpoint, layout, tokens) jobs in one launch.
 
-    ``world_size`` defaults to the largest TP·PP among the jobs; a smaller layout runs with
-    data parallelism over the remaining ranks (each DP replica computes the same batch).
+    ``world_size`` defaults to the largest TP·PP·EP among the jobs (expert parallelism splits data-
+    parallel ranks); a smaller layout runs with data parallelism over the remaining ranks (each DP
+    replica computes the same batch).
     Sharing one launch amortises process start-up, which dominates for tiny models.
     """
 
-    world_size = world_size or max(layout.model_parallel_size for _, layout, _ in jobs)
+    world_size = world_size or max(layout.model_parallel_size * layout.ep for _, layout, _ in jobs)
     for megatron_dir, layout, _ in jobs:
         validate_layout(read_arch(megatron_dir), layout, world_size=world_size)
     jobs = [(str(d), layout, ids) for d, layout, ids in jobs]

@@ -11,6 +11,7 @@ layout and precision happens before any parameter is allocated.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -21,7 +22,7 @@ from megatron_spin.spec.arch import ModelArch
 from megatron_spin.spec.precision import Precision, PrecisionError
 from megatron_spin.parallel.groups import ParallelContext
 from megatron_spin.models.vocab_padding import mask_padded_vocab
-from megatron_spin.parallel.layout import ParallelLayout, padded_vocab_size, validate_layout
+from megatron_spin.parallel.layout import LayoutError, ParallelLayout, padded_vocab_size, validate_layout
 
 
 def check_precision(precision: Precision, plat: platform.Platform) -> None:
@@ -29,6 +30,31 @@ def check_precision(precision: Precision, plat: platform.Platform) -> None:
         raise PrecisionError("fp8", "requested, but TransformerEngine with CUDA is not available on this machine "
                                     f"(device={plat.device}); remove the fp8 settings or run on a GPU with "
                                     "TransformerEngine installed (see the README's GPU section)")
+
+
+def check_moe_training(arch: ModelArch, layout: ParallelLayout, plat: Optional[platform.Platform] = None) -> None:
+    """Refuse to *train* a MoE model at TP > 1 where sequence parallelism is unavailable.
+
+    Megatron's MoE layer trains with tensor parallelism only under sequence parallelism, and its
+    local (non-TE) norms refuse sequence parallelism; forward passes (parity, serving) do not
+    need it.  On such a platform expert parallelism, not TP, splits a MoE model."""
+    plat = plat or platform.current()
+    if arch.is_moe and layout.tp > 1 and not plat.has_te:
+        raise LayoutError(
+            f"rule MoE training at TP > 1 needs sequence parallelism violated: TP={layout.tp} on {plat.device} "
+            "without TransformerEngine (megatron-core's sequence parallelism needs TE's norms); "
+            "use TP=1 and split the experts with EP instead")
+
+
+def sequence_multiple(arch: ModelArch, layout: ParallelLayout, precision: Precision,
+                      plat: Optional[platform.Platform] = None) -> int:
+    """What training sequence lengths are padded to a multiple of: FP8's GEMM alignment, and TP
+    where sequence parallelism splits the sequence (MoE at TP > 1 with TE)."""
+    plat = plat or platform.current()
+    multiple = precision.sequence_multiple
+    if arch.is_moe and layout.tp > 1 and plat.has_te:
+        multiple = math.lcm(multiple, layout.tp)
+    return multiple
 
 
 def build_transformer_config(
@@ -87,6 +113,11 @@ def build_transformer_config(
     )
     if arch.is_moe:
         kwargs.update(_moe_kwargs(arch, layout, moe_aux_loss_coeff))
+        # Megatron trains MoE with TP only under sequence parallelism (its MoE layer refuses
+        # otherwise): activations outside attention/MLP are split along the sequence over TP.
+        # Only TE's norms support it; without TE a TP>1 MoE model runs forward only
+        # (check_moe_training refuses to train it).
+        kwargs["sequence_parallel"] = layout.tp > 1 and plat.has_te
     if layout.pp > 1 and not plat.is_cuda:
         # On gloo, batched isend/irecv interleaves wrongly with interleaved PP (DESIGN.md).
         kwargs["batch_p2p_comm"] = False

@@ -148,7 +148,8 @@ class TrainerWorker:
         self.pctx = init_parallel(spec.actor.layout, seed=spec.seed)
         self.arch = read_arch(spec.megatron_dir)
         self.actor = Actor.build(self.arch, self.pctx, spec.actor.optim, spec.loss, precision=spec.actor.precision,
-                                 init_from=spec.megatron_dir, recompute=spec.actor.recompute)
+                                 init_from=spec.megatron_dir, recompute=spec.actor.recompute,
+                                 moe_aux_loss_coeff=spec.actor.moe_aux_loss_coeff)
         if spec.loss.needs_reference:  # SimPO is reference-free
             self.ref = Reference.build(self.arch, self.pctx, precision=spec.actor.precision,
                                        init_from=spec.megatron_dir, offload=spec.ref.offload)
@@ -183,7 +184,8 @@ class TrainerWorker:
         # Whole micro-batches on every DP rank (and a multiple of PP for the interleaved schedule):
         # padding pairs of weight 0, never a pair dropped.
         whole = actor.micro_pairs * self.pctx.dp_size * (actor.pp if (actor.vpp or 1) > 1 else 1)
-        batch = collate_pairs(pairs, pad_id=self.pad_id, pad_to_multiple_of=actor.precision.sequence_multiple)
+        batch = collate_pairs(pairs, pad_id=self.pad_id,
+                              pad_to_multiple_of=self.actor.sequence_multiple(actor.precision))
         batch = batch.padded_to(whole)
         mbs = rank_micro_batches(batch, BatchConfig(batch.num_pairs, actor.micro_pairs), self.pctx.dp_rank,
                                  self.pctx.dp_size)

@@ -19,7 +19,7 @@ from megatron_spin.ckpt.model_io import load_model_weights
 from megatron_spin.loss.config import LossConfig
 from megatron_spin.train.config import OptimConfig
 from megatron_spin.spec.arch import ModelArch
-from megatron_spin.models.builder import build_model
+from megatron_spin.models.builder import build_model, check_moe_training, sequence_multiple
 from megatron_spin.spec.precision import Precision
 from megatron_spin.parallel.groups import ParallelContext
 from megatron_spin.train import step
@@ -47,13 +47,20 @@ class Actor:
         precision: Precision = Precision(),
         init_from: Optional[str] = None,
         recompute: bool = False,
+        moe_aux_loss_coeff: float = 0.0,
     ) -> "Actor":
-        chunks = build_model(arch, pctx, precision, recompute=recompute, init_weights=init_from is None)
+        check_moe_training(arch, pctx.layout)
+        chunks = build_model(arch, pctx, precision, recompute=recompute, init_weights=init_from is None,
+                             moe_aux_loss_coeff=moe_aux_loss_coeff)
         if init_from is not None:
             load_model_weights(chunks, init_from)
         ddp = wrap_ddp(chunks, optim_cfg.use_distributed_optimizer)
         optimizer, scheduler = build_optimizer(optim_cfg, ddp)
         return cls(arch, pctx, ddp, optimizer, scheduler, loss_cfg)
+
+    def sequence_multiple(self, precision: Precision) -> int:
+        """What this actor's training sequences are padded to a multiple of (FP8, sequence parallelism)."""
+        return sequence_multiple(self.arch, self.pctx.layout, precision)
 
     @property
     def modules(self) -> list:

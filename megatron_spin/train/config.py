@@ -86,19 +86,25 @@ class ActorConfig:
     tp: int = 1
     pp: int = 1
     vpp: Optional[int] = None  # virtual pipeline chunks per PP rank (interleaved schedule)
+    ep: int = 1  # expert parallelism (MoE models): experts split over EP data-parallel ranks
+    # Weight of Megatron's MoE load-balancing loss in the update (MoE models; 0: none, the router
+    # learns from the preference loss alone).
+    moe_aux_loss_coeff: float = 0.0
     micro_pairs: int = 1  # pairs per micro-batch
     precision: Precision = Precision()
     recompute: bool = False  # full activation recompute
     optim: OptimConfig = OptimConfig()
 
     def __post_init__(self) -> None:
-        for key in ("tp", "pp", "micro_pairs"):
+        for key in ("tp", "pp", "ep", "micro_pairs"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(math.isfinite(self.moe_aux_loss_coeff) and self.moe_aux_loss_coeff >= 0, "moe_aux_loss_coeff",
+                f"must be finite and >= 0, got {self.moe_aux_loss_coeff}")
         require(self.vpp is None or self.vpp >= 1, "vpp", f"must be >= 1 or null, got {self.vpp}")
 
     @property
     def layout(self) -> ParallelLayout:
-        return ParallelLayout(tp=self.tp, pp=self.pp, vpp=self.vpp)
+        return ParallelLayout(tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep)
 
 
 @dataclasses.dataclass(frozen=True)
