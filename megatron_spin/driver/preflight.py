@@ -48,7 +48,7 @@ def check_run(cfg: RunConfig, arch: ModelArch, placement: Placement) -> None:
     try:
         validate_layout(arch, a.layout, world_size=placement.trainer_world)
     except LayoutError as exc:
-        raise ConfigError("actor_rollout_ref.actor", f"tp={a.tp}, pp={a.pp}, vpp={a.vpp} for {model}: {exc}") from None
+        raise ConfigError("actor_rollout_ref.actor", f"tp={a.tp}, pp={a.pp}, vpp={a.vpp}, ep={a.ep} for {model}: {exc}") from None
     length = d.max_prompt_length + d.max_response_length
     require(length <= arch.max_position_embeddings, "data",
             f"max_prompt_length + max_response_length = {d.max_prompt_length} + {d.max_response_length} = {length} "
