@@ -14,6 +14,9 @@ network, and the pure-Python wheels below carried in, then prints one JSON summa
                  device-to-device copy of the same bytes, and the log-prob probe after the push
   resume         the distributed optimizer (bf16) saved and resumed through train/checkpoint.py:
                  parameters after two more updates against the uninterrupted run
+  moe            a random Qwen3-MoE (8 experts, top 2) on Megatron's MoE layer (router, all-to-all
+                 dispatcher, local spec): parity with HF in fp32 and bf16 as above, then one bf16
+                 DPO update with the load-balancing loss on (finite loss and grad norm)
 
 Every check runs in its own bounded process and reports ok/failed with its error; one failing
 does not stop the others.  ``--cpu-smoke`` runs the same checks with tiny sizes on the CPU (the
@@ -65,6 +68,11 @@ GPU = Sizes("cuda", parity=dict(hidden_size=1024, intermediate_size=2816, num_hi
             dtype="bfloat16")
 _TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=256)
+# Qwen3-MoE kwargs of the moe check (the parity and update models).
+MOE_GPU = dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=704, num_experts=8, num_experts_per_tok=2,
+               num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, head_dim=64, vocab_size=32000)
+MOE_TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
 CPU_SMOKE = Sizes("cpu", parity=_TINY, update=_TINY, pairs=4, prompt_len=8, response_len=8, micro_pairs=2, push=_TINY,
                   dtype="float32")
 
@@ -80,6 +88,17 @@ def random_llama(out: Path, cfg: dict, dtype: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
                                          **cfg))
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    return out
+
+
+def random_qwen3_moe(out: Path, cfg: dict, dtype: str, seed: int = 0) -> Path:
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **cfg))
     model.to(getattr(torch, dtype)).save_pretrained(out)
     return out
 
@@ -364,8 +383,59 @@ def check_resume(sizes: Sizes, work: Path) -> dict:
     return out
 
 
+def _moe_rank(rank, world_size, models, update_dir, sizes: Sizes):
+    import torch
+
+    from megatron_spin.ckpt.metadata import read_arch
+    from megatron_spin.loss.config import LossConfig
+    from megatron_spin.pairs import collate_pairs
+    from megatron_spin.parallel.groups import destroy_parallel, init_parallel
+    from megatron_spin.parallel.layout import ParallelLayout
+    from megatron_spin.spec.precision import Precision
+    from megatron_spin.train.actor import Actor
+    from megatron_spin.train.batching import rank_micro_batches
+    from megatron_spin.train.config import BatchConfig, OptimConfig
+    from megatron_spin.train.reference import Reference
+
+    out = {dtype: _parity_one(hf_dir, mcore_dir, dtype) for hf_dir, mcore_dir, dtype in models}
+    destroy_parallel()
+    arch = read_arch(update_dir)
+    pctx = init_parallel(ParallelLayout())
+    precision = Precision(sizes.dtype)
+    actor = Actor.build(arch, pctx, OptimConfig(lr=1e-5), LossConfig(beta=0.1), precision=precision,
+                        init_from=update_dir, moe_aux_loss_coeff=0.01)
+    ref = Reference.build(arch, pctx, precision=precision, init_from=update_dir)
+    batch = collate_pairs(_pairs(sizes, arch.vocab_size, 3), pad_id=0)
+    mbs = rank_micro_batches(batch, BatchConfig(batch.num_pairs, sizes.micro_pairs), 0, 1)
+    metrics = actor.train_step(mbs, ref.logps(mbs))
+    out["update"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
+    if torch.cuda.is_available():
+        out["update"]["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def check_moe(sizes: Sizes, work: Path) -> dict:
+    import math
+
+    from megatron_spin.convert.pipeline import convert_hf_to_megatron
+    from megatron_spin.parallel.launch import launch
+
+    cfg = MOE_GPU if sizes.device == "cuda" else MOE_TINY
+    models = []
+    for dtype in ("float32", "bfloat16"):
+        hf = random_qwen3_moe(work / f"moe-hf-{dtype}", cfg, dtype)
+        convert_hf_to_megatron(hf, work / f"moe-mcore-{dtype}", log=lambda *_: None)
+        models.append((str(hf), str(work / f"moe-mcore-{dtype}"), dtype))
+    update_dir = models[0][1] if sizes.dtype == "float32" else models[1][1]
+    (out,) = launch(_moe_rank, 1, (models, update_dir, sizes), timeout=600)
+    u = out["update"]
+    out["ok"] = (out["float32"]["max_logprob_diff"] <= 1e-3 and out["bfloat16"]["max_logprob_diff"] <= 0.25
+                 and math.isfinite(u["loss"]) and math.isfinite(u["grad_norm"]))
+    return out
+
+
 CHECKS = {"platform": lambda s, w: check_platform(s), "parity": check_parity, "update": check_update,
-          "push": check_push, "resume": check_resume}
+          "push": check_push, "resume": check_resume, "moe": check_moe}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,13 +24,14 @@ def test_every_check_runs_and_reports(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary == json.loads((tmp_path / "out.json").read_text())
     checks = summary["checks"]
-    assert set(checks) == {"platform", "parity", "update", "push", "resume"}
+    assert set(checks) == {"platform", "parity", "update", "push", "resume", "moe"}
     assert all(c["ok"] for c in checks.values()), {k: c.get("error") for k, c in checks.items()}
     assert checks["platform"]["platform"]["device"] == "cpu"
     assert checks["parity"]["float32"]["max_logprob_diff"] <= 1e-4
     assert checks["update"]["achieved_tflops"] > 0 and 0 < checks["update"]["mfu"] < 1
     assert checks["push"]["push_gb_per_s"] > 0 and checks["push"]["probe_mean_gap"] <= 1e-4
     assert checks["resume"]["bit_exact"] and checks["resume"]["losses_straight"] == checks["resume"]["losses_resumed"]
+    assert checks["moe"]["float32"]["max_logprob_diff"] <= 1e-4 and checks["moe"]["update"]["grad_norm"] > 0
 
 
 def test_a_failing_check_is_reported_and_fails_the_run(tmp_path):
