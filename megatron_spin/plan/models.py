@@ -4,8 +4,10 @@ The table holds the published Hugging Face ``config.json`` fields (only those
 :func:`arch_from_hf_config` reads), so a named model goes through exactly the parsing a
 downloaded checkpoint would.  Values checked against the public configs of
 meta-llama/Meta-Llama-3-8B and Meta-Llama-3-70B (untied embeddings, RoPE base 500000,
-8192 positions, no rope_scaling) and of HuggingFaceTB/SmolLM2-135M-Instruct (the packaged
-CPU model; tied embeddings).
+8192 positions, no rope_scaling), of HuggingFaceTB/SmolLM2-135M-Instruct (the packaged
+CPU model; tied embeddings) and of Qwen/Qwen3-30B-A3B (mixture of experts: 128 experts of
+768, top 8 renormalised, no shared expert, every layer sparse; head_dim 128 ≠ 2048/32;
+untied; 30.5 B parameters, 3.3 B activated, as its model card says).
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ PUBLISHED: dict[str, dict] = {
                      "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
                      "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
                      "tie_word_embeddings": True},
+    "qwen3-30b-a3b": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu",
+                      "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+                      "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+                      "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                      "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                      "router_aux_loss_coef": 0.001, "vocab_size": 151936, "max_position_embeddings": 40960,
+                      "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "use_sliding_window": False,
+                      "sliding_window": None, "tie_word_embeddings": False, "attention_bias": False},
 }
 
 # Preset name → the model it is written for (used unless --model is given).

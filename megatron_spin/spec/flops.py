@@ -8,6 +8,11 @@ Forward FLOPs per token (a multiply-add counts 2)::
     2 · matmul weights                      per layer: (a + 2g)·d·h  (QKV)  +  a·d·h  (proj)
                                                        + 3·f·h  (SwiGLU: gate, up, down)
                                             once:      h·V  (output layer, counted even when tied)
+
+A mixture-of-experts layer (E experts of width f_e, top-k) replaces ``3·f·h`` by the router's
+``E·h`` (every token is scored against every expert) plus the ``k`` experts the token goes
+through, ``k·3·f_e·h`` — the "active" weights, not all E experts' (what MoE MFU is quoted in).
+Unbalanced routing changes which rank does the work, not the total.
     + 4 · a·d · s  per layer                QKᵀ scores (2·a·d·s) and the context A·V (2·a·d·s)
 
 The attention term counts all ``s`` keys for every token — no causal halving — which is the
@@ -29,10 +34,16 @@ from megatron_spin.spec.arch import ModelArch
 
 
 def matmul_params_per_token(arch: ModelArch) -> int:
-    """Weights every token multiplies through: all layers' linears plus the output layer."""
+    """Weights every token multiplies through: all layers' linears plus the output layer.
+
+    MoE: the router (E·h) and the top-k experts' SwiGLUs (k·3·f_e·h) instead of the dense MLP."""
     h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
     a, g = arch.num_attention_heads, arch.num_kv_heads
-    per_layer = (a + 2 * g) * d * h + a * d * h + 3 * f * h
+    if arch.is_moe:
+        mlp = arch.num_experts * h + arch.moe_top_k * 3 * arch.moe_ffn_hidden_size * h
+    else:
+        mlp = 3 * f * h
+    per_layer = (a + 2 * g) * d * h + a * d * h + mlp
     return arch.num_layers * per_layer + h * arch.vocab_size
 
 

@@ -4,7 +4,10 @@ Real GPTModels (the repo's builder, on the meta device: shapes only, no memory) 
 Llama, Qwen2 and Qwen3 architectures, tied and untied, two with a vocabulary TP=2 does not divide
 (padded), at TP1/PP1, TP2/PP1, TP1/PP2, TP2/PP2 and PP2×VPP2, all in one 4-rank gloo launch
 (smaller layouts use data parallelism over the spare ranks).  Every rank compares ``sum(p.numel())`` over its chunks with
-``plan.params.rank_params`` for its pipeline stage.
+``plan.params.rank_params`` for its pipeline stage.  In the same launch a tiny Qwen3-MoE model
+runs at those layouts (EP = 1) and at EP = 2 and 4 with TP and PP (EP ranks are DP ranks: DP % EP
+== 0); there the parameters Megatron marks expert-parallel (``allreduce=False``, what the
+distributed optimizer shards over expert-DP only) must also equal ``plan.params.rank_expert_params``.
 """
 
 from __future__ import annotations
@@ -36,28 +39,46 @@ ARCHS = {
     "oddvocab-untied": make_arch(vocab_size=257),
     "oddvocab-tied": make_arch(vocab_size=257, tie_word_embeddings=True),
 }
+# 4 experts of 48 (divisible by TP 2), top 2; Qwen3's q/k norms and head_dim 16.
+MOE = make_arch(family="qwen3_moe", hf_architecture="Qwen3MoeForCausalLM", qk_layernorm=True, head_dim=16,
+                num_experts=4, moe_top_k=2, moe_ffn_hidden_size=48)
+MOE_LAYOUTS = {
+    **LAYOUTS,
+    "ep2": ParallelLayout(1, 1, ep=2),
+    "ep4": ParallelLayout(1, 1, ep=4),
+    "tp2ep2": ParallelLayout(2, 1, ep=2),
+    "pp2ep2": ParallelLayout(1, 2, ep=2),
+}
 
 
-def _count_params(rank, world_size, archs, layouts):
-    """{(arch, layout): (pp_rank, tp_rank, actual numel, planned numel)} on this rank."""
+def _count_params(rank, world_size, archs, layouts, moe, moe_layouts):
+    """{(arch, layout): (pp_rank, tp_rank, actual numel, planned numel)} on this rank; for the MoE
+    model also {("moe-experts", layout): (..., actual expert-parallel numel, planned)}."""
     from megatron_spin.models.builder import build_model
     from megatron_spin.parallel.groups import destroy_parallel, init_parallel
-    from megatron_spin.plan.params import rank_params
+    from megatron_spin.plan.params import rank_expert_params, rank_params
 
     out = {}
-    for lname, layout in layouts.items():
+    for lname, layout in moe_layouts.items():
         pctx = init_parallel(layout)
-        for aname, arch in archs.items():
+        for aname, arch in {**(archs if lname in layouts else {}), "moe": moe}.items():
             chunks = build_model(arch, pctx, init_weights=False, on_meta=True)
-            actual = sum(p.numel() for c in chunks for p in c.parameters())
-            out[(aname, lname)] = (pctx.pp_rank, pctx.tp_rank, actual, rank_params(arch, layout, pctx.pp_rank))
+            params = [p for c in chunks for p in c.parameters()]
+            out[(aname, lname)] = (pctx.pp_rank, pctx.tp_rank, sum(p.numel() for p in params),
+                                   rank_params(arch, layout, pctx.pp_rank))
+            if aname == "moe":
+                # Megatron marks expert weights allreduce=False only when EP > 1 (tensor_parallel/layers.py);
+                # at EP = 1 they are ordinary data-parallel weights, and DP/EP = DP shards them the same.
+                expert = sum(p.numel() for p in params if not getattr(p, "allreduce", True))
+                planned = rank_expert_params(arch, layout, pctx.pp_rank) if layout.ep > 1 else 0
+                out[("moe-experts", lname)] = (pctx.pp_rank, pctx.tp_rank, expert, planned)
         destroy_parallel()
     return out
 
 
 @pytest.fixture(scope="module")
 def counts():
-    return launch(_count_params, world_size=4, args=(ARCHS, LAYOUTS), timeout=180)
+    return launch(_count_params, world_size=4, args=(ARCHS, LAYOUTS, MOE, MOE_LAYOUTS), timeout=180)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -65,6 +86,15 @@ def counts():
 def test_rank_params_match_megatron(counts, arch, layout):
     for rank, per_rank in enumerate(counts):
         pp_rank, tp_rank, actual, planned = per_rank[(arch, layout)]
+        assert planned == actual, f"rank {rank} (pp {pp_rank}, tp {tp_rank}): planned {planned}, Megatron {actual}"
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+@pytest.mark.parametrize("part", ["moe", "moe-experts"])
+def test_moe_rank_params_match_megatron(counts, part, layout):
+    """All parameters of a rank, and its expert-parallel ones: router replicated, E/EP experts split over TP."""
+    for rank, per_rank in enumerate(counts):
+        pp_rank, tp_rank, actual, planned = per_rank[(part, layout)]
         assert planned == actual, f"rank {rank} (pp {pp_rank}, tp {tp_rank}): planned {planned}, Megatron {actual}"
 
 
