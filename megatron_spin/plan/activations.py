@@ -45,6 +45,27 @@ Interleaved with ``v`` chunks, Megatron warms up ``2(p - i - 1) + (v - 1)p`` chu
 micro-batches, so ``min(2(p - i - 1) + (v - 1)p + 1, M·v)`` chunks of ``L/(p·v)`` layers are
 held — at the first stage ``L·(1 + (p - 1)/(p·v))`` layers' worth, the paper's figure.
 Activations of ``fp32`` runs are 4 bytes instead of 2 (masks stay 1 byte).
+
+Mixture of experts (E experts of width ``f_e``, top-``k``, Megatron's all-to-all dispatcher,
+one SequentialMLP per expert; ``MEGATRON_GPU`` only — ``PAPER`` keeps the paper's dense GPT):
+
+* Each token is routed ``k`` times, so the expert MLPs see ``k·s·b`` tokens: the SwiGLU terms
+  become ``2·3·f_e·k·s·b/t`` and each expert's fc1 saves its input, ``2·k·s·b·h`` — not split
+  over TP, because the dispatcher all-gathers the tokens over TP before the experts (expert
+  TP = TP) and every TP rank computes its slice of f_e for all of them.  The count assumes
+  balanced routing (no capacity factor: an overloaded rank holds more, nothing is dropped).
+* The router saves its input (the pre-MLP norm output, in place of the dense fc1 input) and
+  roughly one fp32 ``[s·b, E]`` score tensor plus the int64 permutation indices of the
+  ``k`` routes: ``s·b·(4E + 8k)`` bytes, small next to the hidden-size terms.
+* Dispatch buffers: while a MoE layer runs, the all-to-all and TP all-gather outputs and the
+  experts' output before the combine are live beside the saved tensors — about two
+  ``[k·s·b, h]`` buffers, ``2·2·k·s·b·h`` bytes of working memory for one layer of one
+  micro-batch (transient: counted once per stage, like the recompute working layer).
+* Megatron trains a MoE model at TP > 1 only with sequence parallelism (the trainer's
+  builder switches it on), which splits every term that is replicated over TP without it
+  (norm, QKV and router inputs, the recompute checkpoints, the last stage's hidden-size
+  inputs) by ``t``, as in Korthikanti et al.'s SP case (``s·b·h·34/t`` for their GPT).
+  Dense models train without it.
 """
 
 from __future__ import annotations
@@ -71,25 +92,38 @@ PAPER = ActivationModel("paper", gated_mlp=False, flash_attention=False, dropout
 MODELS = {m.name: m for m in (MEGATRON_GPU, PAPER)}
 
 
+def sequence_parallel(arch: ModelArch, tp: int, model: ActivationModel = MEGATRON_GPU) -> bool:
+    """Whether the trainer runs with sequence parallelism: MoE models at TP > 1 (module doc)."""
+    return arch.is_moe and tp > 1 and not model.paper_dims
+
+
 def layer_terms(arch: ModelArch, s: int, b: int, tp: int, model: ActivationModel = MEGATRON_GPU,
                 act_bytes: int = 2) -> dict[str, float]:
     """Bytes one transformer layer saves for one micro-batch ``[s, b]``, by term (module doc)."""
     h, a = arch.hidden_size, arch.num_attention_heads
+    moe = arch.is_moe and not model.paper_dims
     if model.paper_dims:
         q, kv, f = h, h, 4 * h
     else:
         q, f = a * arch.head_dim, arch.ffn_hidden_size
         # unfused local attention repeats KV heads up to `a` before its matmuls (module doc)
         kv = arch.num_kv_heads * arch.head_dim if model.flash_attention else q
+    rep = tp if sequence_parallel(arch, tp, model) else 1  # what "replicated over TP" is split by
     sb, B = s * b, act_bytes
     terms = {
-        "norm_inputs": 2 * sb * h * B,
-        "qkv_fc1_inputs": 2 * sb * h * B,
-        "dropout_masks": 2 * sb * h if model.dropout else 0,
+        "norm_inputs": 2 * sb * h * B / rep,
+        "qkv_fc1_inputs": 2 * sb * h * B / rep,  # MoE: the QKV and router inputs
+        "dropout_masks": 2 * sb * h / rep if model.dropout else 0,
         "q_k_v": sb * (q + 2 * kv) * B / tp,
         "proj_input": sb * q * B / tp,
-        "mlp": sb * (3 if model.gated_mlp else 2) * f * B / tp,
     }
+    if moe:
+        k, fe = arch.moe_top_k, arch.moe_ffn_hidden_size
+        terms["mlp"] = k * sb * 3 * fe * B / tp  # gate, up (fused weighted SwiGLU), fc2 input
+        terms["expert_inputs"] = k * sb * h * B  # all-gathered over TP: every TP rank holds all k·s·b tokens
+        terms["router"] = sb * (4 * arch.num_experts + 8 * k) / rep  # fp32 scores, int64 route indices
+    else:
+        terms["mlp"] = sb * (3 if model.gated_mlp else 2) * f * B / tp
     if model.flash_attention:
         terms["attention"] = 4 * a * sb / tp  # fp32 log-sum-exp
     else:
@@ -103,14 +137,26 @@ def layer_bytes(arch: ModelArch, s: int, b: int, tp: int, model: ActivationModel
     return sum(layer_terms(arch, s, b, tp, model, act_bytes).values())
 
 
-def checkpoint_bytes(arch: ModelArch, s: int, b: int, act_bytes: int = 2) -> float:
-    """Full recompute: the layer input, kept per layer (replicated over TP without SP)."""
-    return s * b * arch.hidden_size * act_bytes
+def checkpoint_bytes(arch: ModelArch, s: int, b: int, act_bytes: int = 2, tp: int = 1,
+                     model: ActivationModel = MEGATRON_GPU) -> float:
+    """Full recompute: the layer input, kept per layer (replicated over TP without SP, split with it)."""
+    rep = tp if sequence_parallel(arch, tp, model) else 1
+    return s * b * arch.hidden_size * act_bytes / rep
 
 
-def output_bytes(arch: ModelArch, s: int, b: int, tp: int, act_bytes: int = 2) -> float:
+def output_bytes(arch: ModelArch, s: int, b: int, tp: int, act_bytes: int = 2,
+                 model: ActivationModel = MEGATRON_GPU) -> float:
     """Last stage, per micro-batch: final-norm and output-layer inputs, fp32 logits for the loss."""
-    return 2 * s * b * arch.hidden_size * act_bytes + 4 * s * b * padded_vocab_size(arch.vocab_size, tp) / tp
+    rep = tp if sequence_parallel(arch, tp, model) else 1  # SP: the output layer saves its local shard
+    return 2 * s * b * arch.hidden_size * act_bytes / rep + 4 * s * b * padded_vocab_size(arch.vocab_size, tp) / tp
+
+
+def dispatch_bytes(arch: ModelArch, s: int, b: int, act_bytes: int = 2,
+                   model: ActivationModel = MEGATRON_GPU) -> float:
+    """MoE working memory of one layer and micro-batch: two ``[k·s·b, h]`` dispatch buffers (module doc)."""
+    if not arch.is_moe or model.paper_dims:
+        return 0.0
+    return 2 * arch.moe_top_k * s * b * arch.hidden_size * act_bytes
 
 
 def in_flight_layers(num_layers: int, pp: int, vpp: int, stage: int, micro_batches: int) -> float:
@@ -127,10 +173,11 @@ class StageActivations:
     stored: float  # saved for the backward over the in-flight micro-batches
     working: float  # recompute: one rebuilt layer of one micro-batch (0 without recompute)
     output: float  # last stage: logits & co. of its one in-flight micro-batch
+    dispatch: float = 0.0  # MoE: all-to-all buffers of the layer running (0 for a dense model)
 
     @property
     def total(self) -> float:
-        return self.stored + self.working + self.output
+        return self.stored + self.working + self.output + self.dispatch
 
 
 def stage_activations(arch: ModelArch, *, s: int, b: int, tp: int, pp: int, vpp: int, stage: int,
@@ -138,6 +185,7 @@ def stage_activations(arch: ModelArch, *, s: int, b: int, tp: int, pp: int, vpp:
                       act_bytes: int = 2) -> StageActivations:
     layers = in_flight_layers(arch.num_layers, pp, vpp, stage, micro_batches)
     full = layer_bytes(arch, s, b, tp, model, act_bytes)
-    per_layer = checkpoint_bytes(arch, s, b, act_bytes) if recompute else full
-    output = output_bytes(arch, s, b, tp, act_bytes) if stage == pp - 1 else 0.0
-    return StageActivations(stored=layers * per_layer, working=full if recompute else 0.0, output=output)
+    per_layer = checkpoint_bytes(arch, s, b, act_bytes, tp, model) if recompute else full
+    output = output_bytes(arch, s, b, tp, act_bytes, model) if stage == pp - 1 else 0.0
+    return StageActivations(stored=layers * per_layer, working=full if recompute else 0.0, output=output,
+                            dispatch=dispatch_bytes(arch, s, b, act_bytes, model))

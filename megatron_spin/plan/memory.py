@@ -12,6 +12,17 @@ Static per parameter held by the rank (``N`` = :func:`params.rank_params`, ``D``
 So bf16 Adam costs the classic 18 bytes per parameter, 6 + 12/D with the distributed
 optimizer.  Activations come from :mod:`activations`.
 
+Mixture of experts with EP ``e``: each rank holds E/e experts per layer (``N`` counts them,
+:func:`params.rank_params`), and the distributed optimizer shards the expert weights
+``N_e`` (:func:`params.rank_expert_params`) over the *expert*-data-parallel group only,
+D/e ranks (the other ranks of the data-parallel group hold other experts), the rest over D::
+
+    optimizer    12·(N − N_e)/D + 12·N_e/(D/e)
+
+Weights, gradients (one fp32 main-grad buffer per parameter, expert or not) and the
+reference copy are per parameter held, as for a dense model.  The MoE dispatch buffers of
+the layer running add to the activations (``moe_dispatch``).
+
 Phases (the peak of each is reported; the run needs the largest to fit):
 
 * ``train``: static + activations (+ reference weights unless offloaded).  Colocated
@@ -38,7 +49,7 @@ from typing import Optional
 from megatron_spin.spec.arch import ModelArch
 from megatron_spin.parallel.layout import ParallelLayout, padded_vocab_size
 from megatron_spin.plan import activations as act
-from megatron_spin.plan.params import model_params, rank_params
+from megatron_spin.plan.params import model_params, rank_expert_params, rank_params
 
 GIB = 2.0**30  # GPUs are sold in GiB: an "80 GB" H100 holds 80 GiB
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # spec.precision.DType values
@@ -74,6 +85,7 @@ class StageMemory:
     params: int
     items: dict[str, float]
     phases: dict[str, float]
+    expert_params: int = 0  # of ``params``, the expert weights (sharded over expert-DP only)
 
     @property
     def peak(self) -> float:
@@ -109,9 +121,14 @@ def optimizer_bytes_per_param(precision: str, optimizer: str, sgd_momentum: floa
 def stage_memory(arch: ModelArch, setup: TrainSetup, stage: int) -> StageMemory:
     lay, pbytes = setup.layout, DTYPE_BYTES[setup.precision]
     n = rank_params(arch, lay, stage)
-    opt = optimizer_bytes_per_param(setup.precision, setup.optimizer, setup.sgd_momentum) * n
+    n_exp = rank_expert_params(arch, lay, stage)
+    per = optimizer_bytes_per_param(setup.precision, setup.optimizer, setup.sgd_momentum)
+    opt = per * n
     if setup.distributed_optimizer:
-        opt /= setup.dp
+        # megatron-core 0.16.1, optimizer/__init__.py get_megatron_optimizer: parameters with
+        # allreduce=False (the experts' linears, transformer/moe/experts.py) get a DistributedOptimizer
+        # of their own over intra_expt_dp_group (D/EP ranks); the rest shard over intra_dp_cp_group (D).
+        opt = per * (n - n_exp) / setup.dp + (per * n_exp / (setup.dp // lay.ep) if n_exp else 0)
     acts = act.stage_activations(arch, s=setup.seq_len, b=setup.micro_seqs, tp=lay.tp, pp=lay.pp,
                                  vpp=lay.chunks_per_rank, stage=stage, micro_batches=setup.micro_batches,
                                  recompute=setup.recompute, model=setup.activation_model, act_bytes=pbytes)
@@ -122,6 +139,7 @@ def stage_memory(arch: ModelArch, setup: TrainSetup, stage: int) -> StageMemory:
         "optimizer": float(opt),
         "activations": acts.stored + acts.output,
         "recompute_working": acts.working,
+        **({"moe_dispatch": acts.dispatch} if arch.is_moe else {}),
         "reference": 0.0 if setup.ref_offload else ref_weights,
         "overhead": setup.overhead_gib * GIB,
     }
@@ -129,13 +147,14 @@ def stage_memory(arch: ModelArch, setup: TrainSetup, stage: int) -> StageMemory:
     phases = {"train": static + items["reference"] + acts.total}
     if setup.reference:
         fwd = act.layer_bytes(arch, setup.seq_len, setup.micro_seqs, lay.tp, setup.activation_model, pbytes)
+        fwd += acts.dispatch  # the MoE layer's all-to-all buffers (0 for a dense model)
         if stage == lay.pp - 1:
             fwd += 6 * setup.seq_len * setup.micro_seqs * padded_vocab_size(arch.vocab_size, lay.tp) / lay.tp
         phases["reference"] = static + ref_weights + fwd
     if setup.engine_fraction is not None:
         items["rollout_engine"] = setup.engine_fraction * setup.gpu_mem_gib * GIB
         phases["rollout"] = static + items["reference"] + items["rollout_engine"]
-    return StageMemory(stage, n, items, phases)
+    return StageMemory(stage, n, items, phases, n_exp)
 
 
 def estimate(arch: ModelArch, setup: TrainSetup) -> MemoryEstimate:
