@@ -12,12 +12,20 @@ shape (nodes, GPUs per node, GPU memory), this
    full recompute), the reference model (on device or offloaded), a colocated SGLang
    engine's static pool and a fixed overhead — for the train, reference and rollout phases,
    and the step's model FLOPs (training, reference, generation);
-3. enumerates TP × PP × distributed optimizer × recompute × reference offload, keeps the
+3. enumerates TP × PP × EP × distributed optimizer × recompute × reference offload, keeps the
    layouts the trainer accepts, and ranks them by fit, then by a step-time proxy.
+
+Mixture-of-experts models (Qwen3-MoE, e.g. ``--model qwen3-30b-a3b``): EP (expert
+parallelism, ``actor_rollout_ref.actor.ep``) splits each layer's experts over EP of the
+data-parallel ranks (DP % EP == 0, experts % EP == 0); each rank holds experts/EP experts,
+the distributed optimizer shards expert weights over DP/EP ranks only, routed tokens count
+top-k times in the activations, and FLOPs count the router and the top-k experts.  The
+report shows EP in every layout of a MoE model and its total and active parameters.
 
     python tools/plan.py --preset spin_70b --gpu-mem-gb 80
     python tools/plan.py --preset spin_8b --nodes 1 --gpus-per-node 8 actor_rollout_ref.actor.tp=4
     python tools/plan.py --preset spin_trainer --model llama3-8b --gpus-per-node 8 --json
+    python tools/plan.py --preset spin_8b --model qwen3-30b-a3b --gpu-mem-gb 141
     python tools/plan.py --preset spin_70b --model /models/Llama-3.1-70B/config.json --top 20
 
 Trailing ``key=value`` arguments are Hydra overrides of the preset, as for
@@ -40,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-dir", default=None, help="compose presets from this directory instead")
     p.add_argument("--model", default=None,
                    help="HF config.json or model directory, or a published name (llama3-8b, llama3-70b, "
-                        "smollm2-135m); default: the preset's model")
+                        "smollm2-135m, qwen3-30b-a3b: MoE, EP is searched); default: the preset's model")
     p.add_argument("--nodes", type=int, default=None, help="default: the preset's trainer.nnodes")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: the preset's trainer.n_gpus_per_node")
     p.add_argument("--gpu-mem-gb", "--gpu-mem-gib", dest="gpu_mem", type=float, default=80.0,

@@ -143,6 +143,11 @@ def load_plan_input(req: PlanRequest) -> PlanInput:
         notes.append(f"actor_rollout_ref.rollout.mem_fraction_static is not set: SGLang picks its own; assumed "
                      f"{SGLANG_DEFAULT_FRACTION}" + (" (set it: a colocated trainer needs the rest of the GPU)"
                                                      if r.colocated else ""))
+    if arch.is_moe and layout.tp > 1:
+        # models/builder.py check_moe_training: Megatron trains MoE at TP > 1 only with sequence
+        # parallelism, which needs TransformerEngine's norms.
+        notes.append("MoE at TP > 1 trains only with sequence parallelism (TransformerEngine; estimated so)"
+                     + ("; a CPU run refuses it: use TP=1 and EP" if run.trainer.n_gpus_per_node == 0 else ""))
     if a.precision.fp8 is not None:
         notes.append("actor.precision.fp8: estimated as bf16 (FP8 weight caches and fp8-saved activations not modelled)")
     return PlanInput(run, arch, source, placement, layout, req.gpu_mem_gib, req.overhead_gib, filled, tuple(notes),

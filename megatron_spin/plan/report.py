@@ -6,7 +6,7 @@ import dataclasses
 
 from megatron_spin.spec import flops as fl
 from megatron_spin.plan.memory import GIB, engine_memory, max_engine_fraction
-from megatron_spin.plan.params import model_params
+from megatron_spin.plan.params import active_params, model_params
 from megatron_spin.plan.preset import SGLANG_DEFAULT_FRACTION, PlanInput, engine_fraction, pairs_per_step
 from megatron_spin.plan.search import ACHIEVED_FLOPS, Candidate
 
@@ -16,6 +16,7 @@ ITEM_LABELS = {
     "optimizer": "optimizer (master + states)",
     "activations": "activations (stored)",
     "recompute_working": "recompute working layer",
+    "moe_dispatch": "MoE dispatch buffers",
     "reference": "reference weights",
     "overhead": "fixed overhead",
     "rollout_engine": "rollout engine (SGLang static)",
@@ -32,9 +33,23 @@ def _flags(c: Candidate) -> str:
                                     ("ref-offload", s.reference and s.ref_offload)) if on) or "-"
 
 
-def _layout(c: Candidate) -> str:
+def _layout(c: Candidate, moe: bool = False) -> str:
+    """``TP2 PP2 DP2``; a mixture-of-experts model also shows its EP (its experts over EP of the DP ranks)."""
     lay = c.setup.layout
-    return f"TP{lay.tp} PP{lay.pp}" + (f" VPP{lay.vpp}" if lay.chunks_per_rank > 1 else "") + f" DP{c.setup.dp}"
+    return (f"TP{lay.tp} PP{lay.pp}" + (f" VPP{lay.vpp}" if lay.chunks_per_rank > 1 else "")
+            + (f" EP{lay.ep}" if moe else "") + f" DP{c.setup.dp}")
+
+
+def _model_line(a) -> str:
+    if a.is_moe:
+        mlp = (f"MoE {a.num_experts} SwiGLU experts of {a.moe_ffn_hidden_size}, top-{a.moe_top_k}"
+               + (" (renormalised)" if a.moe_norm_topk_prob else ""))
+        size = f"{model_params(a) / 1e9:.2f} B parameters ({active_params(a) / 1e9:.2f} B active per token)"
+    else:
+        mlp, size = f"SwiGLU FFN {a.ffn_hidden_size}", f"{model_params(a) / 1e9:.2f} B parameters"
+    return (f"  model    {a.num_layers} layers, hidden {a.hidden_size}, {a.num_attention_heads} heads / "
+            f"{a.num_kv_heads} KV heads of {a.head_dim}, {mlp}, vocab {a.vocab_size}, "
+            f"{'tied' if a.tie_word_embeddings else 'untied'}: {size}")
 
 
 def header(inp: PlanInput, preset: str) -> list[str]:
@@ -44,9 +59,7 @@ def header(inp: PlanInput, preset: str) -> list[str]:
     total = run.trainer.nnodes * gpn
     lines = [
         f"megatron_spin layout plan: preset {preset}, model {inp.model_source}",
-        f"  model    {a.num_layers} layers, hidden {a.hidden_size}, {a.num_attention_heads} heads / "
-        f"{a.num_kv_heads} KV heads of {a.head_dim}, SwiGLU FFN {a.ffn_hidden_size}, vocab {a.vocab_size}, "
-        f"{'tied' if a.tie_word_embeddings else 'untied'}: {model_params(a) / 1e9:.2f} B parameters",
+        _model_line(a),
         f"  cluster  {run.trainer.nnodes} node(s) x {gpn} GPU(s) x {inp.gpu_mem_gib:g} GiB = {total} GPUs; "
         f"{p.trainer_world} train, rollout {r.engine} {r.placement}: {p.engines} engine(s) x TP{r.tp_size}"
         + (f", mem_fraction_static {engine_fraction(run):.2f}" if engine_fraction(run) is not None else ""),
@@ -65,14 +78,16 @@ def requested_table(inp: PlanInput, c: Candidate) -> list[str]:
     shown = [est.stages[0]] + ([est.stages[-1]] if len(est.stages) > 1 else [])
     lines = [
         "",
-        f"Requested layout {_layout(c)} on {c.world} trainer GPUs: valid (load_run_config, Placement.plan, "
-        f"validate_layout)",
+        f"Requested layout {_layout(c, inp.arch.is_moe)} on {c.world} trainer GPUs: valid (load_run_config, "
+        f"Placement.plan, validate_layout)",
         f"  {s.precision}, {s.optimizer}, {_flags(c)}; M = {s.micro_batches} micro-batches per DP rank per step; "
         f"activation model {s.activation_model.name}",
         "",
         f"  {'per GPU [GiB]':32s}" + "".join(f"{'stage ' + str(st.stage):>10s}" for st in shown),
         f"  {'parameters [M]':32s}" + "".join(f"{st.params / 1e6:10.1f}" for st in shown),
     ]
+    if inp.arch.is_moe:  # sharded over expert-DP (DP/EP) by the distributed optimizer, the rest over DP
+        lines.append(f"  {'  of which experts [M]':32s}" + "".join(f"{st.expert_params / 1e6:10.1f}" for st in shown))
     for key, label in ITEM_LABELS.items():
         if key in shown[0].items:
             lines.append(f"  {label:32s}" + "".join(f"  {_gb(st.items[key])}" for st in shown))
@@ -145,7 +160,7 @@ def engine_lines(e: dict | None) -> list[str]:
          if e["weights"] >= e["static_pool"] else [])
 
 
-def candidates_table(cands: list[Candidate], top: int) -> list[str]:
+def candidates_table(cands: list[Candidate], top: int, moe: bool = False) -> list[str]:
     fitting = [c for c in cands if c.fits]
     colocated = any(c.setup.engine_fraction is not None for c in cands)
     if fitting:
@@ -159,15 +174,17 @@ def candidates_table(cands: list[Candidate], top: int) -> list[str]:
     lines = ["", title + "; GiB per GPU: items of the stage with the largest train phase, phases: the largest over "
                  "stages" + ("; max_frac: largest colocated mem_fraction_static "
                                                        "the trainer leaves room for" if colocated else "")]
-    lines.append(f"  {'#':>2s} {'layout':18s} {'flags':28s} {'weights':>8s} {'grads':>8s} {'optim':>8s} "
+    lw = 23 if moe else 18  # room for "TP1 PP2 VPP2 EP16 DP16"
+    lines.append(f"  {'#':>2s} {'layout':{lw}s} {'flags':28s} {'weights':>8s} {'grads':>8s} {'optim':>8s} "
                  f"{'activ':>8s} {'ref':>8s} {'engine':>8s} | {'train':>8s} {'refpass':>8s} {'rollout':>8s} | "
                  f"{'peak':>8s} {'step_s':>7s}" + (f" {'max_frac':>8s}" if colocated else ""))
     for i, c in enumerate(shown, 1):
         w = max(c.memory.stages, key=lambda st: st.phases["train"])
         it, ph = w.items, c.memory.phase_peaks
         lines.append(
-            f"  {i:2d} {_layout(c):18s} {_flags(c):28s} {_gb(it['weights'])} {_gb(it['gradients'])} "
-            f"{_gb(it['optimizer'])} {_gb(it['activations'] + it['recompute_working'])} {_gb(it['reference'])} "
+            f"  {i:2d} {_layout(c, moe):{lw}s} {_flags(c):28s} {_gb(it['weights'])} {_gb(it['gradients'])} "
+            f"{_gb(it['optimizer'])} {_gb(it['activations'] + it['recompute_working'] + it.get('moe_dispatch', 0.0))} "
+            f"{_gb(it['reference'])} "
             f"{_gb(it.get('rollout_engine'))} | {_gb(ph['train'])} {_gb(ph.get('reference'))} "
             f"{_gb(ph.get('rollout'))} | {_gb(c.memory.worst.peak)} {c.step_s:7.1f}"
             + (f" {max_engine_fraction(c.memory):8.2f}" if colocated else ""))
@@ -180,12 +197,14 @@ def candidates_table(cands: list[Candidate], top: int) -> list[str]:
 def candidate_dict(c: Candidate) -> dict:
     s = c.setup
     return {
-        "tp": s.layout.tp, "pp": s.layout.pp, "vpp": s.layout.vpp, "dp": s.dp, "trainer_gpus": c.world,
+        "tp": s.layout.tp, "pp": s.layout.pp, "vpp": s.layout.vpp, "ep": s.layout.ep, "dp": s.dp,
+        "trainer_gpus": c.world,
         "distributed_optimizer": s.distributed_optimizer, "recompute": s.recompute,
         "ref_offload": s.ref_offload, "reference": s.reference, "micro_batches": s.micro_batches,
         "fits": c.fits, "step_time_proxy_s": c.step_s, "problems": list(c.problems),
         "peak_gib": c.memory.worst.peak / GIB, "phase_peaks_gib": {k: v / GIB for k, v in c.memory.phase_peaks.items()},
-        "stages": [{"stage": st.stage, "params": st.params, "items_gib": {k: v / GIB for k, v in st.items.items()},
+        "stages": [{"stage": st.stage, "params": st.params, "expert_params": st.expert_params,
+                    "items_gib": {k: v / GIB for k, v in st.items.items()},
                     "phases_gib": {k: v / GIB for k, v in st.phases.items()}} for st in c.memory.stages],
     }
 
@@ -193,7 +212,8 @@ def candidate_dict(c: Candidate) -> dict:
 def plan_dict(inp: PlanInput, preset: str, req: Candidate, cands: list[Candidate], top: int) -> dict:
     out = {
         "preset": preset, "model": inp.model_source, "arch": dataclasses.asdict(inp.arch),
-        "model_params": model_params(inp.arch), "gpu_mem_gib": inp.gpu_mem_gib, "overhead_gib": inp.overhead_gib,
+        "model_params": model_params(inp.arch), "active_params": active_params(inp.arch),
+        "gpu_mem_gib": inp.gpu_mem_gib, "overhead_gib": inp.overhead_gib,
         "placement": dataclasses.asdict(inp.placement), "placeholders": list(inp.placeholders),
         "notes": list(inp.notes), "requested": candidate_dict(req), "flops": flops_summary(inp, req),
         "engine": engine_summary(inp),
@@ -207,5 +227,5 @@ def plan_dict(inp: PlanInput, preset: str, req: Candidate, cands: list[Candidate
 
 def plan_text(inp: PlanInput, preset: str, req: Candidate, cands: list[Candidate], top: int) -> str:
     lines = header(inp, preset) + requested_table(inp, req) + flops_lines(flops_summary(inp, req))
-    lines += engine_lines(engine_summary(inp)) + candidates_table(cands, top)
+    lines += engine_lines(engine_summary(inp)) + candidates_table(cands, top, inp.arch.is_moe)
     return "\n".join(lines)
