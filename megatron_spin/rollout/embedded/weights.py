@@ -8,6 +8,14 @@ After ``release`` (colocated mode: give the memory back while the actor trains) 
 gone; ``resume`` reallocates them and marks every tensor *unloaded*.  Generation is refused until
 updates have covered all of them again, so a partial push after a resume cannot silently serve a
 half-initialised model.
+
+Names are the checkpoint's, as SGLang's ``load_weights`` takes them, also where the loaded model
+holds a tensor differently: transformers (>= 5) fuses the experts of a Qwen3-MoE layer into two
+3-D parameters, ``mlp.experts.gate_up_proj [E, 2I, H]`` (each expert's gate rows, then its up
+rows) and ``mlp.experts.down_proj [E, H, I]``, while checkpoints — and so the trainer's push —
+name every expert's projections (``mlp.experts.{e}.gate_proj.weight [I, H]``, ``up_proj``,
+``down_proj``).  Each such name is a *view* into the fused parameter (:func:`checkpoint_views`);
+a check, load, read or "not loaded since resume" is per view.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -23,18 +31,49 @@ from megatron_spin.convert.hf_io import SAFETENSORS_DTYPES
 from megatron_spin.wire.tensor_payload import PayloadError
 
 _MAX_LISTED = 5
+# Model types whose fused expert layout (above) was read from transformers' own checkpoint
+# conversion ("mlp.experts.*.gate_proj/up_proj" stacked, then concatenated on dim 1).
+_PER_EXPERT_CHECKPOINT = frozenset({"qwen3_moe"})
+_Index = Optional[tuple]  # None: the whole parameter; else (expert, row slice) or (expert,)
+
+
+def checkpoint_views(model_type: str, name: str, p: torch.Tensor) -> dict[str, tuple[str, _Index]]:
+    """{checkpoint tensor name: (parameter name, index into it)} for parameter ``name``: itself,
+    or one view per expert and projection of a fused MoE expert parameter."""
+    if model_type in _PER_EXPERT_CHECKPOINT and p.dim() == 3:
+        prefix, _, kind = name.rpartition(".")
+        if prefix.endswith(".experts") and kind == "gate_up_proj":
+            inter = p.shape[1] // 2
+            return {f"{prefix}.{e}.{proj}.weight": (name, (e, rows))
+                    for e in range(p.shape[0])
+                    for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter)))}
+        if prefix.endswith(".experts") and kind == "down_proj":
+            return {f"{prefix}.{e}.down_proj.weight": (name, (e,)) for e in range(p.shape[0])}
+    return {name: (name, None)}
 
 
 class ModelWeights:
     def __init__(self, model: torch.nn.Module):
         self._params = dict(model.named_parameters())  # tied weights appear once
-        self._shapes = {n: tuple(p.shape) for n, p in self._params.items()}
-        self._dtypes = {n: p.dtype for n, p in self._params.items()}
+        self._param_shapes = {n: tuple(p.shape) for n, p in self._params.items()}
+        model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+        self._views: dict[str, tuple[str, _Index]] = {}  # checkpoint name -> (parameter, index)
+        for name, p in self._params.items():
+            self._views.update(checkpoint_views(model_type, name, p))
+        self._shapes = {n: tuple(self._view(n).shape) for n in self._views}
+        self._dtypes = {n: self._params[pn].dtype for n, (pn, _) in self._views.items()}
         self.unloaded: set[str] = set()
+
+    def _view(self, name: str) -> torch.Tensor:
+        """The tensor checkpoint name ``name`` addresses, a view of the live parameter (taken
+        afresh each time: ``release`` and ``resume`` replace the parameters' storage)."""
+        param, index = self._views[name]
+        p = self._params[param]
+        return p if index is None or p.numel() == 0 else p[index]  # released: its empty storage
 
     @property
     def names(self) -> list[str]:
-        return list(self._params)
+        return list(self._views)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
@@ -43,9 +82,9 @@ class ModelWeights:
         return self._dtypes[name]
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._params:
+        if name not in self._views:
             raise KeyError(name)
-        return self._params[name]
+        return self._view(name)
 
     def check(self, named: Sequence[tuple[str, torch.Tensor]], *, complete: bool = False, where: str = "update") -> None:
         """Raise :class:`PayloadError` listing what is wrong with ``named`` (nothing is modified).
@@ -53,7 +92,7 @@ class ModelWeights:
         Meta tensors (shapes read from file headers) are checked for name, shape and dtype only."""
         problems, seen = [], set()
         for name, t in named:
-            if name not in self._params:
+            if name not in self._views:
                 problems.append(f"unknown tensor {name!r}")
             elif tuple(t.shape) != self._shapes[name]:
                 problems.append(f"{name}: shape {tuple(t.shape)}, the model has {self._shapes[name]}")
@@ -65,7 +104,7 @@ class ModelWeights:
                 problems.append(f"{name}: sent twice")
             seen.add(name)
         if complete:
-            missing = [n for n in self._params if n not in seen]
+            missing = [n for n in self._views if n not in seen]
             if missing:
                 problems.append(f"{len(missing)} of the model's tensors missing, e.g. {missing[:_MAX_LISTED]}")
         if problems:
@@ -77,8 +116,7 @@ class ModelWeights:
         """Copy checked tensors into the model; returns the number of bytes copied."""
         copied = 0
         for name, t in named:
-            p = self._params[name]
-            p.copy_(t)
+            self._view(name).copy_(t)
             copied += t.numel() * t.element_size()
             self.unloaded.discard(name)
         return copied
@@ -86,16 +124,16 @@ class ModelWeights:
     def release(self) -> None:
         for p in self._params.values():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        self.unloaded = set(self._params)
+        self.unloaded = set(self._views)
 
     def resume(self) -> None:
         for name, p in self._params.items():
-            if p.numel() == 0 and self._shapes[name] != (0,):
-                p.data = torch.zeros(self._shapes[name], dtype=self._dtypes[name], device=p.device)
+            if p.numel() == 0 and self._param_shapes[name] != (0,):
+                p.data = torch.zeros(self._param_shapes[name], dtype=p.dtype, device=p.device)
 
     @property
     def released(self) -> bool:
-        return any(p.numel() == 0 and self._shapes[n] != (0,) for n, p in self._params.items())
+        return any(p.numel() == 0 and self._param_shapes[n] != (0,) for n, p in self._params.items())
 
 
 def all_finite(t: torch.Tensor) -> bool:
