@@ -2,7 +2,8 @@
 
 Every *feeder* rank (:class:`~megatron_spin.sync.routing.FeedRoute`) holds the full HF tensors
 of the whole model, one parameter at a time (:func:`~megatron_spin.sync.gather.iter_full_hf_weights`:
-TP all-gather on the owning stage, then a broadcast along the pipeline), buckets them into one
+TP all-gather on the owning stage — for a MoE expert first a broadcast from each EP rank, so
+every expert of the layer comes by —, then a broadcast along the pipeline), buckets them into one
 flat buffer on its device, and encodes a handle to it for each engine TP rank it feeds.  The
 feeders of one engine gather their handles to the engine's leader (its TP rank 0's feeder),
 which sends ``/update_weights_from_tensor`` with one payload per TP rank, in TP order; the

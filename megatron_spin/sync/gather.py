@@ -18,6 +18,19 @@ on the global parameter list (one object all-gather along the pipeline); then, p
 parameter in that order, the owning stage's TP ranks all-gather and merge it, and it is
 broadcast along each pipeline group to the other stages.  Every rank of a data-parallel replica
 that holds a feeder takes part in every collective; only feeders convert and yield.
+
+**Experts (MoE) under expert parallelism.**  A layer's experts are split over the EP ranks of
+its EP group — data-parallel ranks of the dense layers at the same TP rank and stage — rank
+``r`` holding global experts ``r * E/EP ... (r+1) * E/EP - 1`` under the same local indices, so
+a replica alone holds only ``E/EP`` experts of each layer.  Every EP rank walks its parameters
+in the same local order; at an expert parameter (local expert ``l``) the walk becomes ``EP``
+steps, one per EP rank ``r`` in rank order: ``r`` broadcasts its shard over the EP group (equal
+shapes on every EP rank), and the tensor continues as the parameter of global expert
+``r * E/EP + l`` (TP gather, merge, conversion, PP broadcast).  One expert's shard is in flight
+at a time.  So every EP peer of a walking rank must walk too: in the stage push a rank of
+another replica *lends* its experts (``experts_only``: it takes part in the broadcasts only);
+in the feed push every replica of an EP group with a feeder walks.  Dense parameters, and every
+model at EP=1, go exactly as described above.
 """
 
 from __future__ import annotations
@@ -66,31 +79,75 @@ def stage_parameters(modules: list, arch: ModelArch) -> Iterator[tuple[str, torc
             yield name, p
 
 
-def iter_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[torch.dtype] = None
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, full tensor) for this stage's parameters; yields on TP rank 0 only.
+def iter_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[torch.dtype] = None, *,
+                    experts_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, full tensor) for this stage's parameters, every expert of every layer included;
+    yields on TP rank 0 only.
 
-    Every TP rank of the stage must exhaust the iterator (the TP all-gathers are collective).
-    ``dtype`` casts before the gather (e.g. to the engine's bf16: half the bytes on the wire).
+    Every TP rank of the stage, and under EP every rank of their EP groups, must exhaust the
+    iterator (the TP all-gathers and EP broadcasts are collective).  ``experts_only``: this rank
+    lends its experts to an EP peer's walk (broadcasts only) and yields nothing.  ``dtype`` casts
+    before the gather (e.g. to the engine's bf16: half the bytes on the wire).
     """
     table = converter_for(arch)
     failure: Optional[Exception] = None
     for name, p in stage_parameters(modules, arch):
         param = table.param(name)
-        shard = p.detach() if dtype is None else p.detach().to(dtype)
-        shards = _tp_shards(param, shard, pctx)
-        if pctx.tp_rank != 0 or failure is not None:
+        if experts_only and param.expert is None:
             continue
-        full = table.merge_tp_shards(param, shards)
-        del shards
-        try:  # raised after the walk: a TP peer would wait in the next all-gather otherwise
-            converted = table.to_hf(arch, param, full)
-        except (KeyError, ValueError, RuntimeError) as exc:
-            failure = exc
-        else:
-            yield from converted.items()
+        shard = p.detach() if dtype is None else p.detach().to(dtype)
+        for source, source_shard in _expert_sources(table, arch, param, shard, pctx):
+            if experts_only:
+                continue
+            shards = _tp_shards(source, source_shard, pctx)
+            if pctx.tp_rank != 0 or failure is not None:
+                continue
+            full = table.merge_tp_shards(source, shards)
+            del shards
+            try:  # raised after the walk: a TP or EP peer would wait in the next collective otherwise
+                converted = table.to_hf(arch, source, full)
+            except (KeyError, ValueError, RuntimeError) as exc:
+                failure = exc
+            else:
+                yield from converted.items()
     if failure is not None:
         raise failure
+
+
+def ep_source_params(table, arch: ModelArch, param, pctx) -> list:
+    """The parameters the EP ranks hold in ``param``'s local slot, in EP rank order: ``[param]`` for
+    a dense parameter or at EP=1; for local expert ``l``, global experts ``r * E/EP + l``."""
+    ep = pctx.layout.ep
+    if param.expert is None or ep == 1:
+        return [param]
+    per_rank = arch.num_experts // ep
+    local = param.expert - pctx.ep_rank * per_rank
+    if not 0 <= local < per_rank:  # Megatron's offset is ep_rank * E/EP; anything else is a bug here
+        raise ValueError(f"{param.megatron}: expert {param.expert} is not one of EP rank {pctx.ep_rank}'s "
+                         f"{per_rank} experts")
+    prefix, _, rest = param.megatron.partition(f"local_experts.{param.expert}.")
+    return [table.param(f"{prefix}local_experts.{r * per_rank + local}.{rest}") for r in range(ep)]
+
+
+def _expert_sources(table, arch: ModelArch, param, shard: torch.Tensor, pctx
+                    ) -> Iterator[tuple[object, torch.Tensor]]:
+    """(parameter, its shard on this TP rank) for every EP rank's ``param`` slot, in EP rank order:
+    EP rank ``r``'s shard reaches every EP rank by a broadcast from ``r`` (collective over the EP
+    group; one expert at a time).  A dense parameter is yielded as it is, with no collective."""
+    sources = ep_source_params(table, arch, param, pctx)
+    if len(sources) == 1:
+        yield param, shard
+        return
+    for r, source in enumerate(sources):
+        yield source, _from_ep_rank(shard, r, pctx)
+
+
+def _from_ep_rank(shard: torch.Tensor, r: int, pctx) -> torch.Tensor:
+    """EP rank ``r``'s tensor of the shape of ``shard`` (this rank's own when it is ``r``), by a
+    broadcast over the EP group (collective).  The EP group's rank ``r`` is EP rank ``r``."""
+    buf = shard.contiguous() if r == pctx.ep_rank else torch.empty_like(shard)
+    dist.broadcast(buf, src=dist.get_global_rank(pctx.ep_group, r), group=pctx.ep_group)
+    return buf
 
 
 def _tp_shards(param, shard: torch.Tensor, pctx) -> list[torch.Tensor]:
@@ -123,9 +180,16 @@ def iter_full_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[t
     mine = [(name, p) for name, p in stage_parameters(modules, arch)]
     device = mine[0][1].device if mine else torch.device("cpu")
     dtype_of = (lambda p: dtype) if dtype is not None else (lambda p: p.dtype)
-    # Every stage's (name, full TP=1 shape, dtype), in stage order: the order all ranks walk.
-    local = [(name, tuple(table.full_shape(table.param(name), tuple(p.shape), pctx.layout.tp)), dtype_of(p))
-             for name, p in mine]
+    # Every stage's (name, full TP=1 shape, dtype, local name, EP source rank), in stage order: the
+    # order all ranks walk.  An expert slot is EP entries, one per EP rank's expert (the same list
+    # on every EP rank); a dense parameter one entry with no EP source.
+    local = []
+    for name, p in mine:
+        param = table.param(name)
+        shape = tuple(table.full_shape(param, tuple(p.shape), pctx.layout.tp))
+        sources = ep_source_params(table, arch, param, pctx)
+        local += [(s.megatron, shape, dtype_of(p), name, r if len(sources) > 1 else None)
+                  for r, s in enumerate(sources)]
     stages: list = [None] * pctx.layout.pp
     if pctx.layout.pp > 1:
         dist.all_gather_object(stages, local, group=pctx.pp_group)
@@ -134,11 +198,14 @@ def iter_full_hf_weights(modules: list, arch: ModelArch, pctx, dtype: Optional[t
     own = dict(mine)
     failure: Optional[Exception] = None
     for stage, params in enumerate(stages):
-        for name, shape, pdtype in params:
+        for name, shape, pdtype, local_name, ep_source in params:
             param = table.param(name)
             if stage == pctx.pp_rank:
-                shard = own[name].detach()
-                full = _merged(table, param, shard if dtype is None else shard.to(dtype), pctx)
+                shard = own[local_name].detach()
+                shard = shard if dtype is None else shard.to(dtype)
+                if ep_source is not None:  # EP rank ep_source's expert, on every EP rank
+                    shard = _from_ep_rank(shard, ep_source, pctx)
+                full = _merged(table, param, shard, pctx)
             else:
                 full = torch.empty(shape, dtype=pdtype, device=device)
             if pctx.layout.pp > 1:

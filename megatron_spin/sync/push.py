@@ -18,7 +18,10 @@ The steps:
        pusher (TP rank 0 of DP replica 0) sends them — stages in parallel for disk, one after
        another for a distributed push (an engine serves group broadcasts one at a time, in
        arrival order, so two stages' broadcasts interleaved across engines would deadlock);
-     never a second full copy of the weights on a rank;
+     never a second full copy of the weights on a rank.  A MoE model under expert parallelism
+     keeps only ``E/EP`` experts of each layer in a replica: the EP peers of replica 0's ranks
+     (other replicas) lend theirs to the stage walk, and in the feed route every replica of an
+     EP group holding a feeder walks (:mod:`.gather`), so every expert is sent;
   3. the receipts (names sent, to which engines, bytes, failed engines) reach the coordinator,
      which checks that every engine received every HF tensor of the converter table exactly
      once: otherwise :class:`SyncError`, and the version is **not** advanced;
@@ -210,6 +213,24 @@ class PushCoordinator:
         )
 
 
+def _any_over_ep(flag: bool, pctx) -> bool:
+    """Whether ``flag`` holds on any rank of this rank's EP group (collective over it under EP;
+    at EP=1 just ``flag``, with no collective)."""
+    if pctx.layout.ep == 1:
+        return flag
+    flags: list = [None] * dist.get_world_size(pctx.ep_group)
+    dist.all_gather_object(flags, flag, group=pctx.ep_group)
+    return any(flags)
+
+
+def _ep_peer_of_replica_0(pctx) -> bool:
+    """Whether this rank's EP group holds DP replica 0's rank at its TP rank and stage (read from
+    the groups, no collective): rank 0 of the data-parallel group is DP rank 0."""
+    if pctx.layout.ep == 1:
+        return False
+    return dist.get_global_rank(pctx.dp_group, 0) in dist.get_process_group_ranks(pctx.ep_group)
+
+
 class StageSender:
     """The half of a push that runs on every trainer rank (see the module docstring for the two
     routes).  Never raises for a transport failure: the error travels in the result."""
@@ -229,10 +250,15 @@ class StageSender:
                 raise ValueError("the tensor transport needs a feed route (PushTarget.route)")
             self.feed = ColocatedFeed(target.route, pctx.rank, target.engine_tp_size, cfg.load_format,
                                       self.client, cfg.group_timeout_s)
-            self._replica_feeds = bool(target.route.feeder_ranks & set(pctx.model_parallel_ranks))
+            # Under EP a replica that feeds nothing still walks when an EP peer's replica feeds:
+            # that replica's experts are partly here.
+            self._replica_feeds = _any_over_ep(bool(target.route.feeder_ranks & set(pctx.model_parallel_ranks)), pctx)
         else:
             self.is_pusher = pctx.dp_rank == 0 and pctx.tp_rank == 0
             self.transport = (transport or make_transport(cfg, target, address)) if self.is_pusher else None
+            # A rank of another replica in the EP group of one of replica 0's ranks holds experts
+            # that replica lacks: it lends them to the walk (never sends).
+            self._lends_experts = pctx.dp_rank != 0 and _ep_peer_of_replica_0(pctx)
 
     def client(self, url: str) -> EngineClient:
         if url not in self._clients:
@@ -259,7 +285,7 @@ class StageSender:
     # -- stage: each stage's pusher sends its own layers ------------------------------------------
     def _stage(self, modules: list, plan: PushPlan) -> tuple[Optional[Receipt], Optional[str]]:
         if self.pctx.dp_rank != 0:
-            return None, None
+            return (None, self._lend_experts(modules)) if self._lends_experts else (None, None)
         serial = self.cfg.transport == TransportKind.DISTRIBUTED and self.pctx.layout.pp > 1
         receipt = error = None
         for stage in range(self.pctx.layout.pp if serial else 1):
@@ -282,6 +308,16 @@ class StageSender:
         except (KeyError, ValueError, RuntimeError) as exc:  # the same on every TP rank of the stage
             error = f"rank {self.pctx.rank}: {type(exc).__name__}: {exc}"
         return receipt, error
+
+    def _lend_experts(self, modules: list) -> Optional[str]:
+        """Walk the expert part of replica 0's stage walk (EP broadcasts), sending nothing.  No
+        stage barrier: the broadcasts wait for replica 0's stage to reach them."""
+        try:
+            for _ in iter_hf_weights(modules, self.arch, self.pctx, self.dtype, experts_only=True):
+                pass
+        except (KeyError, ValueError, RuntimeError) as exc:  # the same on the pusher's side
+            return f"rank {self.pctx.rank}: {type(exc).__name__}: {exc}"
+        return None
 
     def _send_all(self, stream, engines: list[EngineClient], plan: PushPlan) -> Optional[str]:
         """Send every bucket; after a failure keep walking (TP peers gather with us) without sending."""
