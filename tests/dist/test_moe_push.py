@@ -14,7 +14,8 @@ fixed sequences with the trainer's.
 
 Jobs: EP=2 on 2 ranks with the tensor (feed: replica 1 has no feeder and walks for its
 experts), distributed and disk transports (stage: replica 1 lends its experts to replica 0's
-pusher); TP=2 x EP=2 and PP=2 x EP=2 on 4 ranks with the tensor and distributed transports.
+pusher); TP=2 x EP=2, PP=2 x EP=2 and EP=2 at DP=4 (replicas 2 and 3 form an EP group of their
+own that neither feeds nor lends) on 4 ranks with the tensor and distributed transports.
 And the negative: a disk push whose pusher leaves EP rank 1's experts out (a simulated fault)
 fails the receipts check on every rank, and the engine's version is not advanced.
 """
@@ -174,10 +175,10 @@ def test_moe_push_at_ep2_delivers_every_expert_bit_exactly(moe, tmp_path):
     assert dropped["engine_version"] == "3"  # not advanced
 
 
-def test_moe_push_at_tp2_ep2_and_pp2_ep2(moe, tmp_path):
+def test_moe_push_at_tp2_ep2_pp2_ep2_and_dp4_ep2(moe, tmp_path):
     hf, ckpt = moe
     jobs = [("tensor", False), ("distributed", False)]
-    layouts = [ParallelLayout(tp=2, ep=2), ParallelLayout(pp=2, ep=2)]
+    layouts = [ParallelLayout(tp=2, ep=2), ParallelLayout(pp=2, ep=2), ParallelLayout(ep=2)]
     with launch_embedded(hf, api_key=API_KEY, log_path=tmp_path / "engine.log", threads=1,
                          device_ids=["cpu:0"]) as engine:
         results = []
@@ -185,6 +186,6 @@ def test_moe_push_at_tp2_ep2_and_pp2_ep2(moe, tmp_path):
             per_rank = launch(_moe_push_jobs, 4, (engine.url, str(ckpt), layout, jobs, str(tmp_path / "weights"),
                                                   1 + i * len(jobs)), timeout=LAUNCH_TIMEOUT)
             results += per_rank[0]
-    assert [r["version"] for r in results] == [1, 2, 3, 4]
+    assert [r["version"] for r in results] == [1, 2, 3, 4, 5, 6]
     for r in results:
         _check_pushed(hf, ckpt, r)
