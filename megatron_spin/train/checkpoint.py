@@ -23,7 +23,10 @@ What it takes on megatron-core 0.16.1 (each reproduced; the resume tests fail wi
   * the bf16 plain optimizer's own sharded state dict mis-maps models whose params are not all
     float16 (torch RMSNorm weights stay fp32): mapped here param by param;
   * no ``reload_model_params()`` after the load — it would replace the restored fp32 main params
-    by their bf16 rounding.
+    by their bf16 rounding;
+  * a MoE model's optimizer is a chain of two (dense parameters over DP, experts over expert-DP):
+    each member's sharded state goes under its index with Megatron's ``chained_<i>.`` key prefix,
+    and each is prepared and restored on its own.
 
 The per-parameter step handling is torch Adam's (what megatron-core builds without TE or apex);
 TE/apex ``FusedAdam`` keeps its step in the param group and only gets zero moments seeded
@@ -132,16 +135,30 @@ def _optimizer_sharded_state(actor, is_loading: bool) -> dict:
         return member.sharded_state_dict(model_sd, is_loading=is_loading, metadata=SHARDING)
 
     members = _members(actor.optimizer)
-    if len(members) != 1:  # dense models build one member; MoE parameter groups would need prefixes
-        raise ResumeError(f"the optimizer has {len(members)} parameter groups; resume supports one")
-    return one(members[0])
+    if len(members) == 1:  # a dense model: one optimizer, its state dict as it is
+        return one(members[0])
+    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+    chained = {}
+    for i, member in enumerate(members):  # MoE: dense and expert optimizers, as ChainedOptimizer keys them
+        chained[i] = one(member)
+        add_prefix_for_sharding(chained[i], f"chained_{i}.")
+    return chained
 
 
 def _prepare_loaded(actor, loaded: dict) -> None:
     """What each optimizer's ``load_state_dict`` expects from the loaded sharded dict."""
+    members = _members(actor.optimizer)
+    if len(members) == 1:
+        _prepare_member(members[0], loaded)
+    else:
+        for i, member in enumerate(members):
+            _prepare_member(member, loaded[i])
+
+
+def _prepare_member(member, loaded: dict) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    (member,) = _members(actor.optimizer)
     if isinstance(member, DistributedOptimizer) or member.optimizer is None:
         return
     fp = loaded.get("fp32_from_fp16_params")
@@ -172,6 +189,13 @@ def _restore_steps(optimizer) -> None:
                     state["step"] = state["step"].detach().clone()
 
 
+def _layout_id(layout) -> str:
+    """The layout as checkpoints record it: the dataclass repr from before EP existed, with ``ep=``
+    only when EP > 1, so that checkpoints saved before then resume (the comparison is textual)."""
+    text = f"ParallelLayout(tp={layout.tp}, pp={layout.pp}, vpp={layout.vpp})"
+    return text if layout.ep == 1 else f"{text[:-1]}, ep={layout.ep})"
+
+
 def save_train_state(actor, reference, directory: str | os.PathLike) -> None:
     """Collective: every rank of the trainer calls it with the same directory."""
     from megatron.core import dist_checkpointing
@@ -186,7 +210,7 @@ def save_train_state(actor, reference, directory: str | os.PathLike) -> None:
         "optimizer": _optimizer_sharded_state(actor, is_loading=False),
         "scheduler": actor.scheduler.state_dict(),  # plain values (build_optimizer passes str)
         "steps": actor.steps,
-        "layout": {"layout": str(actor.pctx.layout), "world_size": actor.pctx.world_size},
+        "layout": {"layout": _layout_id(actor.pctx.layout), "world_size": actor.pctx.world_size},
     }, str(directory / "optim"))
     (directory / "rng").mkdir(exist_ok=True)
     torch.save(torch.get_rng_state(), directory / "rng" / f"rank_{actor.pctx.rank:05d}.pt")
@@ -200,7 +224,7 @@ def load_train_state(actor, reference, directory: str | os.PathLike) -> None:
 
     directory = Path(directory)
     common = load_checkpoint_object(directory / "optim" / "common.pt")
-    here = {"layout": str(actor.pctx.layout), "world_size": actor.pctx.world_size}
+    here = {"layout": _layout_id(actor.pctx.layout), "world_size": actor.pctx.world_size}
     if common.get("layout") != here:
         raise ResumeError(f"{directory} was saved at {common.get('layout')}; this run is {here}: the optimizer state "
                           "resumes at the same layout and number of ranks")
