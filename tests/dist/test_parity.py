@@ -16,7 +16,7 @@ from tests.conftest import LAUNCH_TIMEOUT, make_tiny_hf
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
 
-TOL = 1e-4  # fp32
+TOL = 1e-5  # fp32 logits and log-probs (the models issue's acceptance)
 LAYOUTS = {
     "tp1": ParallelLayout(1, 1),
     "tp2": ParallelLayout(2, 1),
