@@ -20,7 +20,7 @@ from megatron_spin.config.run import RunConfig
 from megatron_spin.errors import ConfigError, require
 from megatron_spin.orchestrate.placement import Placement
 from megatron_spin.pairs.builder import PairStrategy, SpinSelection
-from megatron_spin.parallel.layout import LayoutError, validate_layout
+from megatron_spin.parallel.layout import LayoutError, check_moe_layout_for_training, validate_layout
 from megatron_spin.reward import RewardError, RewardType
 from megatron_spin.reward.function import resolve_function
 from megatron_spin.spec.arch import ModelArch
@@ -49,6 +49,11 @@ def check_run(cfg: RunConfig, arch: ModelArch, placement: Placement) -> None:
         validate_layout(arch, a.layout, world_size=placement.trainer_world)
     except LayoutError as exc:
         raise ConfigError("actor_rollout_ref.actor", f"tp={a.tp}, pp={a.pp}, vpp={a.vpp}, ep={a.ep} for {model}: {exc}") from None
+    if placement.gpus_per_node == 0:  # CPU trainer ranks: no TE, so no sequence parallelism for MoE at TP > 1
+        try:
+            check_moe_layout_for_training(arch, a.layout, sequence_parallel=False, where="CPU trainer ranks")
+        except LayoutError as exc:
+            raise ConfigError("actor_rollout_ref.actor.tp", str(exc)) from None
     length = d.max_prompt_length + d.max_response_length
     require(length <= arch.max_position_embeddings, "data",
             f"max_prompt_length + max_response_length = {d.max_prompt_length} + {d.max_response_length} = {length} "

@@ -22,7 +22,8 @@ from megatron_spin.spec.arch import ModelArch
 from megatron_spin.spec.precision import Precision, PrecisionError
 from megatron_spin.parallel.groups import ParallelContext
 from megatron_spin.models.vocab_padding import mask_padded_vocab
-from megatron_spin.parallel.layout import LayoutError, ParallelLayout, padded_vocab_size, validate_layout
+from megatron_spin.parallel.layout import (ParallelLayout, check_moe_layout_for_training, padded_vocab_size,
+                                           validate_layout)
 
 
 def check_precision(precision: Precision, plat: platform.Platform) -> None:
@@ -33,17 +34,10 @@ def check_precision(precision: Precision, plat: platform.Platform) -> None:
 
 
 def check_moe_training(arch: ModelArch, layout: ParallelLayout, plat: Optional[platform.Platform] = None) -> None:
-    """Refuse to *train* a MoE model at TP > 1 where sequence parallelism is unavailable.
-
-    Megatron's MoE layer trains with tensor parallelism only under sequence parallelism, and its
-    local (non-TE) norms refuse sequence parallelism; forward passes (parity, serving) do not
-    need it.  On such a platform expert parallelism, not TP, splits a MoE model."""
+    """Refuse to *train* a MoE model at TP > 1 on a platform without sequence parallelism (no TE):
+    :func:`megatron_spin.parallel.layout.check_moe_training`."""
     plat = plat or platform.current()
-    if arch.is_moe and layout.tp > 1 and not plat.has_te:
-        raise LayoutError(
-            f"rule MoE training at TP > 1 needs sequence parallelism violated: TP={layout.tp} on {plat.device} "
-            "without TransformerEngine (megatron-core's sequence parallelism needs TE's norms); "
-            "use TP=1 and split the experts with EP instead")
+    check_moe_layout_for_training(arch, layout, sequence_parallel=plat.has_te, where=plat.device)
 
 
 def sequence_multiple(arch: ModelArch, layout: ParallelLayout, precision: Precision,
@@ -130,9 +124,11 @@ def _moe_kwargs(arch: ModelArch, layout: ParallelLayout, aux_loss_coeff: float) 
     HF: ``p = softmax(router(x))`` in fp32, top-k of p, renormalised over the k when
     ``norm_topk_prob``.  Megatron without pre-softmax takes the top-k *logits* and softmaxes over
     them, which is the same renormalised distribution; with pre-softmax it softmaxes first and
-    keeps the raw top-k probabilities (``norm_topk_prob`` false).  The router runs in fp32 as HF's
-    does.  Tokens reach their experts by all-to-all over EP (the dispatcher Megatron recommends;
-    on CPU ranks it runs on gloo's all_to_all_single).
+    keeps the raw top-k probabilities (``norm_topk_prob`` false).  The router's GEMM and softmax run
+    in fp32 (HF: the GEMM in the model's dtype, the softmax in fp32): identical in fp32; in bf16 a
+    near-tie between two experts' scores may pick differently from HF or SGLang.  Tokens reach
+    their experts by all-to-all over EP (the dispatcher Megatron recommends; on CPU ranks it runs
+    on gloo's all_to_all_single).
     """
     if aux_loss_coeff < 0:
         raise ValueError(f"moe_aux_loss_coeff must be >= 0, got {aux_loss_coeff}")

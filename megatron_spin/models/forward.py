@@ -25,6 +25,13 @@ def _true_vocab_size(chunk, default: int) -> int:
     return getattr(chunk, "true_vocab_size", default)
 
 
+def _config(chunk):
+    """The TransformerConfig of a chunk, through DDP / Float16 wrappers."""
+    while not hasattr(chunk, "config") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk.config
+
+
 def forward_logits(chunks: list, pctx, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
     """Logits ``[b, s, vocab]`` (fp32) on the last PP stage; ``None`` on other stages.
 
@@ -32,12 +39,19 @@ def forward_logits(chunks: list, pctx, input_ids: torch.Tensor) -> Optional[torc
     -inf logits for the padded ids, and they are cut off here, so callers compare with HF as is.
 
     Right-padded or unpadded batches only: attention is causal without a padding mask, so
-    padding after a sequence's last token cannot change that sequence's logits.
+    padding after a sequence's last token cannot change that sequence's logits.  That is also
+    how a model under sequence parallelism (MoE at TP > 1 with TE) gets a length TP divides:
+    the batch is right-padded to a multiple of TP and the logits cut back to ``s``.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     b, s = input_ids.shape
+    if _config(chunks[0]).sequence_parallel and s % pctx.layout.tp:
+        pad = pctx.layout.tp - s % pctx.layout.tp
+        input_ids = torch.cat([input_ids, input_ids.new_zeros(b, pad)], dim=1)
+        logits = forward_logits(chunks, pctx, input_ids)
+        return None if logits is None else logits[:, :s].contiguous()
     captured: list[torch.Tensor] = []
     # One sequence per micro-batch: the interleaved schedule needs several micro-batches.
     micro = list(input_ids.split(1, dim=0))

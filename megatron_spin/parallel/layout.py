@@ -113,3 +113,18 @@ def validate_layout(arch: ModelArch, layout: ParallelLayout, world_size: Optiona
             )
     if world_size is not None:
         layout.data_parallel_size(world_size)
+
+
+def check_moe_layout_for_training(arch: ModelArch, layout: ParallelLayout, *, sequence_parallel: bool,
+                                  where: str = "this machine") -> None:
+    """Refuse to *train* a MoE model at TP > 1 without sequence parallelism.
+
+    Megatron's MoE layer trains with tensor parallelism only under sequence parallelism, and its
+    local (non-TE) norms refuse sequence parallelism, so without TransformerEngine (every CPU run)
+    expert parallelism, not TP, splits a MoE model.  Forward passes (parity, serving) need neither.
+    """
+    if arch.is_moe and layout.tp > 1 and not sequence_parallel:
+        raise LayoutError(
+            f"rule MoE training at TP > 1 needs sequence parallelism violated: TP={layout.tp} on {where} "
+            "without TransformerEngine (megatron-core's sequence parallelism needs TE's norms); "
+            "use TP=1 and split the experts with EP instead")

@@ -154,6 +154,12 @@ def _moe(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
     top_k = int(_get(cfg, "num_experts_per_tok", source))
     if not 1 <= top_k <= experts:
         raise UnsupportedModelError(f"{source}: num_experts_per_tok={top_k} must be in [1, num_experts={experts}]")
+    norm = bool(cfg.get("norm_topk_prob", False))
+    if top_k == 1 and norm:
+        # HF then weighs the one expert by exactly 1; Megatron's router either keeps the softmax
+        # probability (pre-softmax) or refuses top-1 without it: no setting reproduces it.
+        raise UnsupportedModelError(f"{source}: num_experts_per_tok=1 with norm_topk_prob=true is not supported "
+                                    "(Megatron's router cannot weigh the single expert by 1)")
     # Dense layers between sparse ones (decoder_sparse_step > 1, mlp_only_layers) would need a
     # per-layer spec; the published Qwen3-MoE models have none.
     if int(cfg.get("decoder_sparse_step") or 1) != 1:
@@ -168,7 +174,7 @@ def _moe(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
         num_experts=experts,
         moe_top_k=top_k,
         moe_ffn_hidden_size=int(_get(cfg, "moe_intermediate_size", source)),
-        moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_norm_topk_prob=norm,
         router_aux_loss_coef=float(cfg.get("router_aux_loss_coef") or 0.0),
     )
 

@@ -139,6 +139,8 @@ def _optimizer_sharded_state(actor, is_loading: bool) -> dict:
         return one(members[0])
     from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 
+    actor.optimizer._synchronize_steps()  # as ChainedOptimizer.sharded_state_dict does (FusedAdam's group step)
+
     chained = {}
     for i, member in enumerate(members):  # MoE: dense and expert optimizers, as ChainedOptimizer keys them
         chained[i] = one(member)

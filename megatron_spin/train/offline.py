@@ -26,6 +26,7 @@ from megatron_spin.pairs import collate_pairs
 from megatron_spin.parallel.groups import init_parallel
 from megatron_spin.parallel.launch import launch
 from megatron_spin.parallel.layout import ParallelLayout, validate_layout
+from megatron_spin.spec.precision import Precision
 from megatron_spin.train.actor import Actor
 from megatron_spin.train.batching import rank_micro_batches
 from megatron_spin.train.config import BatchConfig, OptimConfig
@@ -67,6 +68,7 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
     arch = read_arch(cfg.megatron_dir)
     pctx = init_parallel(cfg.layout, seed=cfg.seed)
     actor = Actor.build(arch, pctx, cfg.optim, cfg.loss, init_from=cfg.megatron_dir)
+    multiple = actor.sequence_multiple(Precision())  # sequence parallelism (MoE at TP > 1) splits S over TP
     # SimPO is reference-free: no second model, no reference pass.
     ref = None
     if cfg.loss.loss_type in REFERENCE_LOSS_TYPES:
@@ -78,7 +80,7 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
     held = None
     if cfg.eval_file:
         eval_pairs, *_ = _pairs(cfg.eval_file, tokenizer, cfg.max_length)
-        held = collate_pairs(eval_pairs, pad_id=pad).split_micro_batches(1)
+        held = collate_pairs(eval_pairs, pad_id=pad, pad_to_multiple_of=multiple).split_micro_batches(1)
         held_ref = ref_logps(held)
 
     iteration = 0  # SPIN iteration = number of reference refreshes so far (selects β)
@@ -94,7 +96,7 @@ def _offline_rank(rank, world_size, cfg: OfflineConfig):
         random.Random(cfg.seed + epoch).shuffle(order)  # same on every rank: seeded by epoch
         for b in range(steps_per_epoch):
             chosen = [train[i] for i in order[b * cfg.batch.global_pairs:(b + 1) * cfg.batch.global_pairs]]
-            batch = collate_pairs(chosen, pad_id=pad)
+            batch = collate_pairs(chosen, pad_id=pad, pad_to_multiple_of=multiple)
             mbs = rank_micro_batches(batch, cfg.batch, pctx.dp_rank, pctx.dp_size)
             metrics = actor.train_step(mbs, ref_logps(mbs), iteration)
             step += 1

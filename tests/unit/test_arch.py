@@ -262,3 +262,40 @@ def test_from_dir_invalid_json_names_path_and_line(tmp_path):
     msg = str(info.value)
     assert str(tmp_path / "config.json") in msg
     assert "line 3" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen3-MoE
+
+
+def qwen3_moe(**kw) -> dict:
+    from transformers import Qwen3MoeConfig
+
+    moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
+               decoder_sparse_step=1, mlp_only_layers=[])
+    return Qwen3MoeConfig(**{**SHAPE, **moe, **kw}).to_dict()
+
+
+def test_qwen3_moe_fields_from_a_transformers_config():
+    # transformers 5 writes num_experts as num_local_experts; Qwen's published configs say num_experts.
+    arch = arch_from_hf_config(qwen3_moe(router_aux_loss_coef=0.001))
+    assert (arch.family, arch.hf_architecture, arch.is_moe) == ("qwen3_moe", "Qwen3MoeForCausalLM", True)
+    assert (arch.num_experts, arch.moe_top_k, arch.moe_ffn_hidden_size, arch.moe_norm_topk_prob) == (8, 2, 24, True)
+    assert arch.qk_layernorm and arch.router_aux_loss_coef == 0.001
+    published = {k: v for k, v in qwen3_moe().items() if k != "num_local_experts"} | {"num_experts": 8}
+    assert arch_from_hf_config(published).num_experts == 8
+    assert not arch_from_hf_config(llama()).is_moe
+
+
+@pytest.mark.parametrize("kw,needles", [
+    (dict(decoder_sparse_step=2), ("decoder_sparse_step=2",)),
+    (dict(mlp_only_layers=[1]), ("mlp_only_layers=[1]",)),
+    (dict(num_experts_per_tok=9), ("num_experts_per_tok=9", "num_experts=8")),
+    (dict(num_experts_per_tok=1), ("num_experts_per_tok=1 with norm_topk_prob=true",)),
+])
+def test_rejects_moe_configs_megatron_would_not_reproduce(kw, needles):
+    _rejects(qwen3_moe(**kw), *needles)
+
+
+def test_top1_without_renormalisation_is_accepted():
+    assert arch_from_hf_config(qwen3_moe(num_experts_per_tok=1, norm_topk_prob=False)).moe_top_k == 1

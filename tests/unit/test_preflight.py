@@ -37,7 +37,7 @@ def test_a_sound_config_passes(tiny):
 
 @pytest.mark.parametrize("overrides,message", [
     (("actor_rollout_ref.actor.pp=4",),
-     r"^actor_rollout_ref\.actor: tp=1, pp=4, vpp=None for .*: rule num_layers % PP == 0 violated"),
+     r"^actor_rollout_ref\.actor: tp=1, pp=4, vpp=None, ep=1 for .*: rule num_layers % PP == 0 violated"),
     (("data.max_prompt_length=2000", "data.max_response_length=100"),
      r"^data: max_prompt_length \+ max_response_length = 2000 \+ 100 = 2100 is more than .*'s context of 256 "
      r"tokens \(max_position_embeddings\)"),
@@ -53,6 +53,24 @@ def test_a_sound_config_passes(tiny):
 def test_rules_that_need_the_model_or_the_placement(tiny, overrides, message):
     with pytest.raises(ConfigError, match=message):
         check(tiny, *overrides)
+
+
+def test_moe_rules_on_cpu_ranks(tmp_path):
+    """A MoE model: EP must divide the experts and DP; TP > 1 cannot train on CPU ranks (no TE, so no
+    sequence parallelism) and is refused naming actor.tp and the way out, before anything starts."""
+    hf = make_tiny_hf(tmp_path / "hf", "qwen3_moe", layers=2)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    base = ("data.train_batch_size=4", "actor_rollout_ref.actor.micro_pairs=1")
+    check(hf, *base, "trainer.cpu_ranks=2", "actor_rollout_ref.actor.ep=2")  # sound
+    with pytest.raises(ConfigError, match=r"^actor_rollout_ref\.actor\.tp: rule MoE training at TP > 1 needs "
+                                          r"sequence parallelism violated: TP=2 on CPU trainer ranks.*use TP=1 and split "
+                                          r"the experts with EP"):
+        check(hf, *base, "trainer.cpu_ranks=4", "actor_rollout_ref.actor.tp=2", "actor_rollout_ref.actor.ep=2")
+    with pytest.raises(ConfigError, match=r"rule DP % EP == 0 violated: DP=2 .*EP=4"):
+        check(hf, *base, "trainer.cpu_ranks=2", "actor_rollout_ref.actor.ep=4")
+    with pytest.raises(ConfigError, match=r"rule num_experts % EP == 0 violated: 4 experts, EP=3"):
+        check(hf, *base, "trainer.cpu_ranks=3", "actor_rollout_ref.actor.ep=3")
 
 
 def test_pairs_per_prompt_follow_the_pairing_rule(tiny):
