@@ -230,6 +230,16 @@ class PreferenceBatch:
         pad = self.tokens.new_full((self.tokens.shape[0], 1), self.pad_id)
         return torch.cat([self.tokens[:, 1:], pad], dim=1)
 
+    def padding_mask(self) -> torch.Tensor:
+        """``[2P, S]`` bool, True at the positions after each row's last response token: what a MoE
+        router's load-balancing loss must not count (Megatron's ``padding_mask``).  A padding pair's
+        rows (a copy of pair 0) keep their tokens: every row has at least one real token, so no
+        micro-batch is ever all padding (the loss would divide by zero tokens)."""
+        positions = torch.arange(self.tokens.shape[1], device=self.loss_mask.device)
+        # loss_mask[t] = 1 iff token t+1 is a response token: the last real token is at (last t)+1.
+        last = torch.where(self.loss_mask.bool(), positions, -1).amax(dim=1)  # [2P]
+        return positions.unsqueeze(0) > (last + 1).unsqueeze(1)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PreferenceBatch":
         """A copy with every tensor on ``device`` (rewards and ids stay Python values)."""
         return dataclasses.replace(

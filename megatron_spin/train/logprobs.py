@@ -13,6 +13,8 @@ Shift convention: ``labels[:, t] = tokens[:, t + 1]`` and ``loss_mask[:, t] = 1`
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megatron_spin.models.forward import position_ids
@@ -23,9 +25,11 @@ def shifted_labels(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
 
 
-def model_token_nll(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Forward with labels: ``[n, S]`` per-token NLL on the last stage, hidden states elsewhere."""
-    return model(tokens, position_ids(tokens), attention_mask=None, labels=shifted_labels(tokens))
+def model_token_nll(model, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Forward with labels: ``[n, S]`` per-token NLL on the last stage, hidden states elsewhere.
+    ``padding_mask`` (``[n, S]``, True at padding) keeps padding out of a MoE router's auxiliary loss."""
+    extra = {} if padding_mask is None else {"padding_mask": padding_mask}
+    return model(tokens, position_ids(tokens), attention_mask=None, labels=shifted_labels(tokens), **extra)
 
 
 def sequence_logps(token_nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

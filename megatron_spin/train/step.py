@@ -38,6 +38,19 @@ def _schedule(chunks, data, num_micro: int, seq_len: int, micro_size: int, forwa
     )
 
 
+def _aux_loss_sees_padding(chunk) -> bool:
+    """Whether the update must hand the model a padding mask: a MoE router with a load-balancing
+    loss would otherwise count padding tokens (and padding pairs) in it.  Not under sequence
+    parallelism with PP: megatron-core 0.16 splits the mask over TP only on the first stage, so
+    later stages would refuse it (their aux loss then counts padding: unverified on GPU)."""
+    while not hasattr(chunk, "config") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    cfg = chunk.config
+    if cfg.num_moe_experts is None or cfg.moe_router_load_balancing_type == "none":
+        return False
+    return not (cfg.sequence_parallel and cfg.pipeline_model_parallel_size > 1)
+
+
 def _geometry(micro_batches: Sequence) -> tuple[int, int]:
     shapes = {tuple(mb.tokens.shape) for mb in micro_batches}
     if len(shapes) != 1:
@@ -89,9 +102,12 @@ def preference_forward_backward(
     needs_ref = loss_cfg.loss_type in REFERENCE_LOSS_TYPES
     data = [(mb, None if ref_logps is None else ref_logps[i]) for i, mb in enumerate(micro_batches)]
 
+    masks_padding = _aux_loss_sees_padding(chunks[0])
+
     def forward_step(data_iterator, model):
         mb, ref = next(data_iterator)
-        nll = model_token_nll(model, mb.tokens.to(device))
+        padding = mb.padding_mask().to(device) if masks_padding else None
+        nll = model_token_nll(model, mb.tokens.to(device), padding)
 
         def loss_func(output):
             k = mb.num_pairs

@@ -183,3 +183,40 @@ def test_training_at_tp2_is_refused_without_sequence_parallelism():
         check_moe_training(arch, ParallelLayout(2, 1, ep=2), cpu)
     check_moe_training(arch, ParallelLayout(1, 1, ep=2), cpu)  # EP alone trains
     check_moe_training(arch, ParallelLayout(2, 1), Platform(device="cuda", backend="nccl", has_te=True))
+
+
+def _sequence_padding_jobs(rank, world_size, ckpt, pairs):
+    from megatron_spin.ckpt.metadata import read_arch
+    from megatron_spin.parallel.groups import init_parallel
+    from megatron_spin.train.actor import Actor
+    from megatron_spin.train.batching import rank_micro_batches
+    from megatron_spin.train.reference import Reference
+
+    arch = read_arch(ckpt)
+    pctx = init_parallel(ParallelLayout())
+    out = {}
+    for multiple in (1, 16):
+        batch = collate_pairs(pairs, pad_id=0, pad_to_multiple_of=multiple)
+        actor = Actor.build(arch, pctx, OptimConfig(optimizer="sgd", lr=0.05), LossConfig(beta=0.5), init_from=ckpt,
+                            moe_aux_loss_coeff=0.5)
+        ref = Reference.build(arch, pctx, init_from=ckpt)
+        mbs = rank_micro_batches(batch, BatchConfig(batch.num_pairs, 2), 0, 1)
+        metrics = [actor.train_step(mbs, ref.logps(mbs)) for _ in range(2)]
+        out[multiple] = (batch.tokens.shape[1], [m["loss"] for m in metrics],
+                         {n: p.detach().clone() for n, p in actor.modules[0].named_parameters()})
+    return out
+
+
+def test_the_load_balancing_loss_does_not_count_padding(moe):
+    """The router's auxiliary loss averages over tokens: sequences right-padded to a multiple of 16
+    must give the same update as unpadded ones, which holds only if the padding is masked out of it
+    (the update hands Megatron a padding mask when the loss is on)."""
+    _, ckpt = moe
+    (out,) = launch(_sequence_padding_jobs, 1, (str(ckpt), synthetic_pairs(4, seed=5)), timeout=LAUNCH_TIMEOUT)
+    (s1, losses1, w1), (s16, losses16, w16) = out[1], out[16]
+    assert s1 % 16 and s16 % 16 == 0
+    assert losses1 == pytest.approx(losses16, rel=1e-6, abs=1e-7)
+    router = "decoder.layers.0.mlp.router.weight"
+    for name, w in w1.items():
+        torch.testing.assert_close(w16[name], w, rtol=0, atol=1e-6, msg=name)
+    assert (w1[router] - w16[router]).abs().max() <= 1e-6
