@@ -36,7 +36,8 @@ def trained_run(tiny_chat_model, spin_cache, tmp_path_factory):
             f"data.val_files=[{train}]", "data.val_size=1", "data.train_batch_size=2", "data.max_response_length=6",
             "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.actor.micro_pairs=1", "reward_model.type=function",
             "reward_model.function=tests.e2e.test_online:length_reward", "trainer.total_training_steps=1",
-            "actor_rollout_ref.actor.optim.lr=1e-2", f"trainer.default_local_dir={run_dir}", cache=spin_cache)
+            "actor_rollout_ref.actor.optim.lr=1e-2", f"trainer.default_local_dir={run_dir}",
+            "algorithm.pairs.ties=first", cache=spin_cache)  # a pair per prompt even when the lengths tie
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000001"
     return run_dir
 

@@ -18,8 +18,10 @@ Algorithm of ``HFGenerator.run(jobs)``:
        than ``min_new_tokens`` tokens exist;
      - ``temperature == 0``: argmax.  Otherwise logits / temperature, keep the ``top_k`` best,
        then the smallest prefix of those whose renormalised mass reaches ``top_p`` (the best
-       token is always kept), and sample by the exponential race ``argmax(p / E)`` with
-       ``E ~ Exp(1)`` i.i.d. over the vocabulary (exact sampling from ``p``);
+       token is always kept), and sample by inversion: the first token whose cumulative
+       probability (float64) exceeds ``u * total`` with ``u ~ U[0, 1)`` — exact sampling from
+       ``p`` with one uniform per row and step (a zero-probability token is never chosen: the
+       cumulative sum does not rise there);
      - a stop token ends the row with ``"stop"`` (the token is kept, as in SGLang); so does a
        stop string (``params.stop``) found in the decoded tail of the row's output — the last
        ``max(len(stop)) + 1`` tokens, as SGLang looks (a token decodes to at least one
@@ -33,8 +35,8 @@ Algorithm of ``HFGenerator.run(jobs)``:
    A row whose caller has gone (``abandoned(job)``, asked before the prefill and before every
    decode step) ends with ``"abort"`` there; a sub-batch whose jobs are all abandoned is not
    started, so a request its client gave up on stops costing compute within one step.
-5. Randomness: a job with ``params.seed`` draws its noise from its own ``torch.Generator``
-   seeded with it, one ``Exp(1)`` vector per sampled step in vocabulary order, so the same
+5. Randomness: a job with ``params.seed`` draws its uniforms from its own ``torch.Generator``
+   seeded with it, one per sampled step, so the same
    seed, prompt and weights give the same output whatever else is in the batch.  Jobs without
    a seed share the generator owned by the ``HFGenerator``.
 """
@@ -265,12 +267,20 @@ class _RowSampler:
             probs = _top_k_top_p(scaled, self.top_k[idx], self.top_p[idx])  # (R, V)
         else:
             probs = torch.softmax(scaled, dim=-1)  # (R, V)
-        noise = torch.empty_like(probs)  # (R, V)
-        for i, r in enumerate(rows):
-            noise[i].exponential_(generator=self.generators[r])
-        # A zero draw would turn 0/0 into NaN, which argmax treats as the maximum.
-        tokens[idx] = (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        tokens[idx] = _sample_by_inversion(probs, [self.generators[r] for r in rows])
         return tokens
+
+
+def _sample_by_inversion(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``probs`` (R, V; unnormalised is fine), row ``i`` drawing its uniform
+    from ``generators[i]``: the first index whose float64 cumulative mass exceeds ``u * total``.
+    (The exponential race ``argmax(p / E)`` it replaced drew V exponentials per row and step —
+    a millisecond each at a 49k vocabulary, a tenth of the decode time on a 2-core CPU.)"""
+    cdf = probs.double().cumsum(dim=-1)  # (R, V)
+    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g, device=probs.device) for g in generators])  # (R,)
+    # right=True: index j has cdf[j-1] <= u*total < cdf[j], so p[j] > 0.
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # (R,)
+    return picked.clamp_max_(probs.shape[-1] - 1)
 
 
 def _top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
