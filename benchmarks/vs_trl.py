@@ -10,6 +10,7 @@ The workload (both sides):
     rule: ``algorithm.pairs.ties=first`` here);
   * sigmoid DPO, beta 0.1, on summed log-probs; Adam lr 5e-6 constant, no weight decay, clip 1.0,
     one optimiser step per 8 prompts (ours: one micro-batch of 8 pairs); torch threads = cores;
+  * no checkpoint written on either side (TRL ``save_strategy="no"``, ours ``trainer.save_freq=-1``);
   * TRL with gradient checkpointing off (``--trl-gradient-checkpointing`` turns it on: TRL then
     also generates without a KV cache).
 
@@ -192,7 +193,8 @@ def our_command(args, run_dir: Path, train: Path, val: Path) -> list[str]:
             "actor_rollout_ref.actor.optim.lr_decay_style=constant", "actor_rollout_ref.actor.optim.weight_decay=0.0",
             "actor_rollout_ref.actor.optim.clip_grad=1.0", "algorithm.loss.beta=0.1", "algorithm.pairs.ties=first",
             "reward_model.type=vader", f"trainer.total_training_steps={args.steps}", "trainer.test_freq=0",
-            f"trainer.seed={args.seed}", "trainer.resume=disable", f"trainer.default_local_dir={run_dir}"]
+            f"trainer.seed={args.seed}", "trainer.resume=disable", "trainer.save_freq=-1",  # TRL: save_strategy="no"
+            f"trainer.default_local_dir={run_dir}"]
 
 
 def our_result(run_dir: Path) -> dict:

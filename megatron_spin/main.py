@@ -89,7 +89,7 @@ def run(cfg: RunConfig) -> dict:
             if t.test_freq and step % t.test_freq == 0 and step != t.total_training_steps:
                 evaluate(step, cluster.fleet, cluster.reward)
             stopping = stop.requested is not None and step < t.total_training_steps  # read once per step
-            if (t.save_freq and step % t.save_freq == 0) or step == t.total_training_steps or stopping:
+            if t.saves_after(step, stopping):
                 seconds = save_checkpoint(cluster, run_dir, RunState(step, version, iteration, parts.loader.state_dict(),
                                                                      evaluate.results))
                 parts.logger.log(step, {"timing/checkpoint": seconds}, kind="checkpoint")

@@ -112,7 +112,7 @@ class TrainerConfig:
     n_gpus_per_node: int = 0  # 0: CPU ranks
     cpu_ranks: int = 0  # CPU runs: trainer ranks (a multiple of TP*PP; the rest is DP). 0: TP*PP
     total_training_steps: int = 10
-    save_freq: int = 0  # 0: save at the end only
+    save_freq: int = 0  # 0: save at the end only; -1: never (a requested stop still saves)
     test_freq: int = 0  # held-out reward every N steps (0: before and after only)
     ref_update_freq: int = 0  # copy the actor into the reference every N steps (0: never)
     logger: tuple[LoggerKind, ...] = (LoggerKind.CONSOLE, LoggerKind.JSONL)
@@ -128,13 +128,21 @@ class TrainerConfig:
         object.__setattr__(self, "logger", tuple(as_enum(LoggerKind, x, "logger") for x in self.logger))
         for key in ("nnodes", "total_training_steps"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("n_gpus_per_node", "cpu_ranks", "save_freq", "test_freq", "ref_update_freq"):
+        for key in ("n_gpus_per_node", "cpu_ranks", "test_freq", "ref_update_freq"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(self.save_freq >= -1, "save_freq", f"must be >= 1 (every N steps), 0 (at the end) or -1 (never), got {self.save_freq}")
         require(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
         require(self.nnodes == 1 or self.ray_address is not None, "ray_address",
                 f"a run on trainer.nnodes={self.nnodes} nodes joins a Ray cluster spanning them: give its address "
                 "(slurm/launch.sh starts one and sets it)")
         require(bool(self.resume), "resume", "auto, disable or a checkpoint directory")
+
+    def saves_after(self, step: int, stopping: bool) -> bool:
+        """Whether step ``step`` ends with a checkpoint: every ``save_freq`` steps and at the last
+        step (``save_freq`` 0: the last only), never with -1, and always when a stop was requested
+        (the stop message promises that the same command resumes)."""
+        periodic = self.save_freq > 0 and step % self.save_freq == 0
+        return periodic or (self.save_freq >= 0 and step == self.total_training_steps) or stopping
 
 
 @dataclasses.dataclass(frozen=True)

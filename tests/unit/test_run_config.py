@@ -101,6 +101,7 @@ def test_overrides_reach_the_component_records():
     ("trainer.total_training_steps=0", r"trainer\.total_training_steps: must be >= 1, got 0"),
     ("trainer.nnodes=2", r"trainer\.ray_address: a run on trainer\.nnodes=2 nodes joins a Ray cluster"),
     ("trainer.cpu_ranks=-1", r"trainer\.cpu_ranks: must be >= 0, got -1"),
+    ("trainer.save_freq=-2", r"trainer\.save_freq: must be >= 1 \(every N steps\), 0 \(at the end\) or -1 \(never\), got -2"),
     ("data.train_files=[]", r"data\.train_files: give prompt files"),
     ("actor_rollout_ref.actor.precision=bf16", r"actor_rollout_ref\.actor\.precision: expected a section, got 'bf16'"),
     ("actor_rollout_ref.actor.precision.params_dtype=bf16",
@@ -321,3 +322,12 @@ def test_fp8_enum_keys_refuse_a_bad_value_naming_the_key_and_the_choices():
         with pytest.raises(ConfigError, match=re.escape(f"{key}: one of {choices}; got {bad!r}")) as info:
             load_run_config(composed(f"actor_rollout_ref.actor.precision.fp8={{{field}:{bad}}}"))
         assert info.value.key == key
+
+
+@pytest.mark.parametrize("save_freq, saved", [(0, [5]), (2, [2, 4, 5]), (5, [5]), (-1, [])])
+def test_checkpoint_steps_follow_save_freq(save_freq, saved):
+    from megatron_spin.config.run import TrainerConfig
+
+    t = TrainerConfig(total_training_steps=5, save_freq=save_freq)
+    assert [s for s in range(1, 6) if t.saves_after(s, stopping=False)] == saved
+    assert t.saves_after(3, stopping=True)  # a requested stop always saves, -1 included
