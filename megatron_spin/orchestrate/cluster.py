@@ -32,6 +32,7 @@ from megatron_spin.orchestrate.engines import EngineHost, EngineLaunch, engine_l
 from megatron_spin.orchestrate.placement import Placement
 from megatron_spin.orchestrate.rewards import build_reward_pool
 from megatron_spin.orchestrate.worker import RankSpec, RankTrainResult, TrainerWorker
+from megatron_spin.platform import cpu_worker_env
 from megatron_spin.reward import RewardSource
 from megatron_spin.rollout.client import EngineClient
 from megatron_spin.rollout.fleet import RolloutFleet
@@ -133,9 +134,12 @@ class TrainerCluster:
             raise ClusterError(f"Ray could not place {len(bundles)} bundles {bundles[:2]}... ({p.strategy}): not "
                                f"enough resources or nodes ({len(ray.nodes())} node(s), {ray.cluster_resources()})")
 
+        # CPU ranks and engines start with the allocator settings their tensor work needs.
+        env = {} if p.gpus_per_node else cpu_worker_env(os.environ)
+
         def at(bundle: int, resources: dict) -> dict:
             return dict(scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle),
-                        **resources)
+                        **({"runtime_env": {"env_vars": env}} if env else {}), **resources)
 
         worker_cls = ray.remote(TrainerWorker)
         self.workers = [worker_cls.options(**at(*p.rank_resources(r))).remote(r, p.trainer_world, self.rank_spec)

@@ -164,6 +164,10 @@ def launch_embedded(
     cmd += list(engine_args)
     log = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"megatron_spin-engine-{port}.log"
     env = {API_KEY_ENV: api_key} if api_key else {}
+    if device == "cpu":
+        from megatron_spin.platform import cpu_worker_env
+
+        env.update(cpu_worker_env(os.environ))  # it allocates as the trainer ranks do
     server = ServerProcess(cmd, f"http://{host}:{port}", log, api_key, env, pass_fds=(sock.fileno(),))
     try:
         server.start()
