@@ -128,16 +128,8 @@ def launch(
                     daemon=False)
         for r in range(world_size)
     ]
-    # Spawned children copy os.environ when they start: CPU ranks get the allocator settings a
-    # trainer rank of a run gets (platform.cpu_worker_env); this process's environment is restored.
-    extra = {} if platform.current().is_cuda else platform.cpu_worker_env(os.environ)
-    try:
-        os.environ.update(extra)
-        for p in procs:
-            p.start()
-    finally:
-        for key in extra:
-            os.environ.pop(key, None)
+    for p in procs:
+        p.start()
     results: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     failure: str | None = None
