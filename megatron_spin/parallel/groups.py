@@ -65,13 +65,15 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelContext:
     world = dist.get_world_size()
     layout.data_parallel_size(world)
     if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+        destroy_parallel()
+    before = set(_live_groups())
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if (layout.vpp or 1) > 1 else None,
         expert_model_parallel_size=layout.ep,
     )
+    _megatron_groups[:] = [g for g in _live_groups() if g not in before]
     model_parallel_cuda_manual_seed(seed)
     return ParallelContext(
         layout=layout,
@@ -93,9 +95,27 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelContext:
     )
 
 
+# The groups the last init_parallel created.  megatron's destroy_model_parallel only forgets its
+# references; torch's registry keeps each group, and a gloo group its sockets (~80 descriptors
+# per layout at world 4), so a process that builds many layouts in turn runs out of files.
+_megatron_groups: list[Any] = []
+
+
+def _live_groups() -> list[Any]:
+    """Every process group torch's registry holds, the default (world) group excepted."""
+    world = dist.group.WORLD
+    return [g for g in list(dist.distributed_c10d._world.pg_map) if g is not world]
+
+
 def destroy_parallel() -> None:
+    """Tear down megatron's parallel state and the process groups it created (not the world)."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    live = set(_live_groups())
+    for group in _megatron_groups:
+        if group in live:
+            dist.destroy_process_group(group)
+    _megatron_groups.clear()
 
