@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from megatron_spin.platform import cpu_patches
+from megatron_spin.platform import cpu_linear, cpu_patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +92,15 @@ def cpu_worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     named = {item.split("=", 1)[0] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item}
     return {var: value for tunable, (var, value) in CPU_MALLOC_TUNABLES.items()
             if tunable not in named and var not in environ}
+
+
+def prepare_inference_model(model: torch.nn.Module) -> None:
+    """Tune an HF model that serves generation (the embedded engine): on the CPU its plain linear
+    layers multiply weight-first (:mod:`megatron_spin.platform.cpu_linear`: ~25% faster decoding
+    on MKL); a model on a GPU is left as it is."""
+    first = next(model.parameters(), None)
+    if first is not None and first.device.type == "cpu":
+        cpu_linear.orient_linears(model)
 
 
 @functools.lru_cache(maxsize=1)

@@ -61,3 +61,10 @@ def test_vs_trl_benchmark(tmp_path, cache):
         s = summary[side]
         assert s["step_s"] > 0 and s["peak_pss_gb"] > 0.2 and s["pairs_per_step"] >= 1, (side, s)
     assert summary["step_time_ratio_trl_over_ours"] > 0 and summary["memory_ratio_ours_over_trl"] > 0
+
+
+def test_cpu_linear_benchmark(tmp_path, cache):
+    fig = run(tmp_path, cache, "cpu_linear")
+    assert set(fig["shapes"]) == {"proj", "head"} and fig["threads"] >= 1
+    for per in fig["shapes"].values():
+        assert all(r["plain_ms"] > 0 and r["weight_first_ms"] > 0 for r in per.values()), per

@@ -46,6 +46,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_spin import platform
 from megatron_spin.rollout.embedded.batching import BatchingWorker, Listener, WorkerStopped
 from megatron_spin.rollout.embedded.generator import GenerationJob, GenerationOutput, HFGenerator
 from megatron_spin.rollout.embedded.group_joins import JoinFailed, JoinPolicy, JoinSlots
@@ -91,6 +92,7 @@ class EmbeddedEngine:
         """``device_ids``: simulate TP ranks holding these devices (see the module docstring);
         ``joins``: which weight-update groups it joins, how many at once, how long each waits."""
         self.model = model.eval()
+        platform.prepare_inference_model(model)
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.weights = ModelWeights(model)
