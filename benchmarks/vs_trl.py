@@ -8,6 +8,10 @@ The workload (both sides):
   * n = 2 samples per prompt, temperature 0.9, top-p 1, 32 new tokens, stop at ``<|im_end|>``;
   * reward: VADER compound of the decoded completion; a tie pairs sample 0 over sample 1 (TRL's
     rule: ``algorithm.pairs.ties=first`` here);
+  * fp32 throughout: TRL's ``OnlineDPOConfig`` defaults to ``bf16=True`` (autocast of the training
+    forward and backward to bf16, also on the CPU), so the benchmark sets ``bf16=False``.  Before
+    2026-12-02 it did not, so TRL's figures up to then are bf16 autocast: fast where the CPU has
+    AVX512-BF16 (oneDNN), 190 s a step on one without (torch's fallback GEMM, seen in a profile);
   * sigmoid DPO, beta 0.1, on summed log-probs; Adam lr 5e-6 constant, no weight decay, clip 1.0,
     one optimiser step per 8 prompts (ours: one micro-batch of 8 pairs); torch threads = cores;
   * no checkpoint written on either side (TRL ``save_strategy="no"``, ours ``trainer.save_freq=-1``);
@@ -174,7 +178,9 @@ def trl_child(args) -> None:
                           max_new_tokens=args.new_tokens, temperature=0.9, top_p=1.0,
                           gradient_checkpointing=args.trl_gradient_checkpointing, use_cpu=True, report_to=[],
                           logging_steps=1, save_strategy="no", seed=args.seed, dataloader_num_workers=0,
-                          disable_dropout=True)
+                          disable_dropout=True, bf16=False, fp16=False)  # TRL's default is bf16 autocast
+    if cfg.bf16 or cfg.fp16:
+        raise RuntimeError(f"TRL would train in mixed precision (bf16={cfg.bf16}, fp16={cfg.fp16}): the workload is fp32")
     trainer = Timed(model=model, reward_funcs=reward, args=cfg, processing_class=tok,
                     train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), callbacks=[Steps()])
     trainer.train()
