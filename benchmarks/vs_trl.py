@@ -10,8 +10,8 @@ The workload (both sides):
     rule: ``algorithm.pairs.ties=first`` here);
   * fp32 throughout: TRL's ``OnlineDPOConfig`` defaults to ``bf16=True`` (autocast of the training
     forward and backward to bf16, also on the CPU), so the benchmark sets ``bf16=False``.  Before
-    2026-12-02 it did not, so TRL's figures up to then are bf16 autocast: fast where the CPU has
-    AVX512-BF16 (oneDNN), 190 s a step on one without (torch's fallback GEMM, seen in a profile);
+    2026-12-02 it did not, so TRL's figures up to then are bf16 autocast: fast where bf16 GEMMs
+    are, 190 s a step on an AVX2-only CPU (torch's fallback GEMM, seen in a profile);
   * sigmoid DPO, beta 0.1, on summed log-probs; Adam lr 5e-6 constant, no weight decay, clip 1.0,
     one optimiser step per 8 prompts (ours: one micro-batch of 8 pairs); torch threads = cores;
   * no checkpoint written on either side (TRL ``save_strategy="no"``, ours ``trainer.save_freq=-1``);
