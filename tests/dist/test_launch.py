@@ -94,7 +94,7 @@ def test_destroy_parallel_releases_the_groups_it_created():
     """Building layout after layout in one process (the parity matrix, tools) keeps descriptors
     and threads bounded.  Each gloo group holds sockets and threads: before destroy_parallel
     released them, a layout at world 4 left ~80 descriptors and ~40 threads per rank behind, so
-    the 30-layout parity launch held ~5,000 threads and ran out of a 1024-file limit."""
+    the 30-layout parity launch held ~5,000 threads, and under a 1024-file limit it fails."""
     for fds, groups, nthreads in launch(_cycle_layouts, 4, (6,), timeout=180):
         assert groups == [1] * len(groups), groups  # only the world group is left registered
         # Per cycle of four layouts, far below one layout's former leak.
