@@ -20,10 +20,15 @@ The workload (both sides):
 
 Measured per run: the step time and its phases (ours: generate / reward / reference+update /
 push, from ``metrics.jsonl``; TRL: generate / forward+backward+step, timed around its
-methods), tokens and pairs trained per step, the peak memory of the whole process tree (PSS,
-so shared pages count once; sampled every 0.2 s from ``/proc``, Ray's processes included for
-ours), and the held-out mean reward before and after.  Runs alternate (TRL, ours, TRL, ours…)
-so that machine noise hits both; the summary takes medians.
+methods), tokens and pairs trained per step, and the held-out mean reward before and after.
+Timed runs alternate (TRL, ours, TRL, ours…) so that machine noise hits both; the summary takes
+medians.  The peak memory of the whole process tree (PSS, so shared pages count once; Ray's
+processes included for ours) comes from separate *memory runs* (``--memory-runs``, one per side
+by default) that sample ``/proc/*/smaps_rollup`` every 0.2 s: reading it walks the process's page
+tables (~0.1 s for our 7 GB tree on this machine), so a sampler in the timed runs took ~30 % of a
+core and the mm lock, and slowed both sides — ours (more processes, more memory) more: 13.5 s
+against 11.2 s a step, TRL 15.4 s against 12.4 s (2026-12-02).  The memory runs' own step times
+are printed as ``under_sampler`` and never enter the ratio.
 
 Remaining differences, stated: ours runs the actor in a Megatron rank process and samples in a
 separate engine process (HTTP), pushing the weights after every update; TRL samples with the
@@ -31,15 +36,15 @@ training model in-process.  Our held-out answers come from the engine (HF ``gene
 TRL's from ``model.generate`` (greedy) — the same computation.  TRL's completions end at the
 first EOS (its ``truncate_right``), ours include it.
 
-    python benchmarks/vs_trl.py [--runs 2] [--steps 6] [--json out.json]     # ~15 min on 2 cores
+    python benchmarks/vs_trl.py [--runs 2] [--memory-runs 1] [--steps 6] [--json out.json]   # ~14 min on 2 cores
     python benchmarks/vs_trl.py --quick                                       # tiny: the test suite's
     python benchmarks/vs_trl.py --model /path/to/hf_dir                       # another HF Llama/Qwen2
 
 ``--quick`` runs the same two programs on a tiny random Llama (2 layers, hidden 32) that uses
 SmolLM2's tokenizer, built in the workdir: it checks that the benchmark runs, not the figures.
 
-Last line: one JSON object with the medians and the ratios (TRL step time / ours, our memory /
-TRL's, held-out gains).
+Last line: one JSON object with the medians and the ratios (TRL step time / ours from the timed
+runs, our memory / TRL's from the memory runs, held-out gains).
 """
 
 from __future__ import annotations
@@ -241,8 +246,8 @@ def tree_pss(root: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float, float]:
-    """(exit status, seconds, peak PSS bytes of the process tree)."""
+def run_measured(cmd: list[str], env: dict, log: Path, sample_memory: bool) -> tuple[int, float, float]:
+    """(exit status, seconds, peak PSS bytes of the process tree; 0 unless ``sample_memory``)."""
     peak, done = [0], threading.Event()
     started = time.monotonic()
     with open(log, "w") as out:
@@ -254,10 +259,12 @@ def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float, floa
                 done.wait(0.2)
 
         thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
+        if sample_memory:
+            thread.start()
         code = proc.wait()
         done.set()
-        thread.join()
+        if sample_memory:
+            thread.join()
     return code, time.monotonic() - started, peak[0]
 
 
@@ -267,7 +274,9 @@ def median_step(result: dict, key: str) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=2, help="runs of each side, alternating")
+    p.add_argument("--runs", type=int, default=2, help="timed runs of each side, alternating")
+    p.add_argument("--memory-runs", type=int, default=1,
+                   help="runs of each side with the memory sampler on (their times are not compared)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--val", type=int, default=32)
@@ -287,19 +296,23 @@ def main() -> int:
         trl_child(args)
         return 0
     if args.quick:
-        args.runs, args.steps, args.val, args.new_tokens = 1, 1, 2, 8
+        args.runs, args.memory_runs, args.steps, args.val, args.new_tokens = 1, 1, 1, 2, 8
+    if args.runs < 1 or args.memory_runs < 0:
+        p.error(f"--runs must be >= 1 and --memory-runs >= 0 (got {args.runs}, {args.memory_runs})")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.model = str(build_tiny_model(work / "tiny-model"))
     train, val = write_prompts(work, 8 * args.steps, args.val)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    print(f"[vs_trl] {os.cpu_count()} CPUs, {args.runs} run(s) of each, {args.steps} steps, model {args.model}, "
-          f"workdir {work}", flush=True)
+    print(f"[vs_trl] {os.cpu_count()} CPUs, {args.runs} timed and {args.memory_runs} memory run(s) of each, "
+          f"{args.steps} steps, model {args.model}, workdir {work}", flush=True)
     runs: dict[str, list] = {"trl": [], "ours": []}
-    for i in range(args.runs):
+    memory: dict[str, list] = {"trl": [], "ours": []}
+    plan = [(i, False) for i in range(args.runs)] + [(i, True) for i in range(args.memory_runs)]
+    for i, sample_memory in plan:
         for side in ("trl", "ours"):
-            out = work / f"{side}-{i}"
+            out = work / f"{side}-{'mem' if sample_memory else 'timed'}-{i}"
             out.mkdir(exist_ok=True)
             if side == "trl":
                 cmd = [sys.executable, __file__, "--trl-child", "--train", str(train), "--val-file", str(val),
@@ -308,16 +321,22 @@ def main() -> int:
                 cmd += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
             else:
                 cmd = our_command(args, out / "run", train, val)
-            code, seconds, peak = run_measured(cmd, env, out / "log.txt")
+            code, seconds, peak = run_measured(cmd, env, out / "log.txt", sample_memory)
+            kind = "memory run" if sample_memory else "run"
             if code != 0:
                 print((out / "log.txt").read_text()[-4000:], file=sys.stderr)
-                raise SystemExit(f"[vs_trl] {side} run {i} failed (exit {code}); log: {out / 'log.txt'}")
+                raise SystemExit(f"[vs_trl] {side} {kind} {i} failed (exit {code}); log: {out / 'log.txt'}")
             result = json.loads((out / "result.json").read_text()) if side == "trl" else our_result(out / "run")
-            result.update(seconds=seconds, peak_pss_gb=peak / 1e9)
-            runs[side].append(result)
-            print(f"[vs_trl] {side} run {i}: median step {median_step(result, 'step'):.2f} s, peak PSS "
-                  f"{peak / 1e9:.2f} GB, held-out {result['eval_before']:.3f} -> {result['eval_after']:.3f}, "
-                  f"wall {seconds:.0f} s", flush=True)
+            result.update(seconds=seconds)
+            if sample_memory:
+                result.update(peak_pss_gb=peak / 1e9)
+                memory[side].append(result)
+                print(f"[vs_trl] {side} memory run {i}: peak PSS {peak / 1e9:.2f} GB (median step under the sampler "
+                      f"{median_step(result, 'step'):.2f} s), wall {seconds:.0f} s", flush=True)
+            else:
+                runs[side].append(result)
+                print(f"[vs_trl] {side} run {i}: median step {median_step(result, 'step'):.2f} s, held-out "
+                      f"{result['eval_before']:.3f} -> {result['eval_after']:.3f}, wall {seconds:.0f} s", flush=True)
     summary = {}
     for side, results in runs.items():
         phase_keys = [k for k in results[0]["steps"][0] if k not in ("tokens", "pairs")]
@@ -325,17 +344,20 @@ def main() -> int:
             **{f"{k}_s": statistics.median(median_step(r, k) for r in results) for k in phase_keys},
             "tokens_per_step": statistics.median(median_step(r, "tokens") for r in results),
             "pairs_per_step": statistics.median(median_step(r, "pairs") for r in results),
-            "peak_pss_gb": statistics.median(r["peak_pss_gb"] for r in results),
             "held_out_gain": statistics.median(r["eval_after"] - r["eval_before"] for r in results),
         }
+        if memory[side]:
+            summary[side]["peak_pss_gb"] = statistics.median(r["peak_pss_gb"] for r in memory[side])
+            summary[side]["step_s_under_sampler"] = statistics.median(median_step(r, "step") for r in memory[side])
     summary["step_time_ratio_trl_over_ours"] = summary["trl"]["step_s"] / summary["ours"]["step_s"]
-    summary["memory_ratio_ours_over_trl"] = summary["ours"]["peak_pss_gb"] / summary["trl"]["peak_pss_gb"]
-    summary["runs"] = runs
+    if args.memory_runs:
+        summary["memory_ratio_ours_over_trl"] = summary["ours"]["peak_pss_gb"] / summary["trl"]["peak_pss_gb"]
+    summary["runs"], summary["memory_runs"] = runs, memory
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
     for side in ("trl", "ours"):
         print(f"{side:>5}: " + "  ".join(f"{k}={v:.3g}" for k, v in summary[side].items()), flush=True)
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("runs", "memory_runs")}), flush=True)
     return 0
 
 

@@ -61,6 +61,9 @@ def test_vs_trl_benchmark(tmp_path, cache):
         s = summary[side]
         assert s["step_s"] > 0 and s["peak_pss_gb"] > 0.2 and s["pairs_per_step"] >= 1, (side, s)
     assert summary["step_time_ratio_trl_over_ours"] > 0 and summary["memory_ratio_ours_over_trl"] > 0
+    # Memory comes from runs of their own (the sampler slows what it samples); times from runs without it.
+    assert [len(summary[k][side]) for k in ("runs", "memory_runs") for side in ("trl", "ours")] == [1, 1, 1, 1]
+    assert all("peak_pss_gb" not in r for side in ("trl", "ours") for r in summary["runs"][side])
 
 
 def test_cpu_linear_benchmark(tmp_path, cache):
