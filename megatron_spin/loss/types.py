@@ -8,9 +8,10 @@ metrics they log; nothing here is reduced or gathered.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
-import torch
+if TYPE_CHECKING:  # annotations only: the config imports this module and must not need torch
+    import torch
 
 
 class LossType(enum.StrEnum):

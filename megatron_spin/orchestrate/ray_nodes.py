@@ -7,6 +7,9 @@ exits 0 once ``--nodes`` are alive, 1 when the timeout passes first (naming how 
 missing) or as soon as process ``--alive-pid`` (the launcher's Ray head step) has exited.
 Connecting to a head that is shutting down can block inside Ray's C++ client, where no Python
 signal handler runs: the launcher bounds this command with ``timeout`` as well.
+
+Also :func:`node_address`, this node's address as other nodes reach it, for the trainer ranks
+and the engine hosts (a module without torch: engine hosts stay small).
 """
 
 from __future__ import annotations
@@ -16,6 +19,16 @@ import os
 import sys
 import time
 from typing import Optional
+
+
+def node_address() -> str:
+    """This node's address as other nodes reach it (Ray's view), or loopback outside Ray."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray (tests): loopback
+        return "127.0.0.1"
 
 
 def alive_nodes() -> list[dict]:

@@ -32,6 +32,7 @@ from megatron_spin.ckpt.metadata import HF_SUBDIR, read_arch
 from megatron_spin.lifetime import forked_children_die_with_this_process
 from megatron_spin.loss.config import LossConfig
 from megatron_spin.metrics.logger import open_jsonl
+from megatron_spin.orchestrate.ray_nodes import node_address
 from megatron_spin.pairs import collate_pairs
 from megatron_spin.parallel.groups import destroy_parallel, init_parallel
 from megatron_spin.parallel.launch import free_port
@@ -93,16 +94,6 @@ def node_name() -> str:
     """The Slurm node this process runs on (srun's tasks carry it; Ray workers inherit it from the
     raylet), else the host name."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
-
-def node_address() -> str:
-    """This node's address as other nodes reach it (Ray's view), or loopback outside Ray."""
-    try:
-        import ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:  # outside Ray (tests): loopback
-        return "127.0.0.1"
 
 
 def _ray_node_id() -> Optional[str]:

@@ -10,11 +10,12 @@ import dataclasses
 import functools
 import importlib
 import warnings
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
-
-from megatron_spin.platform import cpu_linear, cpu_patches
+# torch is imported where it is used: processes that only start others (Ray's engine hosts call
+# cpu_worker_env) should not load it (~200 MB).
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +41,16 @@ class Platform:
 
     def local_device(self) -> torch.device:
         """The device this process computes on (:func:`set_device` chose it)."""
+        import torch
+
         return torch.device("cuda", torch.cuda.current_device()) if self.is_cuda else torch.device("cpu")
 
     def set_device(self, local_index: int = 0) -> None:
         """Bind this process to its GPU: ``local_index`` counts the GPUs it can see (Ray gives each
         trainer rank one, so 0; a local launch gives rank r the GPU r mod count).  No-op on the CPU."""
         if self.is_cuda:
+            import torch
+
             torch.cuda.set_device(local_index % torch.cuda.device_count())
 
     def release_ipc_memory(self) -> None:
@@ -53,11 +58,15 @@ class Platform:
         keeps them until then), and the cached free blocks: after a push, before engines resume
         memory colocated with this process.  No-op on the CPU."""
         if self.is_cuda:
+            import torch
+
             torch.cuda.ipc_collect()
             torch.cuda.empty_cache()
 
     def device_for_backend(self, backend: str) -> torch.device:
         """Where tensors of a collective on ``backend`` live: NCCL moves device memory, gloo host memory."""
+        import torch
+
         return self.local_device() if backend == "nccl" else torch.device("cpu")
 
 
@@ -98,6 +107,8 @@ def prepare_inference_model(model: torch.nn.Module) -> None:
     """Tune an HF model that serves generation (the embedded engine): on the CPU its plain linear
     layers multiply weight-first (:mod:`megatron_spin.platform.cpu_linear`: ~25% faster decoding
     on MKL); a model on a GPU is left as it is."""
+    from megatron_spin.platform import cpu_linear
+
     first = next(model.parameters(), None)
     if first is not None and first.device.type == "cpu":
         cpu_linear.orient_linears(model)
@@ -106,6 +117,8 @@ def prepare_inference_model(model: torch.nn.Module) -> None:
 @functools.lru_cache(maxsize=1)
 def current() -> Platform:
     """Detect the platform once per process."""
+    import torch
+
     if torch.cuda.is_available():
         return Platform(device="cuda", backend="nccl", has_te=_imports("transformer_engine.pytorch"),
                         has_fused_softmax=all(_imports(m) for m in ("scaled_masked_softmax_cuda",
@@ -132,6 +145,8 @@ def prepare_megatron() -> Platform:
         for pattern in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
                         ".*Transformer Engine is not installed.*", ".*full scope is deprecated.*"):
             warnings.filterwarnings("ignore", message=pattern)
+
+        from megatron_spin.platform import cpu_patches
 
         cpu_patches.apply()
     _define_missing_te_gemm()
