@@ -24,11 +24,11 @@ from megatron_spin.parallel.groups import init_parallel
 from megatron_spin.parallel.launch import launch
 from megatron_spin.parallel.layout import ParallelLayout, validate_layout
 from megatron_spin.spec.arch import arch_from_hf_dir
-from megatron_spin.spec.precision import DTYPES
+from megatron_spin.spec.precision import torch_dtypes
 
 Progress = Callable[[str], None]
 
-_DTYPE_NAMES = DTYPES
+_DTYPE_NAMES = torch_dtypes()
 
 
 def _hf_to_megatron_rank(rank, world_size, hf_dir, tmp, dtype_name, report_every):

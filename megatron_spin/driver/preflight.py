@@ -19,7 +19,7 @@ from __future__ import annotations
 from megatron_spin.config.run import RunConfig
 from megatron_spin.errors import ConfigError, require
 from megatron_spin.orchestrate.placement import Placement
-from megatron_spin.pairs.builder import PairStrategy, SpinSelection
+from megatron_spin.pairs.modes import PairStrategy, SpinSelection
 from megatron_spin.parallel.layout import LayoutError, check_moe_layout_for_training, validate_layout
 from megatron_spin.reward import RewardError, RewardType
 from megatron_spin.reward.function import resolve_function

@@ -97,8 +97,8 @@ class TrainerCluster:
             str(model.megatron_dir), cfg.actor, cfg.actor_rollout_ref.ref, cfg.algorithm.loss, cfg.rollout.sync,
             self.target, seed=cfg.trainer.seed, threads=rank_threads, timeout_s=self.timeout_s,
             metrics_dir=str(run_dir / "ranks"), resume_step=resume_step)
-        self.engine_launch = EngineLaunch.of(
-            cfg.rollout, str(model.hf_dir), host="127.0.0.1" if cfg.trainer.nnodes == 1 else "0.0.0.0", api_key=api_key,
+        self.engine_launch = EngineLaunch(
+            str(model.hf_dir), host="127.0.0.1" if cfg.trainer.nnodes == 1 else "0.0.0.0", api_key=api_key,
             log_dir=engine_log_dir(str(run_dir)), threads=cfg.rollout.threads or engine_threads)
         self.workers: list = []
         self.engines: list = []
@@ -151,7 +151,7 @@ class TrainerCluster:
         simulated = self.route is not None and not p.gpus_per_node  # CPU: simulated devices per engine rank
         gpus = self._colocated_engine_gpus() if p.gpus_per_node and p.colocated else [None] * p.engines
         self.engines = [engine_cls.options(**at(*p.engine_resources(i))).remote(
-                            i, self.engine_launch, gpus[i],
+                            i, self.cfg.rollout, self.engine_launch, gpus[i],
                             self.route.engine_devices(i) if simulated else None)
                         for i in range(p.engines)]
         urls = self._get([e.url.remote() for e in self.engines], "start the rollout engines")

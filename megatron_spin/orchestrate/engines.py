@@ -10,63 +10,49 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
+from megatron_spin.config.run import RolloutConfig
 from megatron_spin.orchestrate.ray_nodes import node_address
-from megatron_spin.rollout.launcher import EngineKind, Quantization, launch_embedded, launch_sglang
-
-if TYPE_CHECKING:
-    from megatron_spin.config.run import RolloutConfig
+from megatron_spin.rollout.launcher import EngineKind, launch_embedded, launch_sglang
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineLaunch:
-    """What an engine is started with: the rollout section's engine settings and facts of this run.
+    """What an engine is started with beyond the rollout section: facts of this run.
 
-    Plain values, not the run's config: the Ray actor that hosts an engine unpickles what it is
-    given, and the config's modules import the trainer's (torch: ~200 MB per host process)."""
+    The actor that hosts an engine unpickles these and the rollout section, so neither module may
+    import torch (the run config does not; ``tests/unit/test_import_graph.py`` checks): a host
+    stays ~85 MB instead of ~270."""
 
     model_path: str  # the HF directory the engine loads
-    engine: EngineKind = EngineKind.EMBEDDED
     host: str = "127.0.0.1"  # the address the server binds (0.0.0.0 on a multi-node run)
     api_key: Optional[str] = None
     log_dir: str = "."
     threads: int = 0  # embedded engine: torch threads (0: torch's default)
-    tp_size: int = 1  # SGLang: GPUs per engine
-    mem_fraction_static: Optional[float] = None
-    colocated: bool = False  # SGLang: release memory while the trainer works (--enable-memory-saver)
-    quantization: Optional[Quantization] = None
-    deterministic: bool = False
-
-    @classmethod
-    def of(cls, rollout: "RolloutConfig", model_path: str, **facts) -> "EngineLaunch":
-        """The launch of ``rollout``'s engines; ``facts``: host, api_key, log_dir, threads."""
-        return cls(model_path, engine=rollout.engine, tp_size=rollout.tp_size,
-                   mem_fraction_static=rollout.mem_fraction_static, colocated=rollout.colocated,
-                   quantization=rollout.quantization, deterministic=rollout.deterministic, **facts)
 
 
 class EngineHost:
-    def __init__(self, index: int, launch: EngineLaunch,
+    def __init__(self, index: int, rollout: RolloutConfig, launch: EngineLaunch,
                  gpu_ids: Optional[tuple[str, ...]] = None, device_ids: Optional[tuple[str, ...]] = None):
         """``gpu_ids``: a colocated SGLang engine's GPUs, as Ray named them to its feeder ranks (None:
         what Ray gave the actor).
         ``device_ids``: the simulated devices an embedded engine's ranks hold (CPU tensor pushes)."""
-        self.index, self.launch = index, launch
+        self.index, self.rollout, self.launch = index, rollout, launch
         self.gpu_ids, self.device_ids = gpu_ids, device_ids
-        self.server = self._start(port=0 if launch.engine == EngineKind.EMBEDDED else 30000 + index)
+        self.server = self._start(port=0 if rollout.engine == EngineKind.EMBEDDED else 30000 + index)
 
     def _start(self, port: int):
-        launch = self.launch
+        rollout, launch = self.rollout, self.launch
         log = Path(launch.log_dir) / f"engine-{self.index}.log"
-        if launch.engine == EngineKind.EMBEDDED:
+        if rollout.engine == EngineKind.EMBEDDED:
             return launch_embedded(launch.model_path, host=launch.host, port=port, api_key=launch.api_key,
                                    log_path=log, threads=launch.threads, timeout=600, device_ids=self.device_ids)
         return launch_sglang(  # pragma: no cover - GPU tier, unverified
             launch.model_path, host=launch.host, port=port, log_path=log, api_key=launch.api_key,
-            tp_size=launch.tp_size, mem_fraction_static=launch.mem_fraction_static,
-            enable_memory_saver=launch.colocated, quantization=launch.quantization,
-            deterministic=launch.deterministic, visible_devices=self.gpu_ids)
+            tp_size=rollout.tp_size, mem_fraction_static=rollout.mem_fraction_static,
+            enable_memory_saver=rollout.colocated, quantization=rollout.quantization,
+            deterministic=rollout.deterministic, visible_devices=self.gpu_ids)
 
     def running(self) -> bool:
         """Whether the server process is alive (not whether it answers: a busy engine is running)."""

@@ -7,16 +7,21 @@ policy's own samples (rejected). Ties in reward produce no pair; they are counte
 :class:`PreferenceBatch` for the tensor layout and the loss-mask shift convention.
 """
 
-from megatron_spin.pairs.builder import (
-    PairStrategy,
-    SpinSelection,
-    TieRule,
-    Truncation,
-    build_pairs,
-    build_spin_pairs,
-    collate_pairs,
-)
-from megatron_spin.pairs.records import PairStats, PreferenceBatch, PreferencePair, ScoredSample
+from megatron_spin.pairs.modes import PairStrategy, SpinSelection, TieRule, Truncation
+
+# The records and builders hold and make tensors; the modes (read by the run config) do not, so the
+# rest is imported on first use.
+_LAZY = {"build_pairs": "builder", "build_spin_pairs": "builder", "collate_pairs": "builder",
+         "PairStats": "records", "PreferenceBatch": "records", "PreferencePair": "records", "ScoredSample": "records"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"megatron_spin.pairs.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ScoredSample",

@@ -7,7 +7,7 @@ import math
 from typing import Optional
 
 from megatron_spin.errors import coerce_enums, require
-from megatron_spin.pairs.builder import PairStrategy, SpinSelection, TieRule
+from megatron_spin.pairs.modes import PairStrategy, SpinSelection, TieRule
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """Process groups and layouts: the only code that touches megatron's parallel_state globals."""
 
 from megatron_spin.parallel.layout import LayoutError, ParallelLayout, validate_layout
-from megatron_spin.parallel.groups import ParallelContext, destroy_parallel, init_parallel
 
 __all__ = [
     "LayoutError",
@@ -11,3 +10,12 @@ __all__ = [
     "init_parallel",
     "destroy_parallel",
 ]
+
+
+def __getattr__(name: str):
+    # The groups need torch.distributed; the layout rules (read by the run config) do not.
+    if name in ("ParallelContext", "init_parallel", "destroy_parallel"):
+        from megatron_spin.parallel import groups
+
+        return getattr(groups, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

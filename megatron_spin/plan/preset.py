@@ -24,7 +24,7 @@ from megatron_spin.orchestrate.placement import Placement
 from megatron_spin.parallel.layout import ParallelLayout, validate_layout
 from megatron_spin.plan.activations import MEGATRON_GPU, MODELS, ActivationModel
 from megatron_spin.plan.memory import TrainSetup
-from megatron_spin.pairs.builder import PairStrategy, SpinSelection
+from megatron_spin.pairs.modes import PairStrategy, SpinSelection
 from megatron_spin.plan.models import resolve_model
 from megatron_spin.rollout.launcher import EngineKind
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from megatron_spin.reward.base import RewardError, RewardInput, RewardSource
 from megatron_spin.reward.config import RewardConfig, RewardType
 from megatron_spin.reward.function import FunctionReward
-from megatron_spin.reward.hf_model import HFRewardModel
 from megatron_spin.reward.http import HTTPReward
 from megatron_spin.reward.rules import MathAnswer, VaderSentiment
 
@@ -19,6 +18,8 @@ def build_reward(cfg: RewardConfig) -> RewardSource:
     if cfg.type == RewardType.MATH:
         return MathAnswer(cfg.math_task)
     if cfg.type == RewardType.HF:
+        from megatron_spin.reward.hf_model import HFRewardModel  # torch: only where a model scores
+
         return HFRewardModel(cfg.path, batch_size=cfg.batch_size)
     if cfg.type == RewardType.HTTP:
         return HTTPReward(cfg.url, timeout=cfg.timeout, retries=cfg.retries, batch_size=cfg.batch_size,

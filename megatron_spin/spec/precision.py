@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Optional
-
-import torch
+import functools
+from typing import TYPE_CHECKING, Optional
 
 from megatron_spin.errors import ConfigError, coerce_enums, require
 
@@ -22,7 +21,17 @@ class DType(enum.StrEnum):
     FLOAT16 = "float16"
 
 
-DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+
+@functools.lru_cache(maxsize=1)
+def torch_dtypes() -> dict:
+    """DType -> torch dtype.  A function, not a module constant: the run config imports this module,
+    and processes that only read the config (Ray's engine hosts) should not load torch."""
+    import torch
+
+    return {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
 
 
 class FP8Format(enum.StrEnum):
@@ -72,7 +81,7 @@ class Precision:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.params_dtype]
+        return torch_dtypes()[self.params_dtype]
 
     @property
     def sequence_multiple(self) -> int:

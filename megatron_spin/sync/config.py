@@ -15,7 +15,7 @@ from typing import Optional
 from megatron_spin.errors import coerce_enums, require
 from megatron_spin.spec.precision import DType
 from megatron_spin.sync.routing import FeedRoute
-from megatron_spin.wire.tensor_payload import LOAD_FORMATS
+from megatron_spin.wire.formats import LOAD_FORMATS
 
 
 class TransportKind(enum.StrEnum):

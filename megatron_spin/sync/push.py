@@ -48,7 +48,7 @@ from megatron_spin.convert import converter_for
 from megatron_spin.rollout.client import EngineClient, EngineError
 from megatron_spin.rollout.fleet import RolloutFleet
 from megatron_spin.spec.arch import ModelArch
-from megatron_spin.spec.precision import DTYPES
+from megatron_spin.spec.precision import torch_dtypes
 from megatron_spin.sync.config import PushTarget, SyncConfig, TransportKind
 from megatron_spin.sync.feed import ColocatedFeed
 from megatron_spin.sync.gather import iter_full_hf_weights, iter_hf_weights
@@ -241,7 +241,7 @@ class StageSender:
         group is hosted there).  ``transport``: a stage transport built elsewhere (tests inject
         faults).  Collective: every rank builds its sender together (the feed route makes groups)."""
         self.cfg, self.target, self.arch, self.pctx = cfg, target, arch, pctx
-        self.dtype = DTYPES[cfg.dtype] if cfg.dtype else None
+        self.dtype = torch_dtypes()[cfg.dtype] if cfg.dtype else None
         self._clients: dict[str, EngineClient] = {}  # by URL; the feed borrows them
         self.feed: Optional[ColocatedFeed] = None
         self.transport: Optional[Transport] = None

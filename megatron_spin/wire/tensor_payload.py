@@ -42,9 +42,7 @@ import torch
 from torch.multiprocessing import reductions
 
 from megatron_spin.wire.bucket import FlatEntry, NamedTensors, unflatten
-
-FLATTENED_BUCKET = "flattened_bucket"
-LOAD_FORMATS = (None, FLATTENED_BUCKET)
+from megatron_spin.wire.formats import FLATTENED_BUCKET, LOAD_FORMATS
 DEVICE_KEY = "megatron_spin_device"  # a flattened bucket's sender device (ignored by SGLang)
 _CUDA_DEVICE_ARG = 6  # rebuild_cuda_tensor(tensor_cls, size, stride, offset, storage_cls, dtype, device, ...)
 

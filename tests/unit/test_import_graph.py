@@ -87,19 +87,22 @@ def test_the_cycle_finder_finds_a_three_package_cycle():
 
 
 def test_an_engine_host_process_does_not_load_torch():
-    """Ray's engine-host actor imports ``orchestrate.engines``, unpickles its EngineLaunch and
-    calls the launcher, which reads ``platform.cpu_worker_env``: none of that may pull in torch
-    (it made each host ~270 MB PSS instead of ~85)."""
+    """Ray's engine-host actor imports ``orchestrate.engines``, unpickles its rollout section and
+    EngineLaunch, and calls the launcher, which reads ``platform.cpu_worker_env``: none of that may
+    pull in torch (it made each host ~270 MB PSS instead of ~85).  The whole run config is read
+    without torch too (the driver validates it before anything heavy starts)."""
     import subprocess
     import sys
 
     code = """
 import pickle, sys
 from megatron_spin.orchestrate.engines import EngineHost, EngineLaunch, reachable_url
+from megatron_spin.config.run import RolloutConfig, RunConfig
 from megatron_spin.platform import cpu_worker_env
 from megatron_spin.rollout.launcher import launch_embedded
 launch = pickle.loads(pickle.dumps(EngineLaunch("/m", threads=2)))
-assert launch.threads == 2 and cpu_worker_env({})
+rollout = pickle.loads(pickle.dumps(RolloutConfig(n=3)))
+assert launch.threads == 2 and rollout.n == 3 and cpu_worker_env({})
 heavy = sorted(m for m in ("torch", "numpy", "transformers", "megatron") if m in sys.modules)
 print(heavy)
 """
@@ -108,15 +111,3 @@ print(heavy)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", done.stdout
 
-
-def test_engine_launch_carries_the_rollout_engine_settings():
-    from megatron_spin.config.run import RolloutConfig
-    from megatron_spin.orchestrate.engines import EngineLaunch
-    from megatron_spin.rollout.launcher import EngineKind
-
-    rollout = RolloutConfig(engine=EngineKind.SGLANG, tp_size=2, mem_fraction_static=0.5, deterministic=True)
-    launch = EngineLaunch.of(rollout, "/m", api_key="k", threads=3)
-    assert (launch.engine, launch.tp_size, launch.mem_fraction_static, launch.deterministic) == (
-        EngineKind.SGLANG, 2, 0.5, True)
-    assert (launch.colocated, launch.quantization) == (rollout.colocated, rollout.quantization)
-    assert (launch.model_path, launch.api_key, launch.threads) == ("/m", "k", 3)
