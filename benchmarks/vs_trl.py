@@ -36,7 +36,7 @@ training model in-process.  Our held-out answers come from the engine (HF ``gene
 TRL's from ``model.generate`` (greedy) — the same computation.  TRL's completions end at the
 first EOS (its ``truncate_right``), ours include it.
 
-    python benchmarks/vs_trl.py [--runs 2] [--memory-runs 1] [--steps 6] [--json out.json]   # ~14 min on 2 cores
+    python benchmarks/vs_trl.py [--runs 2] [--memory-runs 1] [--steps 6] [--json out.json]   # ~18 min on 2 cores
     python benchmarks/vs_trl.py --quick                                       # tiny: the test suite's
     python benchmarks/vs_trl.py --model /path/to/hf_dir                       # another HF Llama/Qwen2
 
