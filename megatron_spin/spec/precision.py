@@ -14,15 +14,14 @@ from typing import TYPE_CHECKING, Optional
 
 from megatron_spin.errors import ConfigError, coerce_enums, require
 
+if TYPE_CHECKING:
+    import torch
+
 
 class DType(enum.StrEnum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
-
-
-if TYPE_CHECKING:
-    import torch
 
 
 @functools.lru_cache(maxsize=1)

@@ -43,6 +43,7 @@ from torch.multiprocessing import reductions
 
 from megatron_spin.wire.bucket import FlatEntry, NamedTensors, unflatten
 from megatron_spin.wire.formats import FLATTENED_BUCKET, LOAD_FORMATS
+
 DEVICE_KEY = "megatron_spin_device"  # a flattened bucket's sender device (ignored by SGLang)
 _CUDA_DEVICE_ARG = 6  # rebuild_cuda_tensor(tensor_cls, size, stride, offset, storage_cls, dtype, device, ...)
 

@@ -110,4 +110,3 @@ print(heavy)
                           cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", done.stdout
-
