@@ -30,3 +30,53 @@ def forked_children_die_with_this_process() -> None:
     """Every child this process forks from now on gets SIGKILL when it dies (Megatron's
     checkpoint writer forks helpers from the rank; a killed rank must not leave them writing)."""
     os.register_at_fork(after_in_child=die_with_parent)
+
+
+# Ports whose TCP sockets forked children must not keep (see keep_out_of_forks).
+_SERVED_PORTS: set[int] = set()
+_FORK_HOOK = False
+
+
+def keep_out_of_forks(port: int) -> None:
+    """Forked children of this process close its TCP sockets on ``port`` (the listener and every
+    accepted connection) right after the fork.
+
+    A server on a thread of a process that forks long-lived helpers (Megatron's checkpoint writer,
+    from a rank serving the in-process engine) otherwise leaves a copy of each keep-alive
+    connection in the child: when the server later closes its end, the kernel sends no FIN while
+    the child's copy is open, so the client reuses a connection no one reads, and its next request
+    waits for ever.  :func:`release_port` ends it."""
+    global _FORK_HOOK
+    _SERVED_PORTS.add(int(port))
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_close_served_sockets)
+        _FORK_HOOK = True
+
+
+def release_port(port: int) -> None:
+    _SERVED_PORTS.discard(int(port))
+
+
+def _close_served_sockets() -> None:
+    if not _SERVED_PORTS:
+        return
+    import socket
+
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]  # Linux; elsewhere forks keep them
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            s = socket.socket(fileno=fd)  # ENOTSOCK for files, pipes, the listdir's own descriptor
+        except OSError:
+            continue
+        try:
+            local = s.getsockname()
+            ours = s.family in (socket.AF_INET, socket.AF_INET6) and local[1] in _SERVED_PORTS
+        except OSError:
+            ours = False
+        if ours:
+            s.close()
+        else:
+            s.detach()  # not ours: leave the descriptor open

@@ -258,6 +258,25 @@ class EmbeddedEngine:
         if not self._session_open:
             raise ProtocolError(f"{what} must run between begin_weight_update() and end_weight_update()")
 
+    def share_weights(self, named: Sequence[tuple[str, torch.Tensor]], weight_version: Optional[str] = None,
+                      *, complete: bool = False) -> tuple[int, int]:
+        """Serve ``named`` in place (an engine inside the trainer's process, transport ``shared``):
+        see :meth:`ModelWeights.share`.  Names, shapes and dtypes are checked for the whole request
+        first; the values are the owner's own parameters, not a payload, so they are not scanned.
+        Outside a weight-update session only the first binding (``complete``, at start) may run.
+        Returns (bytes already in place, bytes updated)."""
+        if not complete:
+            self._require_session("share_weights")
+        weight_version = check_weight_version(weight_version, "share_weights")
+        self.weights.check([(n, t.detach().to("meta")) for n, t in named], complete=complete, where="share_weights")
+        with self._worker.exclusive():
+            in_place, updated = self.weights.share(named)
+            self.stats.bytes_loaded += updated
+            self.stats.weight_updates += 1
+            if weight_version is not None:
+                self.weight_version = weight_version
+        return in_place, updated
+
     def update_from_disk(self, model_path: str, weight_version: Optional[str]) -> str:
         weight_version = check_weight_version(weight_version, "update_weights_from_disk")
         with self._worker.exclusive():  # whole directory checked, then loaded, with no batch in between

@@ -121,6 +121,31 @@ class ModelWeights:
             self.unloaded.discard(name)
         return copied
 
+    @torch.no_grad()
+    def share(self, named: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, int]:
+        """Point the model at ``named`` (checked tensors of the process that owns them, e.g. the
+        trainer's): a whole parameter given as a contiguous tensor of its dtype and device becomes
+        that tensor's storage — no copy, and later in-place changes to it are the engine's weights
+        too —, anything else is copied in.  Returns (bytes already in place, bytes updated): a
+        tensor the engine reads already is in place; one re-bound to new storage or copied is an
+        update (after an optimizer step, only what the converter built afresh, e.g. a split QKV)."""
+        in_place = updated = 0
+        for name, t in named:
+            param, index = self._views[name]
+            p = self._params[param]
+            size = t.numel() * t.element_size()
+            if index is None and t.is_contiguous() and t.dtype == p.dtype and t.device == p.device:
+                if p.data_ptr() == t.data_ptr() and p.shape == t.shape:
+                    in_place += size
+                else:
+                    p.data = t.detach()
+                    updated += size
+            else:
+                self._view(name).copy_(t)
+                updated += size
+            self.unloaded.discard(name)
+        return in_place, updated
+
     def release(self) -> None:
         for p in self._params.values():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
