@@ -90,6 +90,11 @@ class RolloutConfig:
     def colocated(self) -> bool:
         return self.placement == Colocation.COLOCATED
 
+    @property
+    def engines_in_ranks(self) -> bool:
+        """The engine runs inside the trainer rank (transport ``shared``), not in a process of its own."""
+        return self.sync.transport == TransportKind.SHARED
+
 
 @dataclasses.dataclass(frozen=True)
 class ActorRolloutRefConfig:
@@ -169,6 +174,8 @@ class RunConfig:
         require(self.trainer.cpu_ranks % mp == 0, "trainer.cpu_ranks",
                 f"a multiple of TP*PP={mp} (the ranks beyond one model replica are data-parallel), "
                 f"got {self.trainer.cpu_ranks}")
+        if self.rollout.sync.transport == TransportKind.SHARED:
+            self._check_shared()
         if self.trainer.n_gpus_per_node == 0:
             require(self.rollout.engine == EngineKind.EMBEDDED, "actor_rollout_ref.rollout.engine",
                     "sglang needs GPUs (trainer.n_gpus_per_node > 0); use the embedded engine on the CPU")
@@ -188,6 +195,21 @@ class RunConfig:
                     "actor_rollout_ref.rollout.sync.transport",
                     "distributed with colocated engines would put a pusher and an engine rank on one GPU in one NCCL "
                     "group, which NCCL refuses (Duplicate GPU detected); colocated engines take tensor")
+
+    def _check_shared(self) -> None:
+        """The shared transport puts the engine inside the one trainer rank, reading its parameters."""
+        key = "actor_rollout_ref.rollout.sync.transport"
+        r, t = self.rollout, self.trainer
+        require(t.n_gpus_per_node == 0 and t.nnodes == 1, key,
+                "shared runs the embedded engine inside the trainer rank on the CPU (trainer.n_gpus_per_node=0, "
+                "nnodes=1); GPU engines take tensor, disk or distributed")
+        require(self.actor.tp * self.actor.pp == 1 and t.cpu_ranks in (0, 1), key,
+                f"shared needs one trainer rank holding the whole model (TP=PP=1, cpu_ranks 0 or 1); got "
+                f"TP={self.actor.tp}, PP={self.actor.pp}, cpu_ranks={t.cpu_ranks}")
+        require(r.num_engines == 1 and r.colocated, key,
+                "shared means one engine colocated in the rank (rollout.num_engines=1, rollout.placement=colocated)")
+        require(r.sync.dtype is None, "actor_rollout_ref.rollout.sync.dtype",
+                "must be null with shared: the engine reads the actor's parameters in their own dtype")
 
 
 # -- reading a (Hydra / OmegaConf) mapping into the records ------------------------------------

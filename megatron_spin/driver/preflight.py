@@ -39,7 +39,8 @@ def plan_placement(cfg: RunConfig) -> Placement:
     a, t = cfg.actor, cfg.trainer
     return Placement.plan(tp=a.tp, pp=a.pp, nnodes=t.nnodes, gpus_per_node=t.n_gpus_per_node,
                           num_engines=cfg.rollout.num_engines, engine_tp=cfg.rollout.tp_size,
-                          colocated=cfg.rollout.colocated, cpu_ranks=t.cpu_ranks)
+                          colocated=cfg.rollout.colocated, cpu_ranks=t.cpu_ranks,
+                          engines_in_ranks=cfg.rollout.engines_in_ranks)
 
 
 def check_run(cfg: RunConfig, arch: ModelArch, placement: Placement) -> None:

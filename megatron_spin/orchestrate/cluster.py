@@ -147,17 +147,20 @@ class TrainerCluster:
         worker_cls = ray.remote(TrainerWorker)
         self.workers = [worker_cls.options(**at(*p.rank_resources(r))).remote(r, p.trainer_world, self.rank_spec)
                         for r in range(p.trainer_world)]
-        engine_cls = ray.remote(EngineHost)
-        simulated = self.route is not None and not p.gpus_per_node  # CPU: simulated devices per engine rank
-        gpus = self._colocated_engine_gpus() if p.gpus_per_node and p.colocated else [None] * p.engines
-        self.engines = [engine_cls.options(**at(*p.engine_resources(i))).remote(
-                            i, self.cfg.rollout, self.engine_launch, gpus[i],
-                            self.route.engine_devices(i) if simulated else None)
-                        for i in range(p.engines)]
+        if not p.engines_in_ranks:  # else each engine starts inside its rank (transport "shared")
+            engine_cls = ray.remote(EngineHost)
+            simulated = self.route is not None and not p.gpus_per_node  # CPU: simulated devices per engine rank
+            gpus = self._colocated_engine_gpus() if p.gpus_per_node and p.colocated else [None] * p.engines
+            self.engines = [engine_cls.options(**at(*p.engine_resources(i))).remote(
+                                i, self.cfg.rollout, self.engine_launch, gpus[i],
+                                self.route.engine_devices(i) if simulated else None)
+                            for i in range(p.engines)]
         urls = self._get([e.url.remote() for e in self.engines], "start the rollout engines")
         master = self._get(self.workers[0].rendezvous.remote(), "rendezvous")
         self.ranks = self._get([w.setup.remote(*master) for w in self.workers], "set up the trainer ranks")
         log.info("trainer ranks: %s", self.ranks)
+        if p.engines_in_ranks:
+            urls = [r["engine_url"] for r in self.ranks if "engine_url" in r]
         r = self.cfg.rollout  # SGLang honours one seed per sample only as n seeded copies of a prompt
         seeds = r.engine == EngineKind.SGLANG and r.deterministic
         self.fleet = RolloutFleet([EngineClient(u, api_key=self.target.api_key, per_sample_seeds=seeds) for u in urls])
@@ -255,7 +258,8 @@ class TrainerCluster:
     def train(self, pairs: Sequence, iteration: int, step: int) -> TrainResult:
         """One update on every rank.  Colocated engines give all their memory back while it runs,
         then take back room for the weights (the push fills it; the KV cache returns after it)."""
-        colocated = self.cfg.rollout.colocated
+        # Engines inside the ranks hold nothing of their own worth releasing: their weights are the actor's.
+        colocated = self.cfg.rollout.colocated and not self.placement.engines_in_ranks
         if colocated:
             # A dropped engine that answers again is back first: it must give its memory back too.
             self.fleet.probe()

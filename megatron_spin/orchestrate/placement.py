@@ -31,11 +31,13 @@ class Placement:
     gpus_per_node: int  # 0: CPU
     colocated: bool
     nnodes: int = 1
+    engines_in_ranks: bool = False  # transport "shared": the engine runs inside the trainer rank (no actor of its own)
 
     @classmethod
     def plan(cls, *, tp: int, pp: int, nnodes: int, gpus_per_node: int, num_engines: int, engine_tp: int,
-             colocated: bool, cpu_ranks: int = 0) -> "Placement":
-        """``cpu_ranks``: trainer ranks of a CPU run (0: one model replica, TP*PP ranks)."""
+             colocated: bool, cpu_ranks: int = 0, engines_in_ranks: bool = False) -> "Placement":
+        """``cpu_ranks``: trainer ranks of a CPU run (0: one model replica, TP*PP ranks);
+        ``engines_in_ranks``: each engine lives in a trainer rank's process (CPU runs only)."""
         mp = tp * pp
         if gpus_per_node == 0:  # CPU: trainer ranks spread evenly over the nodes; engines beside them
             world = cpu_ranks or mp
@@ -45,7 +47,7 @@ class Placement:
             if world % nnodes:
                 raise ConfigError("trainer.nnodes", f"rule trainer ranks % nnodes == 0 violated on CPU nodes: "
                                                     f"{world} ranks, nnodes={nnodes} (each node hosts as many)")
-            return cls(world, num_engines, 1, 0, colocated, nnodes)
+            return cls(world, num_engines, 1, 0, colocated, nnodes, engines_in_ranks)
         total = nnodes * gpus_per_node
         if gpus_per_node % tp:
             raise ConfigError("actor_rollout_ref.actor.tp", f"rule n_gpus_per_node % TP == 0 violated: "
@@ -84,7 +86,7 @@ class Placement:
         if self.nnodes > 1:
             return [self._node_bundle(n) for n in range(self.nnodes)]
         if self.gpus_per_node == 0:
-            return [{"CPU": 1}] * (self.trainer_world + self.engines)
+            return [{"CPU": 1}] * (self.trainer_world + (0 if self.engines_in_ranks else self.engines))
         trainer = [{"CPU": 1, "GPU": 1}] * self.trainer_world
         return trainer if self.colocated else trainer + [{"CPU": 1, "GPU": self.engine_tp}] * self.engines
 

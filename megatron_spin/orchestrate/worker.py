@@ -9,6 +9,10 @@ listens, and from then on calls every rank with the same arguments:
     refresh_reference()                    # reference <- actor, in memory
     save_checkpoint(dir) / load_checkpoint(dir)   # checkpoint shards (collective)
 
+With the ``shared`` transport the rank also serves the rollout engine, on a thread, from the
+actor's own parameters (:mod:`megatron_spin.rollout.embedded.in_process`); ``setup`` reports its
+URL and a push re-binds what the engine reads.
+
 Each call is collective across the ranks (Megatron's TP/PP communication), so the driver
 always calls all ranks together and waits for all of them, with a timeout.
 """
@@ -37,8 +41,10 @@ from megatron_spin.pairs import collate_pairs
 from megatron_spin.parallel.groups import destroy_parallel, init_parallel
 from megatron_spin.parallel.launch import free_port
 from megatron_spin.platform.peak import peak_flops
-from megatron_spin.sync.config import PushTarget, SyncConfig
+from megatron_spin.sync.config import PushTarget, SyncConfig, TransportKind
+from megatron_spin.sync.gather import iter_hf_weights
 from megatron_spin.sync.push import PushPlan, StageResult, StageSender
+from megatron_spin.sync.transports import SharedTransport
 from megatron_spin.sync.verify import trainer_token_logprobs
 from megatron_spin.train.actor import (
     Actor,  # megatron-core: imported in the rank, not the driver
@@ -108,7 +114,7 @@ def _ray_node_id() -> Optional[str]:
 class TrainerWorker:
     def __init__(self, rank: int, world_size: int, spec: RankSpec):
         self.rank, self.world_size, self.spec = rank, world_size, spec
-        self.actor = self.ref = self.sender = self.pctx = None
+        self.actor = self.ref = self.sender = self.pctx = self.engine = None
         self.pad_id = 0
         self._rank_log = None
         self._where: dict = {}
@@ -145,7 +151,14 @@ class TrainerWorker:
             self.ref = Reference.build(self.arch, self.pctx, precision=spec.actor.precision,
                                        init_from=spec.megatron_dir, offload=spec.ref.offload)
         side = os.path.join(spec.megatron_dir, HF_SUBDIR)
-        self.sender = StageSender(spec.sync, spec.target, self.arch, self.pctx, node_address())
+        shared = None
+        if spec.sync.transport == TransportKind.SHARED:  # the engine serves this rank's actor in place
+            from megatron_spin.rollout.embedded.in_process import InProcessEngine
+
+            self.engine = InProcessEngine.start(side, iter_hf_weights(self.actor.modules, self.arch, self.pctx),
+                                                api_key=spec.target.api_key)
+            shared = SharedTransport(self.engine.engine)
+        self.sender = StageSender(spec.sync, spec.target, self.arch, self.pctx, node_address(), transport=shared)
         self.pad_id = pad_token_id(side)
         self._where = {"rank": self.rank, "node": node_name(), "ray_node_id": _ray_node_id(), "tp": self.pctx.tp_rank,
                        "pp": self.pctx.pp_rank, "dp": self.pctx.dp_rank}
@@ -153,6 +166,8 @@ class TrainerWorker:
             os.makedirs(spec.metrics_dir, exist_ok=True)
             self._rank_log = open_jsonl(Path(spec.metrics_dir) / f"rank_{self.rank:05d}.jsonl", spec.resume_step)
         info = {**self._where, "host": node_address(), "pid": os.getpid()}
+        if self.engine is not None:
+            info["engine_url"] = self.engine.url
         if self.rank == 0:
             info["peak_flops"], info["peak_source"] = peak_flops(spec.actor.precision.params_dtype,
                                                                  fp8=spec.actor.precision.fp8 is not None)
@@ -218,6 +233,8 @@ class TrainerWorker:
             self.ref.refresh_from(self.actor.modules)
 
     def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
         if self.sender is not None:
             self.sender.close()
         if self._rank_log is not None:

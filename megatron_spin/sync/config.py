@@ -22,6 +22,10 @@ class TransportKind(enum.StrEnum):
     TENSOR = "tensor"  # /update_weights_from_tensor: the engine maps memory on its own device (same host)
     DISK = "disk"  # safetensors shards on storage every engine reads
     DISTRIBUTED = "distributed"  # a process group of the pushers and the engines (NCCL on GPUs)
+    # The embedded engine runs inside the trainer rank and serves the actor's own parameters, as
+    # views wherever the converter table maps one to one or by rows; a push copies only the rest
+    # (the split QKV).  CPU, one trainer rank, one colocated embedded engine.
+    SHARED = "shared"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""How a stage's buckets of HF tensors reach the engines: by disk or by broadcast.
+"""How a stage's buckets of HF tensors reach the engines: by disk, by broadcast, or in place.
 
 A transport lives on one *pusher* (TP rank 0 of a pipeline stage of data-parallel replica 0):
 
@@ -12,6 +12,8 @@ A transport lives on one *pusher* (TP rank 0 of a pipeline stage of data-paralle
 * ``DiskTransport`` — each stage writes its buckets as safetensors shards into a directory on
   storage the engines can read; rank 0 writes the index and calls ``/update_weights_from_disk``.
   Works across hosts with a shared file system; slowest.
+* ``SharedTransport`` — the engine runs inside the (only) trainer rank and serves the actor's
+  parameters in place; a push re-binds views and copies only what the converter had to build.
 * ``DistributedTransport`` — each pusher forms a process group with every engine rank
   (``/init_weights_update_group``; NCCL on GPUs, gloo here) and broadcasts each bucket's
   tensors after announcing names, dtypes and shapes (``/update_weights_from_distributed``).
@@ -258,6 +260,30 @@ class DistributedTransport(Transport):
         super().shutdown()
 
 
+class SharedTransport(Transport):
+    """The engine lives in this process and serves the actor's parameters in place (``shared``):
+    each bucket re-binds its tensors to the engine (views of the actor's parameters stay shared,
+    the rest is copied; :meth:`EmbeddedEngine.share_weights`).  The receipt counts the bytes
+    updated, the only ones that moved; the coordinator commits the version over HTTP as usual."""
+
+    name = "shared"
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine  # an EmbeddedEngine (rollout.embedded.in_process)
+
+    def send(self, bucket: NamedTensors) -> None:
+        if not self.engines:
+            raise RuntimeError("the shared transport has no engine in this push")
+        _, updated = self.engine.share_weights(bucket)
+        self.receipt.names += [n for n, _ in bucket]
+        self.receipt.bytes += updated
+        self.receipt.buckets += 1
+
+    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:  # pragma: no cover - send() overrides
+        raise RuntimeError("unreachable")
+
+
 class _VersionCommit(Transport):
     name = "commit"
 
@@ -268,7 +294,7 @@ class _VersionCommit(Transport):
 def make_transport(cfg: SyncConfig, target: PushTarget, address: str = "127.0.0.1") -> Transport:
     """The configured transport for a push to ``target``; ``address``: where this pusher's node is
     reached from the engines (a distributed push hosts its group there)."""
-    if cfg.transport == TransportKind.TENSOR:
+    if cfg.transport in (TransportKind.TENSOR, TransportKind.SHARED):  # the tensors go another way
         return Transport.committing_only()
     if cfg.transport == TransportKind.DISK:
         if not target.disk_dir:

@@ -328,3 +328,33 @@ def test_joins_an_existing_ray_cluster(tiny_chat_model, spin_cache, tmp_path):
             pass
         head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_shared_engine_inside_the_rank_trains_checkpoints_and_resumes(tiny_chat_model, spin_cache, tmp_path):
+    """Transport ``shared``: the engine runs inside the one trainer rank and serves the actor's own
+    parameters.  Every push is verified against the trainer's log-probs; a checkpoint (Megatron's
+    writer forks helpers from the rank) leaves the engine serving; a resumed run loads the
+    checkpoint into the actor and its first push re-binds the engine to the loaded weights."""
+    train = write_prompts(tmp_path / "train.jsonl", 12)
+    run_dir = tmp_path / "run"
+    common = [f"actor_rollout_ref.model.path={tiny_chat_model}", "actor_rollout_ref.rollout.sync.transport=shared",
+              "actor_rollout_ref.rollout.sync.verify_every=1", f"data.train_files=[{train}]",
+              f"data.val_files=[{train}]", "data.val_size=2", "data.train_batch_size=4", "data.max_response_length=10",
+              "actor_rollout_ref.rollout.n=3", "reward_model.type=function",
+              "reward_model.function=tests.e2e.test_online:length_reward", "actor_rollout_ref.actor.optim.lr=1e-3",
+              "trainer.save_freq=1", f"trainer.default_local_dir={run_dir}"]
+    run_cli(tmp_path, *common, "trainer.total_training_steps=2", cache=spin_cache)
+    done = run_cli(tmp_path, *common, "trainer.total_training_steps=3", cache=spin_cache)
+    assert "[resume] from" in done.stdout and "at step 2" in done.stdout
+    steps = records(run_dir, "train")
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["sync/logprob_gap_max"] <= 1e-3, r  # the engine serves exactly the actor's weights
+        assert r["weight_version"] == r["step"] and math.isfinite(r["loss"])
+    assert steps[0]["loss"] != steps[2]["loss"]
+    # Only the split QKV moves at a push: a small part of the model's bytes.
+    params = sum(t.numel() * t.element_size() for t in checkpoint_tensors(
+        run_dir / "checkpoints" / "step_00000003" / "actor").values() if isinstance(t, torch.Tensor))
+    assert all(0 < r["sync/gbytes"] * 1e9 < 0.5 * params for r in steps), [r["sync/gbytes"] for r in steps]
+    assert [r["step"] for r in records(run_dir, "eval")][-1] == 3  # the final evaluation, after the last checkpoint
+    assert not (run_dir / "logs" / "engine-0.log").exists()  # no engine process of its own

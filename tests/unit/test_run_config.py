@@ -73,7 +73,7 @@ def test_overrides_reach_the_component_records():
     ("actor_rollout_ref.rollout.n=1", r"actor_rollout_ref\.rollout\.n: online DPO needs n >= 2"),
     ("actor_rollout_ref.rollout.engine=sglang", r"actor_rollout_ref\.rollout\.engine: sglang needs GPUs"),
     ("actor_rollout_ref.rollout.sync.transport=pigeon",
-     r"actor_rollout_ref\.rollout\.sync\.transport: one of tensor, disk, distributed; got 'pigeon'"),
+     r"actor_rollout_ref\.rollout\.sync\.transport: one of tensor, disk, distributed, shared; got 'pigeon'"),
     ("actor_rollout_ref.rollout.sync.bucket_mb=-1",
      r"actor_rollout_ref\.rollout\.sync\.bucket_mb: must be >= 0, got -1\.0"),
     ("actor_rollout_ref.rollout.sync.load_format=direct",
@@ -283,7 +283,7 @@ ENUM_KEYS = [
     ("actor_rollout_ref.rollout.engine", "vllm", "embedded, sglang"),
     ("actor_rollout_ref.rollout.placement", "split", "colocated, disaggregated"),
     ("actor_rollout_ref.rollout.quantization", "int4", "fp8, null"),
-    ("actor_rollout_ref.rollout.sync.transport", "pigeon", "tensor, disk, distributed"),
+    ("actor_rollout_ref.rollout.sync.transport", "pigeon", "tensor, disk, distributed, shared"),
     ("actor_rollout_ref.rollout.sync.dtype", "fp8", "float32, bfloat16, float16, null"),
     ("actor_rollout_ref.actor.precision.params_dtype", "bf16", "float32, bfloat16, float16"),
     ("actor_rollout_ref.actor.optim.optimizer", "adamw", "adam, sgd"),
@@ -331,3 +331,31 @@ def test_checkpoint_steps_follow_save_freq(save_freq, saved):
     t = TrainerConfig(total_training_steps=5, save_freq=save_freq)
     assert [s for s in range(1, 6) if t.saves_after(s, stopping=False)] == saved
     assert t.saves_after(3, stopping=True)  # a requested stop always saves, -1 included
+
+
+SHARED = "actor_rollout_ref.rollout.sync.transport=shared"
+
+
+def test_shared_transport_is_accepted_for_one_cpu_rank_and_places_no_engine_actor():
+    from megatron_spin.driver.preflight import plan_placement
+
+    cfg = load_run_config(composed(SHARED))
+    placement = plan_placement(cfg)
+    assert cfg.rollout.sync.transport == "shared" and placement.engines_in_ranks
+    assert placement.bundles() == [{"CPU": 1}]  # the rank; its engine lives inside it
+
+
+@pytest.mark.parametrize("overrides, key, rule", [
+    (["actor_rollout_ref.actor.tp=3"], "actor_rollout_ref.rollout.sync.transport", "one trainer rank"),
+    (["trainer.cpu_ranks=2"], "actor_rollout_ref.rollout.sync.transport", "one trainer rank"),
+    (["actor_rollout_ref.rollout.num_engines=2"], "actor_rollout_ref.rollout.sync.transport", "one engine colocated"),
+    (["actor_rollout_ref.rollout.placement=disaggregated"], "actor_rollout_ref.rollout.sync.transport",
+     "one engine colocated"),
+    (["actor_rollout_ref.rollout.sync.dtype=bfloat16"], "actor_rollout_ref.rollout.sync.dtype", "must be null"),
+    (["trainer.n_gpus_per_node=8", "actor_rollout_ref.rollout.engine=sglang"],
+     "actor_rollout_ref.rollout.sync.transport", "on the CPU"),
+])
+def test_shared_transport_rules_name_the_key(overrides, key, rule):
+    with pytest.raises(ConfigError, match=rule) as info:
+        load_run_config(composed(SHARED, *overrides))
+    assert info.value.key == key

@@ -357,8 +357,8 @@ def test_decode_unknown_load_format(load_format):
 @pytest.mark.parametrize(
     "kwargs, key, rule",
     [
-        (dict(transport="nccl"), "transport", "one of tensor, disk, distributed; got 'nccl'"),
-        (dict(transport="Tensor"), "transport", "one of tensor, disk, distributed; got 'Tensor'"),
+        (dict(transport="nccl"), "transport", "one of tensor, disk, distributed, shared; got 'nccl'"),
+        (dict(transport="Tensor"), "transport", "one of tensor, disk, distributed, shared; got 'Tensor'"),
         (dict(bucket_mb=-1), "bucket_mb", "must be >= 0, got -1"),
         (dict(bucket_mb=-0.5), "bucket_mb", "must be >= 0, got -0.5"),
         (dict(bucket_mb=math.nan), "bucket_mb", "must be >= 0, got nan"),
