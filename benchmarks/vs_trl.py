@@ -31,9 +31,11 @@ core and the mm lock, and slowed both sides — ours (more processes, more memor
 against 15.6 s.  The memory runs' own step times are printed as ``step_s_under_sampler`` and never
 enter the ratio.
 
-Remaining differences, stated: ours runs the actor in a Megatron rank process and samples in a
-separate engine process (HTTP), pushing the weights after every update; TRL samples with the
-training model in-process.  Our held-out answers come from the engine (HF ``generate``, greedy),
+Remaining differences, stated: ours runs the actor in a Megatron rank process and samples from
+the embedded engine over HTTP — by default inside that rank, on the actor's own parameters
+(``--transport shared``: a push re-binds them and copies the split QKV), with ``--transport
+tensor`` in an engine process of its own that every push feeds from shared memory —; TRL samples
+with the training model in-process.  Our held-out answers come from the engine (HF ``generate``, greedy),
 TRL's from ``model.generate`` (greedy) — the same computation.  TRL's completions end at the
 first EOS (its ``truncate_right``), ours include it.
 
@@ -206,7 +208,7 @@ def our_command(args, run_dir: Path, train: Path, val: Path) -> list[str]:
             "actor_rollout_ref.actor.optim.clip_grad=1.0", "algorithm.loss.beta=0.1", "algorithm.pairs.ties=first",
             "reward_model.type=vader", f"trainer.total_training_steps={args.steps}", "trainer.test_freq=0",
             f"trainer.seed={args.seed}", "trainer.resume=disable", "trainer.save_freq=-1",  # TRL: save_strategy="no"
-            f"trainer.default_local_dir={run_dir}"]
+            f"trainer.default_local_dir={run_dir}", f"actor_rollout_ref.rollout.sync.transport={args.transport}"]
 
 
 def our_result(run_dir: Path) -> dict:
@@ -285,6 +287,9 @@ def main() -> int:
     p.add_argument("--model", default="packaged:smollm2", help="HF model directory (default: the packaged model)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny random model, 1 step, 2 held-out prompts, 8 new tokens, 1 run each")
+    p.add_argument("--transport", default="shared", choices=("shared", "tensor"),
+                   help="ours: the engine inside the trainer rank on the actor's own weights (shared, the default), "
+                        "or in a process of its own fed from shared memory (tensor)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path)

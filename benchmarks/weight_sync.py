@@ -3,8 +3,8 @@
 Measured in one run on this machine, each figure beside its baseline:
   * **push**: a random Llama of ``--size-mb`` (default 600 MB, fp32) as a Megatron actor at
     TP=1 on one Ray-placed trainer rank, pushed to one embedded engine by each transport
-    (tensor with flat buckets, tensor with (name, tensor) lists, disk, distributed/gloo) and
-    bucket size, each configuration a run's own cluster; what is timed is ``TrainerCluster.push``,
+    (tensor with flat buckets, tensor with (name, tensor) lists, disk, distributed/gloo, and shared:
+    the engine inside the rank on the actor's own parameters) and bucket size, each configuration a run's own cluster; what is timed is ``TrainerCluster.push``,
     the call a run makes after every update (pause, flush, gather, convert, send, engine-side
     check and copy, commit, resume), best of ``--repeats``.
     Baseline: a plain in-memory copy of the same bytes (every tensor ``copy_`` into a
@@ -17,7 +17,7 @@ Measured in one run on this machine, each figure beside its baseline:
     same thread count; tokens/s and their ratio, best of ``--repeats``.
 
     PYTHONPATH=. python benchmarks/weight_sync.py [--size-mb 600] [--buckets-mb 16,128,512]
-        [--transports tensor,tensor-list,disk,distributed] [--repeats 2] [--json OUT]
+        [--transports tensor,tensor-list,disk,distributed,shared] [--repeats 2] [--json OUT]
 """
 
 from __future__ import annotations
@@ -96,10 +96,12 @@ def bench_pushes(args, work: Path) -> dict:
     total, copy_s = _copy_seconds(hf, args.repeats)
     print(f"[bench] {len(configs)} push configurations x {args.repeats} ...", flush=True)
     arch, rows = read_arch(mcore), []
-    placement = Placement.plan(tp=1, pp=1, nnodes=1, gpus_per_node=0, num_engines=1, engine_tp=1, colocated=False)
     for transport, load_format, bucket_mb in configs:
         run_dir = work / f"run-{transport}-{load_format}-{bucket_mb:g}"
         cfg = _push_config(hf, mcore, run_dir, transport, load_format, bucket_mb)
+        shared = transport == "shared"  # the engine lives in the rank (and is colocated by nature)
+        placement = Placement.plan(tp=1, pp=1, nnodes=1, gpus_per_node=0, num_engines=1, engine_tp=1,
+                                   colocated=shared, engines_in_ranks=shared)
         with TrainerCluster(cfg, arch, placement, PreparedModel(hf, mcore), run_dir) as cluster:
             cluster.push(0)  # untimed warm-up: first use of shared memory, the engine's first load, page faults
             reports = [cluster.push(v) for v in range(1, args.repeats + 1)]
@@ -164,7 +166,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size-mb", type=float, default=600)
     p.add_argument("--buckets-mb", default="16,128,512")
-    p.add_argument("--transports", default="tensor,tensor-list,disk,distributed")
+    p.add_argument("--transports", default="tensor,tensor-list,disk,distributed,shared")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -175,7 +177,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="an 8 MB model, two transports, tiny generation (tests)")
     args = p.parse_args()
     if args.quick:
-        args.size_mb, args.buckets_mb, args.transports, args.repeats = 8, "1", "tensor,disk", 1
+        args.size_mb, args.buckets_mb, args.transports, args.repeats = 8, "1", "tensor,disk,shared", 1
         args.prompts, args.new_tokens = 2, 4
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sync-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ def test_train_step_benchmark(tmp_path, cache):
 def test_weight_sync_benchmark(tmp_path, cache):
     fig = run(tmp_path, cache, "weight_sync", "--workdir", str(tmp_path / "w"))
     push, gen = fig["push"], fig["generation"]
-    assert {r["transport"] for r in push["rows"]} == {"tensor", "disk"}
+    assert {r["transport"] for r in push["rows"]} == {"tensor", "disk", "shared"}
     assert all(r["seconds"] > 0 and r["logprob_gap"] <= 1e-4 for r in push["rows"]), push["rows"]
     assert gen["engine_tok_s"] > 0 and gen["identical_outputs"] == gen["prompts"]
 
