@@ -71,12 +71,13 @@ def _close_served_sockets() -> None:
             s = socket.socket(fileno=fd)  # ENOTSOCK for files, pipes, the listdir's own descriptor
         except OSError:
             continue
+        ours = False
         try:
-            local = s.getsockname()
-            ours = s.family in (socket.AF_INET, socket.AF_INET6) and local[1] in _SERVED_PORTS
+            ours = s.family in (socket.AF_INET, socket.AF_INET6) and s.getsockname()[1] in _SERVED_PORTS
         except OSError:
-            ours = False
-        if ours:
-            s.close()
-        else:
-            s.detach()  # not ours: leave the descriptor open
+            pass
+        finally:
+            if ours:
+                s.close()
+            else:
+                s.detach()  # not ours: the descriptor stays open

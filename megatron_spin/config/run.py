@@ -174,7 +174,7 @@ class RunConfig:
         require(self.trainer.cpu_ranks % mp == 0, "trainer.cpu_ranks",
                 f"a multiple of TP*PP={mp} (the ranks beyond one model replica are data-parallel), "
                 f"got {self.trainer.cpu_ranks}")
-        if self.rollout.sync.transport == TransportKind.SHARED:
+        if self.rollout.engines_in_ranks:
             self._check_shared()
         if self.trainer.n_gpus_per_node == 0:
             require(self.rollout.engine == EngineKind.EMBEDDED, "actor_rollout_ref.rollout.engine",
@@ -210,6 +210,8 @@ class RunConfig:
                 "shared means one engine colocated in the rank (rollout.num_engines=1, rollout.placement=colocated)")
         require(r.sync.dtype is None, "actor_rollout_ref.rollout.sync.dtype",
                 "must be null with shared: the engine reads the actor's parameters in their own dtype")
+        require(r.threads == 0, "actor_rollout_ref.rollout.threads",
+                "must be 0 with shared: the engine computes with the rank's torch threads (one pool per process)")
 
 
 # -- reading a (Hydra / OmegaConf) mapping into the records ------------------------------------

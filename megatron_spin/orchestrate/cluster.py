@@ -312,6 +312,9 @@ class TrainerCluster:
     def recover_engines(self, version: int) -> list[str]:
         """After the fleet ran out of engines: restart the dead ones and bring them to ``version``
         (a push of the actor's weights, which re-admits them).  Raises if none could be restarted."""
+        if self.placement.engines_in_ranks:  # nothing to restart: the engine lives and dies with its rank
+            raise ClusterError("the rollout engine inside the trainer rank (transport shared) stopped answering; "
+                               "see the rank's log (Ray worker log)")
         restarted = self.restart_dead_engines()
         if not restarted:
             raise ClusterError("no rollout engine left, and none could be restarted (exited engines are "

@@ -233,12 +233,14 @@ class TrainerWorker:
             self.ref.refresh_from(self.actor.modules)
 
     def shutdown(self) -> None:
-        if self.engine is not None:
-            self.engine.stop()
-        if self.sender is not None:
-            self.sender.close()
-        if self._rank_log is not None:
-            self._rank_log.close()
-        destroy_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        try:
+            if self.engine is not None:
+                self.engine.stop()
+        finally:
+            if self.sender is not None:
+                self.sender.close()
+            if self._rank_log is not None:
+                self._rank_log.close()
+            destroy_parallel()
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -121,7 +121,7 @@ def plan_placement(run: RunConfig, tp: int, pp: int) -> Placement:
     r, t = run.rollout, run.trainer
     return Placement.plan(tp=tp, pp=pp, nnodes=t.nnodes, gpus_per_node=t.n_gpus_per_node,
                           num_engines=r.num_engines, engine_tp=r.tp_size, colocated=r.colocated,
-                          cpu_ranks=t.cpu_ranks)
+                          cpu_ranks=t.cpu_ranks, engines_in_ranks=r.engines_in_ranks)
 
 
 def load_plan_input(req: PlanRequest) -> PlanInput:

@@ -125,3 +125,40 @@ def test_a_forked_child_does_not_keep_the_servers_connections(tmp_path):
             os.waitpid(child, 0)
         client.close()
         served.stop()
+
+
+def test_an_engine_on_shared_weights_refuses_copies_and_non_finite_values(tmp_path):
+    """A copy into a shared parameter would rewrite the owner's tensor behind its optimizer: the
+    copying routes are refused; a tensor that cannot be shared gets fresh storage, the owner's
+    stays as it was; NaN is refused before anything changes."""
+    hf, model, named = _owner(tmp_path, tied=False)
+    served = InProcessEngine.start(str(hf), named, api_key=KEY)
+    try:
+        engine = served.engine
+        with pytest.raises(ProtocolError, match="in place"):
+            engine.update_from_disk(str(hf), "2")
+        with pytest.raises(ProtocolError, match="in place"):
+            engine.update_from_tensor([], None, "2")
+        owner = dict(named)["model.layers.1.mlp.down_proj.weight"]
+        kept = owner.clone()
+        engine.begin_weight_update()
+        name = "model.layers.1.mlp.down_proj.weight"
+        engine.share_weights([(name, (owner * 2).t().contiguous().t())])  # not contiguous: copied
+        assert torch.equal(owner, kept)  # the owner's tensor untouched
+        assert torch.equal(dict(engine.model.named_parameters())[name], kept * 2)
+        bad = owner.clone()
+        bad[0, 0] = float("nan")
+        with pytest.raises(PayloadError, match="NaN"):
+            engine.share_weights([(name, bad)], weight_version="9")
+        assert torch.equal(dict(engine.model.named_parameters())[name], kept * 2) and engine.weight_version != "9"
+        engine.end_weight_update()
+    finally:
+        served.stop()
+
+
+def test_the_engine_reads_the_generation_config_as_from_pretrained_does(tmp_path):
+    from transformers import GenerationConfig
+
+    hf = make_tiny_hf(tmp_path / "hf", "llama")
+    GenerationConfig(eos_token_id=[7, 9]).save_pretrained(hf)  # end-of-turn ids only this file names
+    assert empty_hf_model(str(hf), torch.float32).generation_config.eos_token_id == [7, 9]

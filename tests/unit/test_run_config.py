@@ -352,6 +352,7 @@ def test_shared_transport_is_accepted_for_one_cpu_rank_and_places_no_engine_acto
     (["actor_rollout_ref.rollout.placement=disaggregated"], "actor_rollout_ref.rollout.sync.transport",
      "one engine colocated"),
     (["actor_rollout_ref.rollout.sync.dtype=bfloat16"], "actor_rollout_ref.rollout.sync.dtype", "must be null"),
+    (["actor_rollout_ref.rollout.threads=2"], "actor_rollout_ref.rollout.threads", "the rank's torch threads"),
     (["trainer.n_gpus_per_node=8", "actor_rollout_ref.rollout.engine=sglang"],
      "actor_rollout_ref.rollout.sync.transport", "on the CPU"),
 ])

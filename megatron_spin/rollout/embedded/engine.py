@@ -57,6 +57,16 @@ from megatron_spin.wire.tensor_payload import PayloadError, decode_named_tensors
 from megatron_spin.wire.update_group import UpdateGroup, create_update_group
 
 
+def load_tokenizer(model_path: str):
+    """The model's tokenizer, or None: /generate works on token ids; /v1/completions needs one."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+
+
 class EngineUnavailable(RuntimeError):
     """The engine cannot serve this now (released memory, weights not loaded, shutting down)."""
 
@@ -88,9 +98,12 @@ class EngineStats:
 class EmbeddedEngine:
     def __init__(self, model, tokenizer=None, *, model_path: str = "", weight_version: str = "default",
                  max_batch_tokens: int = 16384, max_batch_jobs: int = 256, max_samples_per_request: int = 1024,
-                 device_ids: Optional[Sequence[str]] = None, joins: JoinPolicy = JoinPolicy()):
+                 device_ids: Optional[Sequence[str]] = None, joins: JoinPolicy = JoinPolicy(),
+                 shares_weights: bool = False):
         """``device_ids``: simulate TP ranks holding these devices (see the module docstring);
-        ``joins``: which weight-update groups it joins, how many at once, how long each waits."""
+        ``joins``: which weight-update groups it joins, how many at once, how long each waits;
+        ``shares_weights``: the parameters are its owner's tensors (:meth:`share_weights`), and
+        every update that copies into them (disk, tensor payloads, broadcasts) is refused."""
         self.model = model.eval()
         platform.prepare_inference_model(model)
         self.tokenizer = tokenizer
@@ -112,20 +125,17 @@ class EmbeddedEngine:
         self.device_ids = tuple(device_ids) if device_ids else None
         self.tp_size = len(self.device_ids) if self.device_ids else 1
         self._session_open = False
+        self.shares_weights = shares_weights
         self._released_tags: set[str] = set()
         self._worker = BatchingWorker(self._run_batch, max_jobs=max_batch_jobs)
 
     @classmethod
     def load(cls, model_path: str, device: str = "cpu", dtype: str = "float32", **kwargs) -> "EmbeddedEngine":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
                                                      attn_implementation="sdpa").to(device)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
-        except (OSError, ValueError):
-            tokenizer = None  # /generate works on token ids; /v1/completions needs a tokenizer
-        return cls(model, tokenizer, model_path=model_path, **kwargs)
+        return cls(model, load_tokenizer(model_path), model_path=model_path, **kwargs)
 
     # -- generation -------------------------------------------------------------------------
     def _run_batch(self, jobs: Sequence[GenerationJob]) -> tuple[list[GenerationOutput], str]:
@@ -213,7 +223,13 @@ class EmbeddedEngine:
                 raise ProtocolError(f"logprob_start_len {request.logprob_start_len} >= prompt {i}'s length {len(p)}")
 
     # -- weights ----------------------------------------------------------------------------
+    def _refuse_copies(self, where: str) -> None:
+        if self.shares_weights:
+            raise ProtocolError(f"{where}: this engine serves its owner's parameters in place (transport shared); "
+                                "they change only through the owner's push")
+
     def _install(self, named, weight_version: Optional[str], *, complete: bool, where: str) -> str:
+        self._refuse_copies(where)
         self.weights.check(named, complete=complete, where=where)
         with self._worker.exclusive():
             self.stats.bytes_loaded += self.weights.load(named)
@@ -225,6 +241,7 @@ class EmbeddedEngine:
     def update_from_tensor(self, serialized: Sequence, load_format: Optional[str],
                            weight_version: Optional[str]) -> str:
         """SGLang sends one payload per engine TP rank; rank ``k`` reads entry ``k``."""
+        self._refuse_copies("update_weights_from_tensor")
         self._require_session("update_weights_from_tensor")
         weight_version = check_weight_version(weight_version, "update_weights_from_tensor")
         if not isinstance(serialized, list) or len(serialized) != self.tp_size:
@@ -260,15 +277,18 @@ class EmbeddedEngine:
 
     def share_weights(self, named: Sequence[tuple[str, torch.Tensor]], weight_version: Optional[str] = None,
                       *, complete: bool = False) -> tuple[int, int]:
-        """Serve ``named`` in place (an engine inside the trainer's process, transport ``shared``):
-        see :meth:`ModelWeights.share`.  Names, shapes and dtypes are checked for the whole request
-        first; the values are the owner's own parameters, not a payload, so they are not scanned.
-        Outside a weight-update session only the first binding (``complete``, at start) may run.
-        Returns (bytes already in place, bytes updated)."""
+        """Serve ``named`` in place (an engine inside its owner's process, ``shares_weights``): see
+        :meth:`ModelWeights.share`.  The whole request is checked first — names, shapes, floating
+        dtypes and finite values (~half a memcpy): a diverged actor fails the push instead of
+        being served.  ``complete`` (every tensor of the model) is the binding at start, the one
+        call allowed outside a weight-update session.  Returns (bytes already in place, bytes
+        updated)."""
+        if not self.shares_weights:
+            raise ProtocolError("share_weights: this engine holds weights of its own (load them instead)")
         if not complete:
             self._require_session("share_weights")
         weight_version = check_weight_version(weight_version, "share_weights")
-        self.weights.check([(n, t.detach().to("meta")) for n, t in named], complete=complete, where="share_weights")
+        self.weights.check(named, complete=complete, where="share_weights")
         with self._worker.exclusive():
             in_place, updated = self.weights.share(named)
             self.stats.bytes_loaded += updated
@@ -278,6 +298,7 @@ class EmbeddedEngine:
         return in_place, updated
 
     def update_from_disk(self, model_path: str, weight_version: Optional[str]) -> str:
+        self._refuse_copies("update_weights_from_disk")
         weight_version = check_weight_version(weight_version, "update_weights_from_disk")
         with self._worker.exclusive():  # whole directory checked, then loaded, with no batch in between
             copied = load_safetensors_dir(self.weights, model_path)
@@ -324,6 +345,7 @@ class EmbeddedEngine:
         The receive buffers are checked against the model *before* the broadcast starts (so a
         malformed request fails without joining the collective), and the values after it.
         """
+        self._refuse_copies("update_weights_from_distributed")  # before the broadcast is joined
         check_names(names, dtypes, shapes, "update_weights_from_distributed")
         self._require_session("update_weights_from_distributed")
         weight_version = check_weight_version(weight_version, "update_weights_from_distributed")

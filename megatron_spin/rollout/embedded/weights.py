@@ -2,7 +2,9 @@
 
 Every update — from tensors, from disk, from a broadcast — goes through :meth:`ModelWeights.check`
 (names known, shapes equal, floating dtype, finite values) for the *whole* request before the
-first copy.  A rejected request leaves every weight as it was.
+first copy.  A rejected request leaves every weight as it was.  An engine inside its owner's
+process (transport ``shared``) takes the owner's tensors as its storage instead (:meth:`ModelWeights.share`),
+after the same check.
 
 After ``release`` (colocated mode: give the memory back while the actor trains) the weights are
 gone; ``resume`` reallocates them and marks every tensor *unloaded*.  Generation is refused until
@@ -126,7 +128,8 @@ class ModelWeights:
         """Point the model at ``named`` (checked tensors of the process that owns them, e.g. the
         trainer's): a whole parameter given as a contiguous tensor of its dtype and device becomes
         that tensor's storage — no copy, and later in-place changes to it are the engine's weights
-        too —, anything else is copied in.  Returns (bytes already in place, bytes updated): a
+        too —; anything else is copied, into fresh storage for a whole parameter (the old storage
+        may be the owner's: writing into it would change the owner's tensor).  Returns (bytes already in place, bytes updated): a
         tensor the engine reads already is in place; one re-bound to new storage or copied is an
         update (after an optimizer step, only what the converter built afresh, e.g. a split QKV)."""
         in_place = updated = 0
@@ -137,12 +140,14 @@ class ModelWeights:
             if index is None and t.is_contiguous() and t.dtype == p.dtype and t.device == p.device:
                 if p.data_ptr() == t.data_ptr() and p.shape == t.shape:
                     in_place += size
-                else:
-                    p.data = t.detach()
-                    updated += size
-            else:
+                    continue
+                p.data = t.detach()
+            elif index is None:  # a copy of its own, in fresh storage: the old one may be the owner's memory
+                p.data = t.detach().to(dtype=p.dtype, device=p.device, memory_format=torch.contiguous_format,
+                                       copy=True)
+            else:  # a view into a parameter only the engine holds (fused experts): never the owner's
                 self._view(name).copy_(t)
-                updated += size
+            updated += size
             self.unloaded.discard(name)
         return in_place, updated
 
