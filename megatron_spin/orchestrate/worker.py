@@ -11,7 +11,9 @@ listens, and from then on calls every rank with the same arguments:
 
 With the ``shared`` transport the rank also serves the rollout engine, on a thread, from the
 actor's own parameters (:mod:`megatron_spin.rollout.embedded.in_process`); ``setup`` reports its
-URL and a push re-binds what the engine reads.
+URL and a push re-binds what the engine reads.  All the rank's tensor work then runs on the
+engine's thread, and its set-up on a thread that ends with it: one OpenMP pool per process
+(:func:`megatron_spin.platform.on_a_passing_thread` says why).
 
 Each call is collective across the ranks (Megatron's TP/PP communication), so the driver
 always calls all ranks together and waits for all of them, with a timeout.
@@ -134,7 +136,17 @@ class TrainerWorker:
         host = node_address()
         return host, free_port(host)
 
+    def _compute(self, fn):
+        """``fn()`` where this rank's tensor work runs: on the engine's thread when the engine lives
+        in the rank, else here."""
+        return fn() if self.engine is None else self.engine.engine.run_on_engine_thread(fn)
+
     def setup(self, master_addr: str, master_port: int) -> dict:
+        if self.spec.sync.transport == TransportKind.SHARED:
+            return platform.on_a_passing_thread(lambda: self._setup(master_addr, master_port))
+        return self._setup(master_addr, master_port)
+
+    def _setup(self, master_addr: str, master_port: int) -> dict:
         spec = self.spec
         if spec.threads:
             torch.set_num_threads(spec.threads)
@@ -186,6 +198,9 @@ class TrainerWorker:
 
     def train(self, pairs: Sequence, iteration: int, step: int = 0) -> RankTrainResult:
         """One update on ``pairs`` (the whole global batch; this rank takes its DP slice)."""
+        return self._compute(lambda: self._train(pairs, iteration, step))
+
+    def _train(self, pairs: Sequence, iteration: int, step: int) -> RankTrainResult:
         actor = self.spec.actor
         # Whole micro-batches on every DP rank (and a multiple of PP for the interleaved schedule):
         # padding pairs of weight 0, never a pair dropped.
@@ -207,6 +222,9 @@ class TrainerWorker:
                                batch.tokens.shape[1])
 
     def send_weights(self, plan: PushPlan) -> StageResult:
+        return self._compute(lambda: self._send_weights(plan))
+
+    def _send_weights(self, plan: PushPlan) -> StageResult:
         t0 = time.monotonic()
         result = self.sender.send(self.actor.modules, plan)
         if plan.version == str(self._trained_step):  # the push after an update (not a resume's re-push)
@@ -219,18 +237,18 @@ class TrainerWorker:
 
     def probe_logprobs(self, sequences: Sequence[Sequence[int]]) -> Optional[list[torch.Tensor]]:
         """The actor's token log-probs of ``sequences`` (collective; returned by one rank)."""
-        return trainer_token_logprobs(self.actor.modules, self.pctx, sequences)
+        return self._compute(lambda: trainer_token_logprobs(self.actor.modules, self.pctx, sequences))
 
     def save_checkpoint(self, staged: str) -> None:
         """Collective: weights (layout-free), optimizer state (sharded), schedule, steps, RNG."""
-        save_train_state(self.actor, self.ref, staged)
+        self._compute(lambda: save_train_state(self.actor, self.ref, staged))
 
     def load_checkpoint(self, path: str) -> None:
-        load_train_state(self.actor, self.ref, path)
+        self._compute(lambda: load_train_state(self.actor, self.ref, path))
 
     def refresh_reference(self) -> None:
         if self.ref is not None:
-            self.ref.refresh_from(self.actor.modules)
+            self._compute(lambda: self.ref.refresh_from(self.actor.modules))
 
     def shutdown(self) -> None:
         try:

@@ -484,6 +484,59 @@ def make_worker():
         w.stop()
 
 
+def test_calls_run_on_the_worker_thread_between_batches_also_while_paused(make_worker):
+    """Tensor work (weight updates; a trainer rank's steps with the engine inside it) runs on
+    the thread that generates: one OpenMP pool per process (batching.py's docstring)."""
+    rec = Recorder(gated=True)
+    w = make_worker(rec)
+    first = w.submit(["a"])
+    assert rec.wait_started()
+    seen = []
+    caller = threading.Thread(target=lambda: seen.append(w.call(lambda: (threading.current_thread(), len(rec.sizes)))))
+    caller.start()
+    time.sleep(0.05)
+    assert not seen  # the running batch finishes first
+    rec.gate.set()
+    caller.join(WAIT)
+    assert first.result(WAIT) == (["out-a"], "v0")
+    assert seen == [(w.thread, 1)]
+    w.pause()
+    queued = w.submit(["b"])
+    assert w.call(lambda: w.call(lambda: "nested")) == "nested"  # from the worker thread: at once, no deadlock
+    with pytest.raises(ZeroDivisionError):
+        w.call(lambda: 1 / 0)
+    assert not queued.done()  # paused: calls ran, the batch waits
+    w.resume()
+    assert queued.result(WAIT) == (["out-b"], "v0")
+
+
+def test_stop_fails_queued_calls(make_worker):
+    rec = Recorder(gated=True)
+    w = make_worker(rec)
+    w.submit(["a"])
+    assert rec.wait_started()
+    errors = []
+
+    def caller():
+        try:
+            w.call(lambda: None)
+        except WorkerStopped as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=caller)
+    t.start()
+    time.sleep(0.05)
+    stopper = threading.Thread(target=w.stop)
+    stopper.start()
+    time.sleep(0.05)
+    rec.gate.set()
+    t.join(WAIT)
+    stopper.join(WAIT)
+    assert len(errors) == 1
+    with pytest.raises(WorkerStopped):
+        w.call(lambda: None)
+
+
 def test_outputs_return_to_their_futures(make_worker):
     rec = Recorder()
     w = make_worker(rec)

@@ -5,10 +5,16 @@ thread owns the model: it takes *everything* queued when it becomes free (up to
 ``max_jobs``), runs one batched generation, and resolves the futures.  So N clients sending
 at once share one forward pass per token instead of N.
 
-Weight updates take :meth:`BatchingWorker.exclusive`: it waits for the running batch to end
-and holds the next one back, so a batch never sees two versions of the weights, and every
-output of a batch is labelled with the version it was generated with.  ``pause`` stops new
-batches (queued requests wait) until ``resume``.
+Weight updates run *on the worker thread* between batches (:meth:`BatchingWorker.call`), so a
+batch never sees two versions of the weights and every output of a batch is labelled with the
+version it was generated with.  On the thread, because on the CPU each thread that computes in
+parallel keeps an OpenMP pool of its own, and GNU OpenMP throttles its threads' spin-waiting to
+~100 spins once a process holds more of them than there are cores: a second pool (the weight
+copy on an HTTP thread; in the trainer rank, the training thread) made every later decode step
+wake its threads through the kernel, ~35 % slower sampling here (2.9 → 4.0 s for the
+``benchmarks/vs_trl.py`` workload).  :meth:`BatchingWorker.exclusive` still holds batches back
+for state changes without tensor work.  ``pause`` stops new batches (queued requests wait)
+until ``resume``; calls run while paused.
 
 A caller that gives up cancels its future (the HTTP handler does when its client hangs up): a
 queued request is then never taken, and during a batch :meth:`BatchingWorker.abandoned` tells
@@ -49,6 +55,7 @@ class BatchingWorker(Generic[Job, Out]):
         self._exclusive = 0  # holders of exclusive(): no batch may start
         self._running = False
         self._stopped = False
+        self._calls: list[tuple[Callable[[], object], Future]] = []  # run on the worker thread before batches
         self._owners: list[Future] = []  # the running batch's futures, one per job
         self._listeners: list[tuple[Optional[Listener], int]] = []  # per job: its request's listener, its index there
         self.batches_run = 0
@@ -106,12 +113,32 @@ class BatchingWorker(Generic[Job, Out]):
                 self._exclusive -= 1
                 self._cond.notify_all()
 
+    def call(self, fn: Callable[[], Out]) -> Out:
+        """``fn()`` on the worker thread, between batches (before any queued batch, also while
+        paused); its result, or what it raised.  From the worker thread itself it runs at once."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        fut: Future = Future()
+        with self._cond:
+            if self._stopped:
+                raise WorkerStopped("the engine is shutting down")
+            self._calls.append((fn, fut))
+            self._cond.notify_all()
+        return fut.result()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
             pending, self._queue = self._queue, []
+            calls, self._calls = self._calls, []
             self._cond.notify_all()
         for _, fut, _ in pending:
+            fut.set_exception(WorkerStopped("the engine is shutting down"))
+        for _, fut in calls:
             fut.set_exception(WorkerStopped("the engine is shutting down"))
         self._thread.join(timeout=30)
 
@@ -129,14 +156,25 @@ class BatchingWorker(Generic[Job, Out]):
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and (not self._queue or self._paused or self._exclusive):
+                while not self._stopped and not self._calls and (not self._queue or self._paused or self._exclusive):
                     self._cond.wait()
                 if self._stopped:
                     return
-                taken = self._take()
-                if not taken:  # every queued request was cancelled
-                    continue
-                self._running = True
+                call = self._calls.pop(0) if self._calls else None
+                if call is None:
+                    taken = self._take()
+                    if not taken:  # every queued request was cancelled
+                        continue
+                    self._running = True
+            if call is not None:
+                fn, fut = call
+                try:
+                    result = fn()
+                except BaseException as exc:  # the caller's to handle
+                    _resolve(fut, exception=exc)
+                else:
+                    _resolve(fut, result=result)
+                continue
             self._owners = [fut for req, fut, _ in taken for _ in req]
             self._listeners = [(listener, i) for req, _, listener in taken for i in range(len(req))]
             try:

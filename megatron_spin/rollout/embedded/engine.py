@@ -41,7 +41,7 @@ import math
 import threading
 import time
 from concurrent.futures import Future
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -71,6 +71,7 @@ class EngineUnavailable(RuntimeError):
     """The engine cannot serve this now (released memory, weights not loaded, shutting down)."""
 
 
+T = TypeVar("T")
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's; none given means all three
 MAX_WEIGHT_VALUES = 1 << 20  # per /get_weights_by_name call: ~20 MB of JSON, a debugging peek
 
@@ -230,13 +231,25 @@ class EmbeddedEngine:
 
     def _install(self, named, weight_version: Optional[str], *, complete: bool, where: str) -> str:
         self._refuse_copies(where)
-        self.weights.check(named, complete=complete, where=where)
-        with self._worker.exclusive():
+
+        def install() -> None:  # on the engine's thread (see batching.py: one OpenMP pool)
+            self.weights.check(named, complete=complete, where=where)
             self.stats.bytes_loaded += self.weights.load(named)
             self.stats.weight_updates += 1
             if weight_version is not None:
                 self.weight_version = weight_version
+
+        self.run_on_engine_thread(install)
         return f"loaded {len(named)} tensors"
+
+    def run_on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the thread that generates, between batches.  Tensor work in this process
+        belongs there: a second thread computing keeps a second OpenMP pool, and the CPU then
+        decodes ~35 % slower (:mod:`.batching`)."""
+        try:
+            return self._worker.call(fn)
+        except WorkerStopped as exc:
+            raise EngineUnavailable(str(exc)) from None
 
     def update_from_tensor(self, serialized: Sequence, load_format: Optional[str],
                            weight_version: Optional[str]) -> str:
@@ -250,10 +263,15 @@ class EmbeddedEngine:
         ranks = [decode_named_tensors(entry, load_format,
                                       frozenset({self.device_ids[k]}) if self.device_ids else None)
                  for k, entry in enumerate(serialized)]
-        for k, other in enumerate(ranks[1:], start=1):  # simulated TP: every rank got the same tensors
-            if [n for n, _ in other] != [n for n, _ in ranks[0]] or not all(
-                    torch.equal(a, b) for (_, a), (_, b) in zip(ranks[0], other)):
-                raise PayloadError(f"serialized_named_tensors: TP rank {k}'s payload differs from rank 0's")
+
+        def same_on_every_rank() -> None:  # simulated TP: every rank got the same tensors
+            for k, other in enumerate(ranks[1:], start=1):
+                if [n for n, _ in other] != [n for n, _ in ranks[0]] or not all(
+                        torch.equal(a, b) for (_, a), (_, b) in zip(ranks[0], other)):
+                    raise PayloadError(f"serialized_named_tensors: TP rank {k}'s payload differs from rank 0's")
+
+        if len(ranks) > 1:
+            self.run_on_engine_thread(same_on_every_rank)  # tensor work: on the engine's thread
         return self._install(ranks[0], weight_version, complete=False, where="update_weights_from_tensor")
 
     # -- weight-update session (SGLang >= 0.5.21) -------------------------------------------------
@@ -288,24 +306,31 @@ class EmbeddedEngine:
         if not complete:
             self._require_session("share_weights")
         weight_version = check_weight_version(weight_version, "share_weights")
-        self.weights.check(named, complete=complete, where="share_weights")
-        with self._worker.exclusive():
+
+        def share() -> tuple[int, int]:
+            self.weights.check(named, complete=complete, where="share_weights")
             in_place, updated = self.weights.share(named)
             self.stats.bytes_loaded += updated
             self.stats.weight_updates += 1
             if weight_version is not None:
                 self.weight_version = weight_version
-        return in_place, updated
+            return in_place, updated
+
+        return self.run_on_engine_thread(share)
 
     def update_from_disk(self, model_path: str, weight_version: Optional[str]) -> str:
         self._refuse_copies("update_weights_from_disk")
         weight_version = check_weight_version(weight_version, "update_weights_from_disk")
-        with self._worker.exclusive():  # whole directory checked, then loaded, with no batch in between
+
+        def load() -> int:  # whole directory checked, then loaded, with no batch in between
             copied = load_safetensors_dir(self.weights, model_path)
             self.stats.bytes_loaded += copied
             self.stats.weight_updates += 1
             if weight_version is not None:
                 self.weight_version = weight_version
+            return copied
+
+        copied = self.run_on_engine_thread(load)
         self.model_path = str(model_path)
         return f"loaded {copied} bytes from {model_path}"
 
@@ -391,8 +416,7 @@ class EmbeddedEngine:
         if values > MAX_WEIGHT_VALUES:
             raise ProtocolError(f"truncate_size {truncate_size} asks for {values} values of {name!r}; at most "
                                 f"{MAX_WEIGHT_VALUES} per call (truncate_size <= {MAX_WEIGHT_VALUES // row})")
-        with self._worker.exclusive():
-            return p.detach()[:truncate_size].tolist()
+        return self.run_on_engine_thread(lambda: p.detach()[:truncate_size].tolist())
 
     # -- control ----------------------------------------------------------------------------
     def pause(self) -> None:
@@ -403,14 +427,18 @@ class EmbeddedEngine:
 
     def release_memory(self, tags: Optional[Sequence[str]] = None) -> None:
         tags = self._tags(tags)
-        with self._worker.exclusive():
+
+        def release() -> None:
             if "weights" in tags:
                 self.weights.release()
             self._released_tags |= set(tags)
 
+        self.run_on_engine_thread(release)
+
     def resume_memory(self, tags: Optional[Sequence[str]] = None) -> None:
         tags = self._tags(tags)
-        with self._worker.exclusive():
+
+        def resume() -> None:  # zero-filled weights: tensor work, on the engine's thread
             missing = sorted(set(tags) - self._released_tags)
             if missing:  # SGLang's scheduler raises KeyError here and the server dies
                 raise ProtocolError(f"resume_memory_occupation: {missing} not released (released: "
@@ -418,6 +446,8 @@ class EmbeddedEngine:
             if "weights" in tags:
                 self.weights.resume()
             self._released_tags -= set(tags)
+
+        self.run_on_engine_thread(resume)
 
     @staticmethod
     def _tags(tags: Optional[Sequence[str]]) -> tuple[str, ...]:
