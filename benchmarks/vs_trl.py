@@ -25,10 +25,10 @@ Timed runs alternate (TRL, ours, TRL, ours…) so that machine noise hits both; 
 medians.  The peak memory of the whole process tree (PSS, so shared pages count once; Ray's
 processes included for ours) comes from separate *memory runs* (``--memory-runs``, one per side
 by default) that sample ``/proc/*/smaps_rollup`` every 0.2 s: reading it walks the process's page
-tables (~0.1 s for our 7 GB tree on this machine), so a sampler in the timed runs took ~30 % of a
+tables (~0.1 s for a 7 GB tree on this machine), so a sampler in the timed runs took ~30 % of a
 core and the mm lock, and slowed both sides — ours (more processes, more memory) more: in one
-``--runs 2`` invocation (2026-12-02) TRL 12.1 s a step timed, 15.4 s under the sampler; ours 11.4
-against 15.6 s.  The memory runs' own step times are printed as ``step_s_under_sampler`` and never
+``--runs 2`` invocation (2026-12-02 morning, ours then with ``--transport tensor``) TRL 12.1 s a
+step timed, 15.4 s under the sampler; ours 11.4 against 15.6 s.  The memory runs' own step times are printed as ``step_s_under_sampler`` and never
 enter the ratio.
 
 Remaining differences, stated: ours runs the actor in a Megatron rank process and samples from
