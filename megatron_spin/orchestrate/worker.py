@@ -141,8 +141,12 @@ class TrainerWorker:
         in the rank, else here."""
         return fn() if self.engine is None else self.engine.engine.run_on_engine_thread(fn)
 
+    @property
+    def _serves_engine(self) -> bool:
+        return self.spec.sync.transport == TransportKind.SHARED
+
     def setup(self, master_addr: str, master_port: int) -> dict:
-        if self.spec.sync.transport == TransportKind.SHARED:
+        if self._serves_engine:
             return platform.on_a_passing_thread(lambda: self._setup(master_addr, master_port))
         return self._setup(master_addr, master_port)
 
@@ -164,7 +168,7 @@ class TrainerWorker:
                                        init_from=spec.megatron_dir, offload=spec.ref.offload)
         side = os.path.join(spec.megatron_dir, HF_SUBDIR)
         shared = None
-        if spec.sync.transport == TransportKind.SHARED:  # the engine serves this rank's actor in place
+        if self._serves_engine:  # the engine serves this rank's actor in place
             from megatron_spin.rollout.embedded.in_process import InProcessEngine
 
             self.engine = InProcessEngine.start(side, iter_hf_weights(self.actor.modules, self.arch, self.pctx),

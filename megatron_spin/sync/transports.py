@@ -84,13 +84,14 @@ class Transport(abc.ABC):
 
     def send(self, bucket: NamedTensors) -> None:
         live = [e for e in self.engines if e.url not in self.receipt.failed]
-        self._send(bucket, live)
+        moved = self._send(bucket, live)
         self.receipt.names += [n for n, _ in bucket]
-        self.receipt.bytes += sum(nbytes(t) for _, t in bucket)
+        self.receipt.bytes += sum(nbytes(t) for _, t in bucket) if moved is None else moved
         self.receipt.buckets += 1
 
     @abc.abstractmethod
-    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None: ...
+    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> Optional[int]:
+        """Deliver ``bucket``; the bytes that moved, or None for all of them."""
     def close(self) -> Receipt:
         return self.receipt
 
@@ -272,16 +273,11 @@ class SharedTransport(Transport):
         super().__init__()
         self.engine = engine  # an EmbeddedEngine (rollout.embedded.in_process)
 
-    def send(self, bucket: NamedTensors) -> None:
-        if not self.engines:
+    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> int:
+        if not engines:
             raise RuntimeError("the shared transport has no engine in this push")
         _, updated = self.engine.share_weights(bucket)
-        self.receipt.names += [n for n, _ in bucket]
-        self.receipt.bytes += updated
-        self.receipt.buckets += 1
-
-    def _send(self, bucket: NamedTensors, engines: list[EngineClient]) -> None:  # pragma: no cover - send() overrides
-        raise RuntimeError("unreachable")
+        return updated
 
 
 class _VersionCommit(Transport):

@@ -129,14 +129,16 @@ class ModelWeights:
         trainer's): a whole parameter given as a contiguous tensor of its dtype and device becomes
         that tensor's storage — no copy, and later in-place changes to it are the engine's weights
         too —; anything else is copied, into fresh storage for a whole parameter (the old storage
-        may be the owner's: writing into it would change the owner's tensor).  Returns (bytes already in place, bytes updated): a
-        tensor the engine reads already is in place; one re-bound to new storage or copied is an
-        update (after an optimizer step, only what the converter built afresh, e.g. a split QKV)."""
+        may be the owner's: writing into it would change the owner's tensor).  Returns (bytes
+        already in place, bytes updated): a tensor the engine reads already is in place; one
+        re-bound to new storage or copied is an update (after an optimizer step, only what the
+        converter built afresh, e.g. a split QKV)."""
         in_place = updated = 0
         for name, t in named:
             param, index = self._views[name]
             p = self._params[param]
             size = t.numel() * t.element_size()
+            self.unloaded.discard(name)
             if index is None and t.is_contiguous() and t.dtype == p.dtype and t.device == p.device:
                 if p.data_ptr() == t.data_ptr() and p.shape == t.shape:
                     in_place += size
@@ -148,7 +150,6 @@ class ModelWeights:
             else:  # a view into a parameter only the engine holds (fused experts): never the owner's
                 self._view(name).copy_(t)
             updated += size
-            self.unloaded.discard(name)
         return in_place, updated
 
     def release(self) -> None:
