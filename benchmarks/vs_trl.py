@@ -22,8 +22,8 @@ Measured per run: the step time and its phases (ours: generate / reward / refere
 push, from ``metrics.jsonl``; TRL: generate / forward+backward+step, timed around its
 methods), tokens and pairs trained per step, and the held-out mean reward before and after.
 Timed runs alternate (TRL, ours, TRL, ours…) so that machine noise hits both; the summary takes
-medians.  The peak memory of the whole process tree (PSS, so shared pages count once; Ray's
-processes included for ours) comes from separate *memory runs* (``--memory-runs``, one per side
+medians.  The peak memory of the whole process tree (PSS, so shared pages count once; with
+``--ray`` Ray's processes included for ours) comes from separate *memory runs* (``--memory-runs``, one per side
 by default) that sample ``/proc/*/smaps_rollup`` every 0.2 s: reading it walks the process's page
 tables (~0.1 s for a 7 GB tree on this machine), so a sampler in the timed runs took ~30 % of a
 core and the mm lock, and slowed both sides — ours (more processes, more memory) more: in one
@@ -31,11 +31,12 @@ core and the mm lock, and slowed both sides — ours (more processes, more memor
 step timed, 15.4 s under the sampler; ours 11.4 against 15.6 s.  The memory runs' own step times are printed as ``step_s_under_sampler`` and never
 enter the ratio.
 
-Remaining differences, stated: ours runs the actor in a Megatron rank process and samples from
-the embedded engine over HTTP — by default inside that rank, on the actor's own parameters
-(``--transport shared``: a push re-binds them and copies the split QKV), with ``--transport
-tensor`` in an engine process of its own that every push feeds from shared memory —; TRL samples
-with the training model in-process.  Our held-out answers come from the engine (HF ``generate``, greedy),
+Remaining differences, stated: ours runs the actor as a Megatron rank — by default inside the
+driver process, without Ray (``trainer.use_ray=false``; ``--ray`` places it in a Ray worker as
+multi-rank runs do) — and samples from the embedded engine over HTTP: by default inside the
+rank, on the actor's own parameters (``--transport shared``: a push re-binds them and copies the
+split QKV), with ``--transport tensor`` in an engine process of its own that every push feeds
+from shared memory.  TRL samples with the training model in-process.  Our held-out answers come from the engine (HF ``generate``, greedy),
 TRL's from ``model.generate`` (greedy) — the same computation.  TRL's completions end at the
 first EOS (its ``truncate_right``), ours include it.
 
@@ -208,7 +209,8 @@ def our_command(args, run_dir: Path, train: Path, val: Path) -> list[str]:
             "actor_rollout_ref.actor.optim.clip_grad=1.0", "algorithm.loss.beta=0.1", "algorithm.pairs.ties=first",
             "reward_model.type=vader", f"trainer.total_training_steps={args.steps}", "trainer.test_freq=0",
             f"trainer.seed={args.seed}", "trainer.resume=disable", "trainer.save_freq=-1",  # TRL: save_strategy="no"
-            f"trainer.default_local_dir={run_dir}", f"actor_rollout_ref.rollout.sync.transport={args.transport}"]
+            f"trainer.default_local_dir={run_dir}", f"actor_rollout_ref.rollout.sync.transport={args.transport}",
+            f"trainer.use_ray={str(args.ray).lower()}"]
 
 
 def our_result(run_dir: Path) -> dict:
@@ -290,6 +292,9 @@ def main() -> int:
     p.add_argument("--transport", default="shared", choices=("shared", "tensor"),
                    help="ours: the engine inside the trainer rank on the actor's own weights (shared, the default), "
                         "or in a process of its own fed from shared memory (tensor)")
+    p.add_argument("--ray", action="store_true",
+                   help="ours: place the rank (and engine) with Ray, as multi-rank runs do; default: the one rank "
+                        "inside the driver process (trainer.use_ray=false)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path)

@@ -10,6 +10,11 @@ Ray is started locally unless ``trainer.ray_address`` names a cluster.  Every ca
 ranks is collective, so they are always called together, and each wait is bounded
 (``trainer.timeout_s``): a hung collective surfaces as an error naming the call, not as a run
 that never ends.
+
+Without Ray (``trainer.use_ray=false``: one CPU rank on one machine) the rank is an object in
+this process and the engines are its child processes: the same calls, made directly.  That
+saves Ray's processes (~0.45 GB) and a second interpreter holding torch; with one rank there is
+no collective that could hang, so nothing needs the timeout.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import secrets
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -105,6 +111,7 @@ class TrainerCluster:
         self.fleet: Optional[RolloutFleet] = None
         self.coordinator: Optional[PushCoordinator] = None
         self.reward: Optional[RewardSource] = None  # set at start: reward-model workers are Ray actors
+        self.local = not cfg.trainer.use_ray  # the rank in this process, the engines its children
         self._started_ray = False
         self._released: set[str] = set()  # colocated: engines whose KV cache is released until the next push
         self._pg = None
@@ -114,6 +121,57 @@ class TrainerCluster:
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> "TrainerCluster":
+        """Start the ranks and engines; a failure tears down what had started (``with`` calls
+        ``stop`` only after a start that returned)."""
+        try:
+            return self._start()
+        except BaseException:
+            try:
+                self.stop()
+            except Exception as exc:  # the start's own error is the one to report
+                log.warning("tearing down after a failed start: %s", exc)
+            raise
+
+    def _start(self) -> "TrainerCluster":
+        p = self.placement
+        at = self._start_local() if self.local else self._start_ray()
+        urls = self._ask(self.engines, "url", what="start the rollout engines")
+        master = self._ask(self.workers[:1], "rendezvous", what="rendezvous")[0]
+        self.ranks = self._ask(self.workers, "setup", *master, what="set up the trainer ranks")
+        log.info("trainer ranks: %s", self.ranks)
+        if p.engines_in_ranks:
+            urls = [r["engine_url"] for r in self.ranks if "engine_url" in r]
+        r = self.cfg.rollout  # SGLang honours one seed per sample only as n seeded copies of a prompt
+        seeds = r.engine == EngineKind.SGLANG and r.deterministic
+        self.fleet = RolloutFleet([EngineClient(u, api_key=self.target.api_key, per_sample_seeds=seeds) for u in urls])
+        self.coordinator = PushCoordinator(self.arch, self.fleet, make_transport(self.cfg.rollout.sync, self.target))
+        placements = None  # CPU runs: one CPU per reward worker, anywhere
+        if p.gpus_per_node and self.cfg.reward_model.type == "hf":  # pragma: no cover - GPU tier, unverified
+            workers = self.cfg.reward_model.num_workers
+            placements = [(at(bundle, res), gpu_ids)
+                          for bundle, res, gpu_ids in (p.reward_resources(k, workers) for k in range(workers))]
+        self.reward = build_reward_pool(self.cfg.reward_model, self.timeout_s, placements)
+        return self
+
+    def _engine_devices(self, i: int):
+        """The simulated devices engine ``i``'s ranks hold (CPU tensor pushes), else None."""
+        simulated = self.route is not None and not self.placement.gpus_per_node
+        return self.route.engine_devices(i) if simulated else None
+
+    def _start_local(self):
+        """The one rank as an object here; each engine a child process of this one.  The rank
+        computes with this process's allocator settings: ``platform.CPU_MALLOC_TUNABLES`` only if
+        the environment set them (on the vs_trl workload they changed no step time here)."""
+        p = self.placement
+        self.workers = [TrainerWorker(0, 1, self.rank_spec)]
+        if not p.engines_in_ranks:
+            self.engines = [EngineHost(i, self.cfg.rollout, self.engine_launch, None, self._engine_devices(i))
+                            for i in range(p.engines)]
+        return None  # no Ray placement: CPU only, and no reward-model workers (RunConfig checks)
+
+    def _start_ray(self):
+        """Ray actors for the ranks and engines, placed in one placement group; returns how to
+        place another actor on a bundle (reward-model workers)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -149,29 +207,11 @@ class TrainerCluster:
                         for r in range(p.trainer_world)]
         if not p.engines_in_ranks:  # else each engine starts inside its rank (transport "shared")
             engine_cls = ray.remote(EngineHost)
-            simulated = self.route is not None and not p.gpus_per_node  # CPU: simulated devices per engine rank
             gpus = self._colocated_engine_gpus() if p.gpus_per_node and p.colocated else [None] * p.engines
             self.engines = [engine_cls.options(**at(*p.engine_resources(i))).remote(
-                                i, self.cfg.rollout, self.engine_launch, gpus[i],
-                                self.route.engine_devices(i) if simulated else None)
+                                i, self.cfg.rollout, self.engine_launch, gpus[i], self._engine_devices(i))
                             for i in range(p.engines)]
-        urls = self._get([e.url.remote() for e in self.engines], "start the rollout engines")
-        master = self._get(self.workers[0].rendezvous.remote(), "rendezvous")
-        self.ranks = self._get([w.setup.remote(*master) for w in self.workers], "set up the trainer ranks")
-        log.info("trainer ranks: %s", self.ranks)
-        if p.engines_in_ranks:
-            urls = [r["engine_url"] for r in self.ranks if "engine_url" in r]
-        r = self.cfg.rollout  # SGLang honours one seed per sample only as n seeded copies of a prompt
-        seeds = r.engine == EngineKind.SGLANG and r.deterministic
-        self.fleet = RolloutFleet([EngineClient(u, api_key=self.target.api_key, per_sample_seeds=seeds) for u in urls])
-        self.coordinator = PushCoordinator(self.arch, self.fleet, make_transport(self.cfg.rollout.sync, self.target))
-        placements = None  # CPU runs: one CPU per reward worker, anywhere
-        if p.gpus_per_node and self.cfg.reward_model.type == "hf":  # pragma: no cover - GPU tier, unverified
-            workers = self.cfg.reward_model.num_workers
-            placements = [(at(bundle, res), gpu_ids)
-                          for bundle, res, gpu_ids in (p.reward_resources(k, workers) for k in range(workers))]
-        self.reward = build_reward_pool(self.cfg.reward_model, self.timeout_s, placements)
-        return self
+        return at
 
     def _colocated_engine_gpus(self) -> list:  # pragma: no cover - GPU tier, unverified
         """Each colocated engine's GPUs: those Ray gave the trainer ranks that feed it (Ray pins
@@ -179,7 +219,7 @@ class TrainerCluster:
         p = self.placement  # the disk transport has no feed route, but its engines share GPUs the same way
         route = self.route or FeedRoute.for_placement(trainer_world=p.trainer_world, engines=p.engines,
                                                       engine_tp=p.engine_tp, gpus_per_node=p.gpus_per_node)
-        reported = self._get([w.gpus.remote() for w in self.workers], "ask the trainer ranks for their GPUs")
+        reported = self._ask(self.workers, "gpus", what="ask the trainer ranks for their GPUs")
         try:
             return route.engine_gpus(reported)
         except ValueError as exc:
@@ -194,6 +234,9 @@ class TrainerCluster:
         shutdown would queue behind it: they are killed at once (with the helpers they forked,
         see :mod:`megatron_spin.lifetime`).  Engines stop together, not one timeout each.
         """
+        if self.local:
+            self._stop_local()
+            return
         import ray
 
         if self.workers and not self._broken:
@@ -228,6 +271,21 @@ class TrainerCluster:
             ray.shutdown()
             self._started_ray = False
 
+    def _stop_local(self) -> None:
+        """The rank leaves its process group (and stops its in-rank engine) even after a failed
+        call: it is this process, and nothing else would; the engines' processes stop."""
+        for name, stop in [("trainer rank", w.shutdown) for w in self.workers] + \
+                          [(f"engine {i}", e.stop) for i, e in enumerate(self.engines)]:
+            try:
+                stop()
+            except Exception as exc:
+                log.warning("%s shutdown: %s", name, exc)
+        if self.fleet is not None:
+            self.fleet.close()
+        if self.reward is not None:
+            self.reward.close()
+        self.workers, self.engines = [], []
+
     def __enter__(self) -> "TrainerCluster":
         return self.start()
 
@@ -235,6 +293,16 @@ class TrainerCluster:
         self.stop()
 
     # -- collective calls -------------------------------------------------------------------
+    def _ask(self, handles: Sequence, method: str, *args, what: str, timeout: Optional[float] = None) -> list:
+        """``method(*args)`` on every one of ``handles`` (ranks or engine hosts), their answers in order."""
+        if not self.local:
+            return self._get([getattr(h, method).remote(*args) for h in handles], what, timeout)
+        try:
+            return [getattr(h, method)(*args) for h in handles]
+        except Exception as exc:  # as a Ray worker's exception reaches the driver: named, with its traceback
+            self._broken = True
+            raise ClusterError(f"{what} failed: {''.join(traceback.format_exception(exc)).rstrip()}") from exc
+
     def _get(self, refs, what: str, timeout: Optional[float] = None) -> Any:
         import ray
 
@@ -253,7 +321,7 @@ class TrainerCluster:
             raise ClusterError(f"{what} failed: {exc}") from None
 
     def _call(self, method: str, *args, what: str) -> list:
-        return self._get([getattr(w, method).remote(*args) for w in self.workers], what)
+        return self._ask(self.workers, method, *args, what=what)
 
     def train(self, pairs: Sequence, iteration: int, step: int) -> TrainResult:
         """One update on every rank.  Colocated engines give all their memory back while it runs,
@@ -293,7 +361,7 @@ class TrainerCluster:
         limit = self.cfg.rollout.max_engine_restarts
         if not self.engines or not limit:
             return []
-        running = self._get([e.running.remote() for e in self.engines], "ask the engines whether they run",
+        running = self._ask(self.engines, "running", what="ask the engines whether they run",
                             timeout=min(self.timeout_s, 60))
         restarted = []
         for i, (host, alive) in enumerate(zip(self.engines, running)):
@@ -304,7 +372,7 @@ class TrainerCluster:
                 continue  # stays dropped; the fleet goes on with the others (or fails with no engine left)
             self._restarts[i] = done + 1
             log.warning("engine %d has exited: restarting it (%d/%d)", i, done + 1, limit)
-            url = self._get(host.restart.remote(), f"restart engine {i}", timeout=min(self.timeout_s, 600))
+            url = self._ask([host], "restart", what=f"restart engine {i}", timeout=min(self.timeout_s, 600))[0]
             self._released.discard(url)  # a fresh engine holds all its memory
             restarted.append(url)
         return restarted
@@ -314,7 +382,7 @@ class TrainerCluster:
         (a push of the actor's weights, which re-admits them).  Raises if none could be restarted."""
         if self.placement.engines_in_ranks:  # nothing to restart: the engine lives and dies with its rank
             raise ClusterError("the rollout engine inside the trainer rank (transport shared) stopped answering; "
-                               "see the rank's log (Ray worker log)")
+                               "see the rank's log (" + ("the run's output" if self.local else "Ray worker log") + ")")
         restarted = self.restart_dead_engines()
         if not restarted:
             raise ClusterError("no rollout engine left, and none could be restarted (exited engines are "

@@ -22,7 +22,10 @@ from typing import Optional
 
 
 def node_address() -> str:
-    """This node's address as other nodes reach it (Ray's view), or loopback outside Ray."""
+    """This node's address as other nodes reach it (Ray's view), or loopback outside Ray (a
+    process that never imported Ray does not pay ~100 MB to ask it)."""
+    if "ray" not in sys.modules:
+        return "127.0.0.1"
     try:
         import ray
 

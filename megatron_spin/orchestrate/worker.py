@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -105,6 +106,8 @@ def node_name() -> str:
 
 
 def _ray_node_id() -> Optional[str]:
+    if "ray" not in sys.modules:  # a rank inside the driver (trainer.use_ray=false)
+        return None
     try:
         import ray
 

@@ -73,6 +73,9 @@ def run_cli(tmp_path, *overrides, cache, env=None):
     return done
 
 
+RAY_STARTED = "Started a local Ray instance"  # what ray.init logs when the driver starts one
+
+
 def records(run_dir, kind):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
@@ -334,7 +337,9 @@ def test_shared_engine_inside_the_rank_trains_checkpoints_and_resumes(tiny_chat_
     """Transport ``shared``: the engine runs inside the one trainer rank and serves the actor's own
     parameters.  Every push is verified against the trainer's log-probs; a checkpoint (Megatron's
     writer forks helpers from the rank) leaves the engine serving; a resumed run loads the
-    checkpoint into the actor and its first push re-binds the engine to the loaded weights."""
+    checkpoint into the actor and its first push re-binds the engine to the loaded weights.
+    The first run places the rank with Ray, the resumed one runs it inside the driver
+    (``trainer.use_ray=false``): a checkpoint does not depend on where its rank ran."""
     train = write_prompts(tmp_path / "train.jsonl", 12)
     run_dir = tmp_path / "run"
     common = [f"actor_rollout_ref.model.path={tiny_chat_model}", "actor_rollout_ref.rollout.sync.transport=shared",
@@ -343,9 +348,10 @@ def test_shared_engine_inside_the_rank_trains_checkpoints_and_resumes(tiny_chat_
               "actor_rollout_ref.rollout.n=3", "reward_model.type=function",
               "reward_model.function=tests.e2e.test_online:length_reward", "actor_rollout_ref.actor.optim.lr=1e-3",
               "trainer.save_freq=1", f"trainer.default_local_dir={run_dir}"]
-    run_cli(tmp_path, *common, "trainer.total_training_steps=2", cache=spin_cache)
-    done = run_cli(tmp_path, *common, "trainer.total_training_steps=3", cache=spin_cache)
+    first = run_cli(tmp_path, *common, "trainer.total_training_steps=2", cache=spin_cache)
+    done = run_cli(tmp_path, *common, "trainer.total_training_steps=3", "trainer.use_ray=false", cache=spin_cache)
     assert "[resume] from" in done.stdout and "at step 2" in done.stdout
+    assert RAY_STARTED in first.stdout + first.stderr and RAY_STARTED not in done.stdout + done.stderr
     steps = records(run_dir, "train")
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
@@ -358,3 +364,27 @@ def test_shared_engine_inside_the_rank_trains_checkpoints_and_resumes(tiny_chat_
     assert all(0 < r["sync/gbytes"] * 1e9 < 0.5 * params for r in steps), [r["sync/gbytes"] for r in steps]
     assert [r["step"] for r in records(run_dir, "eval")][-1] == 3  # the final evaluation, after the last checkpoint
     assert not (run_dir / "logs" / "engine-0.log").exists()  # no engine process of its own
+
+
+def test_without_ray_the_rank_runs_in_the_driver_and_the_engine_is_its_child(tiny_chat_model, spin_cache, tmp_path):
+    """``trainer.use_ray=false`` with an engine process of its own (transport tensor): no Ray starts,
+    the one rank runs in the driver process, the engine is the driver's child; every push is
+    verified against the actor and the run checkpoints."""
+    train = write_prompts(tmp_path / "train.jsonl", 8)
+    run_dir = tmp_path / "run"
+    done = run_cli(tmp_path, f"actor_rollout_ref.model.path={tiny_chat_model}", "trainer.use_ray=false",
+                   "actor_rollout_ref.rollout.sync.verify_every=1", f"data.train_files=[{train}]",
+                   f"data.val_files=[{train}]", "data.val_size=2", "data.train_batch_size=4",
+                   "data.max_response_length=10", "actor_rollout_ref.rollout.n=3", "reward_model.type=function",
+                   "reward_model.function=tests.e2e.test_online:length_reward", "actor_rollout_ref.actor.optim.lr=1e-3",
+                   "trainer.total_training_steps=2", f"trainer.default_local_dir={run_dir}", cache=spin_cache)
+    assert RAY_STARTED not in done.stdout + done.stderr
+    assert re.search(r"trainer ranks: \[\{'rank': 0, [^]]*'ray_node_id': None", done.stdout + done.stderr), \
+        (done.stdout + done.stderr)[-3000:]  # the rank answered from outside any Ray node
+    assert (run_dir / "logs" / "engine-0.log").read_text()  # the engine ran as a process of its own
+    steps = records(run_dir, "train")
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["sync/logprob_gap_max"] <= 1e-3, r
+        assert r["weight_version"] == r["step"] and math.isfinite(r["loss"])
+    assert (run_dir / "checkpoints" / "step_00000002" / "actor").is_dir()

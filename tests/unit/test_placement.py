@@ -136,3 +136,30 @@ def test_cpu_threads_let_each_phase_use_every_core_when_colocated(monkeypatch):
     assert cpu_threads(plan(tp=2, num_engines=2), colocated=True) == (4, 4)
     assert cpu_threads(plan(tp=2, num_engines=2, colocated=False), colocated=False) == (2, 2)
     assert cpu_threads(plan(gpus_per_node=8, num_engines=8), colocated=True) == (0, 0)
+
+
+def test_a_cluster_without_ray_calls_its_rank_directly_and_names_a_failed_call():
+    """``trainer.use_ray=false``: the cluster's calls are plain method calls on objects in this
+    process; an exception in one becomes the ClusterError a Ray worker's would (the call named,
+    the traceback included) and marks the cluster broken."""
+    from megatron_spin.errors import ClusterError
+    from megatron_spin.orchestrate.cluster import TrainerCluster
+
+    class Rank:
+        def __init__(self, k):
+            self.k = k
+
+        def twice(self, x):
+            return 2 * x + self.k
+
+        def fail(self):
+            raise ValueError("the optimizer state does not fit")
+
+    cluster = TrainerCluster.__new__(TrainerCluster)  # only the calling part: no model, no engine
+    cluster.local, cluster._broken, cluster.timeout_s = True, False, 1.0
+    ranks = [Rank(0), Rank(1)]
+    assert cluster._ask(ranks, "twice", 5, what="double") == [10, 11]
+    assert not cluster._broken
+    with pytest.raises(ClusterError, match=r"(?s)actor update failed: Traceback.*in fail.*ValueError: the optimizer"):
+        cluster._ask(ranks, "fail", what="actor update")
+    assert cluster._broken

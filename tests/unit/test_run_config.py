@@ -360,3 +360,27 @@ def test_shared_transport_rules_name_the_key(overrides, key, rule):
     with pytest.raises(ConfigError, match=rule) as info:
         load_run_config(composed(SHARED, *overrides))
     assert info.value.key == key
+
+
+NO_RAY = "trainer.use_ray=false"
+
+
+def test_without_ray_is_accepted_for_one_cpu_rank_with_any_transport_that_fits_one():
+    for extra in ([], [SHARED], ["actor_rollout_ref.rollout.sync.transport=disk"]):
+        cfg = load_run_config(composed(NO_RAY, *extra))
+        assert cfg.trainer.use_ray is False
+    assert load_run_config(composed()).trainer.use_ray is True  # Ray places the workers unless told otherwise
+
+
+@pytest.mark.parametrize("overrides, key, rule", [
+    (["actor_rollout_ref.actor.tp=3"], "trainer.use_ray", "one trainer rank"),
+    (["trainer.cpu_ranks=2"], "trainer.use_ray", "one trainer rank"),
+    (["trainer.n_gpus_per_node=8", "actor_rollout_ref.rollout.engine=sglang",
+      "actor_rollout_ref.rollout.sync.transport=disk"], "trainer.use_ray", "one CPU rank inside the driver"),
+    (["trainer.ray_address=auto"], "use_ray", "no cluster to join"),
+    (["reward_model.type=hf", "reward_model.path=/nonexistent"], "trainer.use_ray", "HF reward model"),
+])
+def test_without_ray_rules_name_the_key(overrides, key, rule):
+    with pytest.raises(ConfigError, match=rule) as info:
+        load_run_config(composed(NO_RAY, *overrides))
+    assert info.value.key.endswith(key)
