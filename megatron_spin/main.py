@@ -1,4 +1,5 @@
-"""megatron-spin-train: online DPO / SPIN with a Megatron actor and a rollout fleet, placed by Ray.
+"""megatron-spin-train: online DPO / SPIN with a Megatron actor and a rollout fleet, placed by Ray
+(a run of one CPU rank runs it inside this process instead: `RunConfig.uses_ray`).
 
     megatron-spin-train [key=value ...]            # or: python -m megatron_spin.main
     megatron-spin-train actor_rollout_ref.actor.tp=3 trainer.total_training_steps=2

@@ -126,7 +126,9 @@ class TrainerConfig:
     default_local_dir: str = "runs/${trainer.project_name}/${trainer.experiment_name}"
     resume: str = "auto"  # auto | disable | a checkpoint directory
     ray_address: Optional[str] = None  # None: start a local Ray; "auto" or host:port: join a cluster
-    use_ray: bool = True  # false: one CPU rank inside the driver process, engines its children (no Ray)
+    # Ray places the workers (true), or the one CPU rank runs inside the driver process and the
+    # engines are its children (false); null: without Ray wherever that is possible (RunConfig.uses_ray).
+    use_ray: Optional[bool] = None
     seed: int = 1234
     timeout_s: float = 3600.0  # per worker call (hangs surface as errors)
 
@@ -142,7 +144,7 @@ class TrainerConfig:
                 f"a run on trainer.nnodes={self.nnodes} nodes joins a Ray cluster spanning them: give its address "
                 "(slurm/launch.sh starts one and sets it)")
         require(bool(self.resume), "resume", "auto, disable or a checkpoint directory")
-        require(self.use_ray or self.ray_address is None, "use_ray",
+        require(self.use_ray is not False or self.ray_address is None, "use_ray",
                 f"false runs without Ray, so there is no cluster to join at ray_address={self.ray_address}")
 
     def saves_after(self, step: int, stopping: bool) -> bool:
@@ -179,8 +181,9 @@ class RunConfig:
                 f"got {self.trainer.cpu_ranks}")
         if self.rollout.engines_in_ranks:
             self._check_shared()
-        if not self.trainer.use_ray:
-            self._check_without_ray()
+        if self.trainer.use_ray is False:
+            for problem in self._needs_ray():
+                require(False, "trainer.use_ray", f"false: {problem}")
         if self.trainer.n_gpus_per_node == 0:
             require(self.rollout.engine == EngineKind.EMBEDDED, "actor_rollout_ref.rollout.engine",
                     "sglang needs GPUs (trainer.n_gpus_per_node > 0); use the embedded engine on the CPU")
@@ -218,17 +221,26 @@ class RunConfig:
         require(r.threads == 0, "actor_rollout_ref.rollout.threads",
                 "must be 0 with shared: the engine computes with the rank's torch threads (one pool per process)")
 
-    def _check_without_ray(self) -> None:
-        """Without Ray the one trainer rank runs in the driver process: a single-machine CPU run."""
-        t = self.trainer
-        require(t.n_gpus_per_node == 0 and t.nnodes == 1, "trainer.use_ray",
-                "false runs one CPU rank inside the driver (trainer.n_gpus_per_node=0, nnodes=1); GPU and "
-                "multi-node runs place their workers with Ray")
-        require(self.actor.tp * self.actor.pp == 1 and t.cpu_ranks in (0, 1), "trainer.use_ray",
-                f"false runs one trainer rank (TP=PP=1, cpu_ranks 0 or 1); got TP={self.actor.tp}, "
-                f"PP={self.actor.pp}, cpu_ranks={t.cpu_ranks}")
-        require(self.reward_model.type != "hf", "trainer.use_ray",
-                "false has no Ray workers for an HF reward model (reward_model.type=hf); use a rule or remote reward")
+    def _needs_ray(self) -> list[str]:
+        """Why this run needs Ray to place its workers (none: its one CPU rank can run inside the
+        driver process, its engines as the driver's children)."""
+        t, problems = self.trainer, []
+        if t.n_gpus_per_node or t.nnodes != 1 or t.ray_address is not None:
+            problems.append("without Ray one CPU rank runs inside the driver (trainer.n_gpus_per_node=0, nnodes=1, "
+                            "no ray_address); GPU and multi-node runs place their workers with Ray")
+        if self.actor.tp * self.actor.pp != 1 or t.cpu_ranks not in (0, 1):
+            problems.append(f"without Ray one trainer rank runs (TP=PP=1, cpu_ranks 0 or 1); got TP={self.actor.tp}, "
+                            f"PP={self.actor.pp}, cpu_ranks={t.cpu_ranks}")
+        if self.reward_model.type == "hf":
+            problems.append("an HF reward model (reward_model.type=hf) runs in Ray workers; use a rule or remote "
+                            "reward without Ray")
+        return problems
+
+    @property
+    def uses_ray(self) -> bool:
+        """Whether Ray places the workers: ``trainer.use_ray``, or where it is null (the default),
+        only a run that needs it (several ranks, GPUs, nodes, HF reward workers)."""
+        return self.trainer.use_ray if self.trainer.use_ray is not None else bool(self._needs_ray())
 
 
 # -- reading a (Hydra / OmegaConf) mapping into the records ------------------------------------

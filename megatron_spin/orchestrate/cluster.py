@@ -11,7 +11,7 @@ ranks is collective, so they are always called together, and each wait is bounde
 (``trainer.timeout_s``): a hung collective surfaces as an error naming the call, not as a run
 that never ends.
 
-Without Ray (``trainer.use_ray=false``: one CPU rank on one machine) the rank is an object in
+Without Ray (``RunConfig.uses_ray``: one CPU rank on one machine, the default there) the rank is an object in
 this process and the engines are its child processes: the same calls, made directly.  That
 saves Ray's processes (~0.45 GB) and a second interpreter holding torch; with one rank there is
 no collective that could hang, so nothing needs the timeout.
@@ -111,7 +111,7 @@ class TrainerCluster:
         self.fleet: Optional[RolloutFleet] = None
         self.coordinator: Optional[PushCoordinator] = None
         self.reward: Optional[RewardSource] = None  # set at start: reward-model workers are Ray actors
-        self.local = not cfg.trainer.use_ray  # the rank in this process, the engines its children
+        self.local = not cfg.uses_ray  # the rank in this process, the engines its children
         self._started_ray = False
         self._released: set[str] = set()  # colocated: engines whose KV cache is released until the next push
         self._pg = None

@@ -338,8 +338,9 @@ def test_shared_engine_inside_the_rank_trains_checkpoints_and_resumes(tiny_chat_
     parameters.  Every push is verified against the trainer's log-probs; a checkpoint (Megatron's
     writer forks helpers from the rank) leaves the engine serving; a resumed run loads the
     checkpoint into the actor and its first push re-binds the engine to the loaded weights.
-    The first run places the rank with Ray, the resumed one runs it inside the driver
-    (``trainer.use_ray=false``): a checkpoint does not depend on where its rank ran."""
+    The first run places the rank with Ray (``trainer.use_ray=true``), the resumed one runs it
+    inside the driver (the default for one CPU rank): a checkpoint does not depend on where its
+    rank ran."""
     train = write_prompts(tmp_path / "train.jsonl", 12)
     run_dir = tmp_path / "run"
     common = [f"actor_rollout_ref.model.path={tiny_chat_model}", "actor_rollout_ref.rollout.sync.transport=shared",
@@ -348,8 +349,8 @@ def test_shared_engine_inside_the_rank_trains_checkpoints_and_resumes(tiny_chat_
               "actor_rollout_ref.rollout.n=3", "reward_model.type=function",
               "reward_model.function=tests.e2e.test_online:length_reward", "actor_rollout_ref.actor.optim.lr=1e-3",
               "trainer.save_freq=1", f"trainer.default_local_dir={run_dir}"]
-    first = run_cli(tmp_path, *common, "trainer.total_training_steps=2", cache=spin_cache)
-    done = run_cli(tmp_path, *common, "trainer.total_training_steps=3", "trainer.use_ray=false", cache=spin_cache)
+    first = run_cli(tmp_path, *common, "trainer.total_training_steps=2", "trainer.use_ray=true", cache=spin_cache)
+    done = run_cli(tmp_path, *common, "trainer.total_training_steps=3", cache=spin_cache)
     assert "[resume] from" in done.stdout and "at step 2" in done.stdout
     assert RAY_STARTED in first.stdout + first.stderr and RAY_STARTED not in done.stdout + done.stderr
     steps = records(run_dir, "train")
@@ -367,12 +368,12 @@ def test_shared_engine_inside_the_rank_trains_checkpoints_and_resumes(tiny_chat_
 
 
 def test_without_ray_the_rank_runs_in_the_driver_and_the_engine_is_its_child(tiny_chat_model, spin_cache, tmp_path):
-    """``trainer.use_ray=false`` with an engine process of its own (transport tensor): no Ray starts,
-    the one rank runs in the driver process, the engine is the driver's child; every push is
-    verified against the actor and the run checkpoints."""
+    """A one-rank CPU run by default (``trainer.use_ray`` null), with an engine process of its own
+    (transport tensor): no Ray starts, the one rank runs in the driver process, the engine is the
+    driver's child; every push is verified against the actor and the run checkpoints."""
     train = write_prompts(tmp_path / "train.jsonl", 8)
     run_dir = tmp_path / "run"
-    done = run_cli(tmp_path, f"actor_rollout_ref.model.path={tiny_chat_model}", "trainer.use_ray=false",
+    done = run_cli(tmp_path, f"actor_rollout_ref.model.path={tiny_chat_model}",
                    "actor_rollout_ref.rollout.sync.verify_every=1", f"data.train_files=[{train}]",
                    f"data.val_files=[{train}]", "data.val_size=2", "data.train_batch_size=4",
                    "data.max_response_length=10", "actor_rollout_ref.rollout.n=3", "reward_model.type=function",

@@ -368,15 +368,30 @@ NO_RAY = "trainer.use_ray=false"
 def test_without_ray_is_accepted_for_one_cpu_rank_with_any_transport_that_fits_one():
     for extra in ([], [SHARED], ["actor_rollout_ref.rollout.sync.transport=disk"]):
         cfg = load_run_config(composed(NO_RAY, *extra))
-        assert cfg.trainer.use_ray is False
-    assert load_run_config(composed()).trainer.use_ray is True  # Ray places the workers unless told otherwise
+        assert cfg.trainer.use_ray is False and not cfg.uses_ray
+
+
+@pytest.mark.parametrize("overrides, uses_ray", [
+    ([], False),  # the default: one CPU rank, a rule reward
+    ([SHARED], False),
+    (["trainer.use_ray=true"], True),
+    (["actor_rollout_ref.actor.tp=2"], True),
+    (["trainer.cpu_ranks=2"], True),
+    (["trainer.ray_address=auto"], True),
+    (["reward_model.type=hf", "reward_model.path=/nonexistent"], True),
+    (["trainer.n_gpus_per_node=8", "actor_rollout_ref.rollout.engine=sglang",
+      "actor_rollout_ref.rollout.sync.transport=disk"], True),
+])
+def test_ray_places_the_workers_by_default_only_where_a_run_needs_it(overrides, uses_ray):
+    cfg = load_run_config(composed(*overrides))
+    assert cfg.uses_ray is uses_ray
 
 
 @pytest.mark.parametrize("overrides, key, rule", [
     (["actor_rollout_ref.actor.tp=3"], "trainer.use_ray", "one trainer rank"),
     (["trainer.cpu_ranks=2"], "trainer.use_ray", "one trainer rank"),
     (["trainer.n_gpus_per_node=8", "actor_rollout_ref.rollout.engine=sglang",
-      "actor_rollout_ref.rollout.sync.transport=disk"], "trainer.use_ray", "one CPU rank inside the driver"),
+      "actor_rollout_ref.rollout.sync.transport=disk"], "trainer.use_ray", "one CPU rank runs inside the driver"),
     (["trainer.ray_address=auto"], "use_ray", "no cluster to join"),
     (["reward_model.type=hf", "reward_model.path=/nonexistent"], "trainer.use_ray", "HF reward model"),
 ])
