@@ -130,7 +130,7 @@ class TrainerConfig:
     # engines are its children (false); null: without Ray wherever that is possible (RunConfig.uses_ray).
     use_ray: Optional[bool] = None
     seed: int = 1234
-    timeout_s: float = 3600.0  # per worker call (hangs surface as errors)
+    timeout_s: float = 3600.0  # per Ray worker call (hangs surface as errors); a rank in the driver has none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logger", tuple(as_enum(LoggerKind, x, "logger") for x in self.logger))

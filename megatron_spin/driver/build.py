@@ -20,6 +20,7 @@ from megatron_spin.convert.prepare import PreparedModel, ensure_converted, locat
 from megatron_spin.data.prompts import EncodedPrompt, PromptLoader, load_prompts
 from megatron_spin.driver.preflight import check_run, plan_placement
 from megatron_spin.metrics.logger import MetricLogger
+from megatron_spin.platform import on_a_passing_thread
 from megatron_spin.orchestrate.cluster import TrainerCluster
 
 
@@ -43,7 +44,9 @@ def build_run(cfg: RunConfig, run_dir: Path, resume_step: Optional[int]) -> RunP
     tokenizer = AutoTokenizer.from_pretrained(model.hf_dir)
     train, val = load_prompts(cfg.data, tokenizer, need_truth=cfg.algorithm.spin)
     loader = PromptLoader(train, cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    ensure_converted(model)  # once every rule and the data passed: a first conversion takes minutes
+    # Once every rule and the data passed: a first conversion takes minutes.  On a thread that ends:
+    # a one-rank run computes in this process next, and a second OpenMP pool would slow it.
+    on_a_passing_thread(lambda: ensure_converted(model))
     if resume_step is None:  # a fresh run: no rank files of an earlier attempt (or layout) linger
         shutil.rmtree(run_dir / "ranks", ignore_errors=True)
     cluster = TrainerCluster(cfg, arch, placement, model, run_dir, resume_step)

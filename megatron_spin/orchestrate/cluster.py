@@ -126,6 +126,7 @@ class TrainerCluster:
         try:
             return self._start()
         except BaseException:
+            self._broken = True  # a rank may still be inside the call that failed (or was interrupted)
             try:
                 self.stop()
             except Exception as exc:  # the start's own error is the one to report
@@ -163,10 +164,13 @@ class TrainerCluster:
         computes with this process's allocator settings: ``platform.CPU_MALLOC_TUNABLES`` only if
         the environment set them (on the vs_trl workload they changed no step time here)."""
         p = self.placement
+        if p.trainer_world != 1 or p.gpus_per_node:
+            raise ClusterError(f"without Ray one CPU rank runs in the driver; the placement has {p.trainer_world} "
+                               f"rank(s) on {p.gpus_per_node} GPU(s) per node")
         self.workers = [TrainerWorker(0, 1, self.rank_spec)]
         if not p.engines_in_ranks:
-            self.engines = [EngineHost(i, self.cfg.rollout, self.engine_launch, None, self._engine_devices(i))
-                            for i in range(p.engines)]
+            for i in range(p.engines):  # one after another; each joins the list once up, so stop() reaches it
+                self.engines.append(EngineHost(i, self.cfg.rollout, self.engine_launch, None, self._engine_devices(i)))
         return None  # no Ray placement: CPU only, and no reward-model workers (RunConfig checks)
 
     def _start_ray(self):
@@ -255,10 +259,7 @@ class TrainerCluster:
                     log.warning("engine stop: %s", exc)
             if pending:
                 log.warning("%d engine(s) did not stop within 60 s: killed", len(pending))
-        if self.fleet is not None:
-            self.fleet.close()
-        if self.reward is not None:
-            self.reward.close()
+        self._close_clients()
         for a in self.workers + self.engines:
             ray.kill(a)
         self.workers, self.engines = [], []
@@ -280,11 +281,16 @@ class TrainerCluster:
                 stop()
             except Exception as exc:
                 log.warning("%s shutdown: %s", name, exc)
-        if self.fleet is not None:
-            self.fleet.close()
-        if self.reward is not None:
-            self.reward.close()
+        self._close_clients()
         self.workers, self.engines = [], []
+
+    def _close_clients(self) -> None:
+        """The fleet's connections and the reward source, once (stop may run twice)."""
+        fleet, reward, self.fleet, self.reward = self.fleet, self.reward, None, None
+        if fleet is not None:
+            fleet.close()
+        if reward is not None:
+            reward.close()
 
     def __enter__(self) -> "TrainerCluster":
         return self.start()
@@ -294,7 +300,9 @@ class TrainerCluster:
 
     # -- collective calls -------------------------------------------------------------------
     def _ask(self, handles: Sequence, method: str, *args, what: str, timeout: Optional[float] = None) -> list:
-        """``method(*args)`` on every one of ``handles`` (ranks or engine hosts), their answers in order."""
+        """``method(*args)`` on every one of ``handles`` (ranks or engine hosts), their answers in order.
+        Without Ray the call runs here and ``timeout`` does not apply: one rank has no collective
+        that could hang, and an engine's HTTP calls carry their own timeouts."""
         if not self.local:
             return self._get([getattr(h, method).remote(*args) for h in handles], what, timeout)
         try:

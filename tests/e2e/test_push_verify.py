@@ -31,7 +31,9 @@ def test_a_corrupted_push_is_caught_by_the_probe(tiny_chat_model, spin_cache, tm
                                     max_prompt_length=128, max_response_length=32),  # the tiny model: 256 positions
                     actor_rollout_ref=ActorRolloutRefConfig(model=ModelConfig(str(tiny_chat_model)),
                                                             rollout=RolloutConfig(sync=sync)),
-                    trainer=TrainerConfig(default_local_dir=str(tmp_path / "run"), timeout_s=300.0))
+                    # Ray: without it the rank would live in pytest's own process (process groups,
+                    # Megatron state, fork hooks) for the rest of the session.
+                    trainer=TrainerConfig(default_local_dir=str(tmp_path / "run"), timeout_s=300.0, use_ray=True))
     parts = build_run(cfg, tmp_path / "run", None)
     probe = [p.input_ids for p in parts.loader.prompts[:2]]
     with parts.cluster as cluster:
